@@ -1,0 +1,10 @@
+"""volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
+from .api import plan, predict
+from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,
+                     VolarrayError)
+from .plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = ["predict", "plan", "Plan", "VolarrayError", "InputError", "UnsupportedOpError",
+           "TraceError", "MemoryBudgetError", "__version__"]

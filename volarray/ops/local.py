@@ -1,0 +1,287 @@
+"""Exact tile kernels for local ops.
+
+Each op answers two questions: which region of each spatial input does an
+output region need (per axis, with the border mode it reads past the volume
+with), and how to compute exactly that output region from those inputs. Ops are
+computed unpadded ("valid") on inputs that the executor has already extended by
+the layer's own padding semantics, so a tile equals the whole-volume result.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Box, Interval
+from .fill import INSIDE, NEG_INF, ZEROS, Fill
+
+
+@dataclass(frozen=True)
+class Attr:
+    """A parameter or buffer of the traced model, resolved on the worker."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class SpatialArg:
+    """Placeholder for the i-th spatial input of a node inside its call arguments."""
+
+    index: int
+
+
+def resolve(obj, ctx, inputs=()):
+    """Replace Attr / SpatialArg markers inside nested call arguments."""
+    if isinstance(obj, SpatialArg):
+        return inputs[obj.index]
+    if isinstance(obj, Attr):
+        return ctx.attr(obj.path)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(resolve(o, ctx, inputs) for o in obj)
+    if isinstance(obj, dict):
+        return {k: resolve(v, ctx, inputs) for k, v in obj.items()}
+    return obj
+
+
+def _triple(v) -> tuple[int, int, int]:
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1:
+            return (int(v[0]),) * 3
+        return tuple(int(i) for i in v)
+    return (int(v),) * 3
+
+
+@dataclass
+class LocalOp:
+    """Base: one output tensor, ``n_inputs`` spatial inputs."""
+
+    n_inputs: int = 1
+    fills: tuple[Fill, ...] = ()
+    scale: tuple[Fraction, Fraction, Fraction] = (Fraction(1),) * 3  # output/input grid ratio
+    macs: float = 1.0  # multiply-adds per output voxel (all channels), for cost estimates
+
+    def need(self, axis: int, out: Interval) -> tuple[Interval, ...]:
+        raise NotImplementedError
+
+    def run(self, ctx, inputs: list[torch.Tensor], out: Box) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def changes_resolution(self) -> bool:
+        return any(s != 1 for s in self.scale)
+
+
+@dataclass
+class Pointwise(LocalOp):
+    """Any op whose output voxel depends only on the same voxel of its inputs
+    (activations, eval norms, add/mul, cat and softmax over channels)."""
+
+    call: Callable | None = None  # called as call(ctx, *args, **kwargs)
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.fills = (INSIDE,) * self.n_inputs
+
+    def need(self, axis, out):
+        return (out,) * self.n_inputs
+
+    def run(self, ctx, inputs, out):
+        return self.call(ctx, *resolve(self.args, ctx, inputs), **resolve(self.kwargs, ctx, inputs))
+
+
+@dataclass
+class Conv(LocalOp):
+    """Conv3d of any kernel, stride, dilation, groups, padding and padding mode."""
+
+    weight: Any = None
+    bias: Any = None
+    kernel: tuple = (1, 1, 1)
+    stride: tuple = (1, 1, 1)
+    dilation: tuple = (1, 1, 1)
+    pad_lo: tuple = (0, 0, 0)
+    groups: int = 1
+    fill: Fill = ZEROS
+
+    def __post_init__(self):
+        self.fills = (self.fill,)
+        self.scale = tuple(Fraction(1, s) for s in self.stride)
+
+    def need(self, axis, out):
+        k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.pad_lo[axis]
+        return (Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1),)
+
+    def run(self, ctx, inputs, out):
+        w, b = resolve((self.weight, self.bias), ctx)
+        return F.conv3d(inputs[0], w, b, self.stride, 0, self.dilation, self.groups)
+
+
+@dataclass
+class ConvTranspose(LocalOp):
+    """ConvTranspose3d: input outside the volume contributes nothing (zeros)."""
+
+    weight: Any = None
+    bias: Any = None
+    kernel: tuple = (1, 1, 1)
+    stride: tuple = (1, 1, 1)
+    dilation: tuple = (1, 1, 1)
+    padding: tuple = (0, 0, 0)
+    groups: int = 1
+
+    def __post_init__(self):
+        self.fills = (ZEROS,)
+        self.scale = tuple(Fraction(s) for s in self.stride)
+
+    def _span(self, axis, out):
+        k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.padding[axis]
+        lo = (out.lo + p - d * (k - 1)) // s
+        hi = -(-(out.hi - 1 + p) // s) + 1
+        return Interval(lo, hi)
+
+    def need(self, axis, out):
+        return (self._span(axis, out),)
+
+    def run(self, ctx, inputs, out):
+        w, b = resolve((self.weight, self.bias), ctx)
+        y = F.conv_transpose3d(inputs[0], w, b, self.stride, 0, 0, self.groups, self.dilation)
+        crop = []
+        for axis, iv in enumerate(out.axes):
+            first = self._span(axis, iv).lo * self.stride[axis] - self.padding[axis]
+            crop.append(slice(iv.lo - first, iv.hi - first))
+        return y[(slice(None), slice(None)) + tuple(crop)]
+
+
+@dataclass
+class Pool(LocalOp):
+    """MaxPool3d / AvgPool3d with padding, dilation (max) and ceil_mode."""
+
+    kind: str = "max"
+    kernel: tuple = (2, 2, 2)
+    stride: tuple = (2, 2, 2)
+    dilation: tuple = (1, 1, 1)
+    padding: tuple = (0, 0, 0)
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+    in_shape: tuple = (0, 0, 0)
+
+    def __post_init__(self):
+        self.fills = (NEG_INF if self.kind == "max" else ZEROS,)
+        self.scale = tuple(Fraction(1, s) for s in self.stride)
+
+    def need(self, axis, out):
+        k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.padding[axis]
+        return (Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1),)
+
+    def run(self, ctx, inputs, out):
+        x = inputs[0]
+        if self.kind == "max":
+            return F.max_pool3d(x, self.kernel, self.stride, 0, self.dilation)
+        mean = F.avg_pool3d(x, self.kernel, self.stride, 0)
+        if self.divisor_override:
+            return mean * (math.prod(self.kernel) / self.divisor_override)
+        # Divide by the count of voxels the whole-volume layer counts (see PyTorch's
+        # avg_pool3d): the padded extent, or only the true volume.
+        masks = []
+        for axis, iv in enumerate(out.axes):
+            (src,) = self.need(axis, iv)
+            idx = np.arange(src.lo, src.hi)
+            p = self.padding[axis] if self.count_include_pad else 0
+            masks.append(((idx >= -p) & (idx < self.in_shape[axis] + p)).astype(np.float32))
+        mask = torch.as_tensor(np.einsum("i,j,k->ijk", *masks), device=x.device, dtype=x.dtype)
+        return mean / F.avg_pool3d(mask[None, None], self.kernel, self.stride, 0)
+
+
+def _scale_value(scale: float | None, n_in: int, n_out: int) -> np.float32:
+    # PyTorch's compute_scales_value: 1/scale_factor if given, else in/out, as float32
+    if scale is not None and scale > 0:
+        return np.float32(1.0 / scale)
+    return np.float32(n_in) / np.float32(n_out)
+
+
+def resample_indices(mode: str, n_in: int, n_out: int, scale: float | None,
+                     align_corners: bool | None):
+    """Per-output-voxel source indices (and linear weights) exactly as PyTorch's
+    CPU upsampling kernels compute them, in float32, over the whole axis."""
+    o = np.arange(n_out)
+    if n_in == n_out:
+        return o, o, np.zeros(n_out, np.float32)
+    if mode in ("nearest", "nearest-exact"):
+        if mode == "nearest" and n_out == 2 * n_in:
+            idx = o >> 1
+        else:
+            s = _scale_value(scale, n_in, n_out)
+            off = np.float32(0.5) if mode == "nearest-exact" else np.float32(0.0)
+            idx = np.minimum(np.floor((o.astype(np.float32) + off) * s).astype(np.int64), n_in - 1)
+        return idx, idx, np.zeros(n_out, np.float32)
+    if align_corners:
+        s = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+        real = s * o.astype(np.float32)
+    else:
+        s = _scale_value(scale, n_in, n_out)
+        real = s * (o.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
+        real = np.where(real < 0, np.float32(0), real).astype(np.float32)
+    i0 = real.astype(np.int64)
+    i1 = i0 + (i0 < n_in - 1)
+    lam = np.clip(real - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, i1, lam
+
+
+@dataclass
+class Resample(LocalOp):
+    """Nearest / trilinear interpolation by global source coordinates, so tiles
+    reproduce the whole-volume index mapping, edge clamping and align_corners."""
+
+    mode: str = "nearest"
+    tables: tuple = ()  # per axis: (i0, i1, lambda1) over the whole output axis
+
+    def __post_init__(self):
+        self.fills = (INSIDE,)
+
+    def need(self, axis, out):
+        i0, i1, _ = self.tables[axis]
+        if out.empty:
+            return (out,)
+        return (Interval(int(i0[out.lo:out.hi].min()), int(i1[out.lo:out.hi].max()) + 1),)
+
+    def run(self, ctx, inputs, out):
+        x = inputs[0]
+        for axis, iv in enumerate(out.axes):
+            i0, i1, lam = (a[iv.lo:iv.hi] for a in self.tables[axis])
+            base = self.need(axis, iv)[0].lo
+            dim = axis + 2
+            if (x.shape[dim] == len(iv) and not lam.any()
+                    and np.array_equal(i0, np.arange(base, base + len(iv)))):
+                continue  # identity along this axis
+            x0 = x.index_select(dim, torch.as_tensor(i0 - base, device=x.device))
+            if self.mode.startswith("nearest"):
+                x = x0
+                continue
+            x1 = x.index_select(dim, torch.as_tensor(i1 - base, device=x.device))
+            shape = [1] * x.dim()
+            shape[dim] = len(iv)
+            w1 = torch.as_tensor(lam, device=x.device, dtype=x.dtype).reshape(shape)
+            x = x0 * (1 - w1) + x1 * w1
+        return x
+
+
+@dataclass
+class Pad(LocalOp):
+    """F.pad / nn.*Pad3d over the spatial axes (negative pads crop)."""
+
+    pad_lo: tuple = (0, 0, 0)
+    fill: Fill = ZEROS
+
+    def __post_init__(self):
+        self.fills = (self.fill,)
+
+    def need(self, axis, out):
+        p = self.pad_lo[axis]
+        return (Interval(out.lo - p, out.hi - p),)
+
+    def run(self, ctx, inputs, out):
+        return inputs[0]

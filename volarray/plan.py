@@ -1,0 +1,267 @@
+"""Stages, chunk choice and memory projection: what will run, before it runs.
+
+The planner cuts the traced graph into stages at "kept" tensors: small tensors
+(few floats per input voxel) that several stages read or that sit where the
+resolution changes. Each stage runs per chunk of its output on a tile grown by
+its own halo, recomputing the cheap, large tensors between kept ones. Keeping
+deep features stops halos from compounding through an encoder-decoder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import psutil
+
+from .errors import InputError, MemoryBudgetError
+from .geometry import chunk_bounds, intervals
+from .program import TileProgram
+from .trace import Graph
+
+KEEP_FLOATS_PER_VOXEL = 4.0  # keep a tensor across stages if it is at most this big
+MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
+
+
+def parse_bytes(value) -> int:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    import dask.utils
+    try:
+        return int(dask.utils.parse_bytes(value))
+    except Exception:
+        raise InputError(f"memory_limit={value!r} is not a size; pass bytes or a string "
+                         "like '4GB'") from None
+
+
+def default_memory_limit() -> int:
+    """Per task: an eighth of this machine's memory, at most 2 GB."""
+    return int(min(psutil.virtual_memory().total / 8, 2e9))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@dataclass
+class Stage:
+    index: int
+    program: TileProgram
+    bounds: tuple[tuple[int, ...], ...]  # chunk boundaries of the output node, per axis
+    peak_bytes: int = 0
+    macs: float = 0.0  # computed, halos and recomputation included
+    halo: tuple[int, ...] = (0, 0, 0)  # per side, in voxels of the stage's largest source
+
+    @property
+    def output(self) -> str:
+        return self.program.output
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.program.sources
+
+    @property
+    def n_tasks(self) -> int:
+        return math.prod(len(b) - 1 for b in self.bounds)
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return tuple(max(b[i + 1] - b[i] for i in range(len(b) - 1)) for b in self.bounds)
+
+
+@dataclass
+class Plan:
+    """The stages of an exact run, with their tiles, halos and projected memory."""
+
+    graph: Graph
+    stages: list[Stage]
+    chunks: tuple[int, int, int]
+    memory_limit: int
+    model_macs: float  # one whole-volume forward
+    kept_bytes: int  # all kept tensors between stages, whole volume
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_stage(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def n_tasks(self) -> int:
+        return sum(s.n_tasks for s in self.stages)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.peak_bytes for s in self.stages)
+
+    @property
+    def compute_ratio(self) -> float:
+        return sum(s.macs for s in self.stages) / max(self.model_macs, 1)
+
+    def validate(self, memory_limit=None) -> "Plan":
+        """Raise MemoryBudgetError if a task's projected peak exceeds the limit."""
+        limit = parse_bytes(memory_limit) or self.memory_limit
+        worst = max(self.stages, key=lambda s: s.peak_bytes)
+        if worst.peak_bytes > limit:
+            raise MemoryBudgetError(
+                f"stage {worst.index} ({worst.output}) needs {_fmt_bytes(worst.peak_bytes)} per "
+                f"task with chunks={self.chunks}, above memory_limit={_fmt_bytes(limit)}; pass "
+                "smaller chunks or a larger memory_limit")
+        return self
+
+    def __str__(self) -> str:
+        g = self.graph
+        inp, out = g.nodes[g.input], g.nodes[g.output]
+        lines = [
+            f"volarray plan: exact mode, {len(self.stages)} stage(s), {self.n_tasks} tasks",
+            f"  input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
+            f"  chunks {self.chunks}   memory limit {_fmt_bytes(self.memory_limit)} per task   "
+            f"projected peak {_fmt_bytes(self.peak_bytes)} per task",
+            f"  compute {self.compute_ratio:.2f}x one whole-volume forward "
+            f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
+            f"{_fmt_bytes(self.kept_bytes)}",
+            "",
+            f"  {'stage':>5}  {'output':<16} {'grid':<12} {'chunk':<16} {'tasks':>6} "
+            f"{'halo':<12} {'peak/task':>10} {'ops':>4}  sources",
+        ]
+        for s in self.stages:
+            node = g.nodes[s.output]
+            lines.append(
+                f"  {s.index:>5}  {s.output[:16]:<16} {str(tuple(str(x) for x in node.scale)).replace(chr(39), ''):<12} "
+                f"{str(s.chunk_shape):<16} {s.n_tasks:>6} {str(s.halo):<12} "
+                f"{_fmt_bytes(s.peak_bytes):>10} {len(s.program.order):>4}  {', '.join(s.sources)}")
+        lines += [""] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines).rstrip()
+
+    def _repr_html_(self) -> str:
+        import html
+        return f"<pre>{html.escape(str(self))}</pre>"
+
+    __repr__ = __str__
+
+
+# ------------------------------------------------------------------ planning
+def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL) -> list[str]:
+    """Kept tensors: the output, plus small tensors read by several ops or fed to a
+    resolution change (skips and encoder/decoder levels)."""
+    consumers = graph.consumers()
+    kept = []
+    for name, node in graph.nodes.items():
+        if node.op is None:
+            continue
+        uses = consumers[name]
+        candidate = len(uses) >= 2 or any(graph.nodes[u].op.changes_resolution for u in uses)
+        if name == graph.output or (candidate and node.floats_per_input_voxel <= threshold):
+            kept.append(name)
+    return kept
+
+
+def build_stages(graph: Graph, kept: list[str]) -> list[TileProgram]:
+    kept_set = set(kept) | {graph.input}
+    programs = []
+    for name in kept:
+        sources, stack, seen = [], list(graph.nodes[name].inputs), set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in kept_set:
+                sources.append(n)
+            else:
+                stack.extend(graph.nodes[n].inputs)
+        order = list(graph.nodes)
+        programs.append(TileProgram(graph, name, tuple(sorted(sources, key=order.index))))
+    return programs
+
+
+def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale) -> tuple:
+    """Chunk boundaries of a node: the input grid mapped by the node's scale, with
+    chunks merged up to MIN_TILE_SIDE at coarse levels."""
+    out = []
+    for c, n, s in zip(base, shape, scale):
+        side = max(1, int(round(c * s)))
+        if side < MIN_TILE_SIDE and s < 1:
+            side *= math.ceil(min(MIN_TILE_SIDE, n) / side)
+        out.append(chunk_bounds(n, min(side, n)))
+    return tuple(out)
+
+
+def cost_stage(graph: Graph, stage: Stage) -> None:
+    """Fill the stage's projected peak, computed MACs and halo (per-axis algebra)."""
+    prog = stage.program
+    sums = {n: [0, 0, 0] for n in prog.nodes}
+    maxs = {n: [0, 0, 0] for n in prog.nodes}
+    halo = [0, 0, 0]
+    out_scale = graph.nodes[prog.output].scale
+    ref = max(prog.sources, key=lambda s: graph.nodes[s].scale[0])
+    for axis, bounds in enumerate(stage.bounds):
+        r = graph.nodes[ref].scale[axis] / out_scale[axis]
+        for iv in intervals(bounds):
+            node_iv, _ = prog.requirements_1d(axis, iv)
+            for n, got in node_iv.items():
+                sums[n][axis] += len(got)
+                maxs[n][axis] = max(maxs[n][axis], len(got))
+            src = node_iv.get(ref)
+            if src is not None and not src.empty:
+                ext = max(iv.lo * r - src.lo, src.hi - iv.hi * r)
+                halo[axis] = max(halo[axis], math.ceil(ext))
+    stage.macs = sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order)
+    stage.peak_bytes = prog.peak_bytes({n: tuple(m) for n, m in maxs.items()})
+    stage.halo = tuple(halo)
+
+
+def alignment(graph: Graph) -> tuple[int, ...]:
+    """Chunk sides that map to whole voxels on every level (cumulative stride)."""
+    out = []
+    for axis in range(3):
+        den = 1
+        for node in graph.nodes.values():
+            s = node.scale[axis]
+            if s < 1:
+                den = math.lcm(den, Fraction(s).denominator)
+        out.append(den)
+    return tuple(out)
+
+
+def make_plan(graph: Graph, chunks=None, memory_limit=None,
+              keep_threshold: float = KEEP_FLOATS_PER_VOXEL) -> Plan:
+    limit = parse_bytes(memory_limit) or default_memory_limit()
+    inp = graph.nodes[graph.input]
+    shape = inp.shape
+    programs = build_stages(graph, choose_kept(graph, keep_threshold))
+    model_macs = sum(n.op.macs * math.prod(n.shape) for n in graph.nodes.values() if n.op)
+    kept_bytes = sum(graph.nodes[p.output].channels * 4 * math.prod(graph.nodes[p.output].shape)
+                     for p in programs[:-1])
+
+    def stages_for(base):
+        stages = []
+        for i, prog in enumerate(programs):
+            node = graph.nodes[prog.output]
+            st = Stage(i, prog, stage_bounds(base, node.shape, node.scale))
+            cost_stage(graph, st)
+            stages.append(st)
+        return stages
+
+    notes = []
+    if chunks is None:
+        align = alignment(graph)
+        step = max(max(align), 8)
+        candidates = sorted({min(n, k * step) for n in shape for k in range(1, n // step + 2)},
+                            reverse=True)
+        stages = None
+        for c in candidates:
+            base = tuple(min(c, n) for n in shape)
+            stages = stages_for(base)
+            if max(s.peak_bytes for s in stages) <= limit:
+                break
+        chunks = base
+        notes.append(f"chunks {chunks} chosen: the largest aligned to {align} that fits the "
+                     "memory limit")
+    else:
+        stages = stages_for(chunks)
+    return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes)

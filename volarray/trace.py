@@ -1,0 +1,463 @@
+"""Trace a model with torch.fx and give every op its spatial signature.
+
+The result is a `Graph`: spatial nodes in topological order, each with the
+whole-volume shape of its output and a tile kernel from `volarray.ops`.
+Whole-volume shapes come from running the traced graph on meta tensors, so
+tracing a 1024^3 volume costs nothing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import TraceError, UnsupportedOpError
+from .ops.fill import ZEROS, Fill
+from .ops.local import (Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool, Resample,
+                        SpatialArg, _triple, resample_indices)
+
+
+@dataclass
+class Node:
+    name: str
+    op: LocalOp | None  # None for the input placeholder
+    inputs: tuple[str, ...]  # spatial producers, in the op's argument order
+    shape: tuple[int, int, int]  # whole-volume spatial shape of this node's output
+    channels: int
+    scale: tuple[Fraction, Fraction, Fraction]  # grid ratio to the model input
+    where: str  # module path / call, for messages
+
+    @property
+    def floats_per_input_voxel(self) -> float:
+        return self.channels * float(self.scale[0] * self.scale[1] * self.scale[2])
+
+
+@dataclass
+class Graph:
+    gm: fx.GraphModule
+    nodes: dict[str, Node]  # topological order; the first is the input
+    input: str
+    output: str
+    dtype: torch.dtype
+
+    def consumers(self) -> dict[str, list[str]]:
+        out = {n: [] for n in self.nodes}
+        for node in self.nodes.values():
+            for p in node.inputs:
+                out[p].append(node.name)
+        return out
+
+
+# ---------------------------------------------------------------- op table
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.PReLU, nn.LogSigmoid, nn.Tanhshrink, nn.Identity, nn.Threshold,
+)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout3d, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+_POINTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.neg, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.sqrt,
+    torch.rsqrt, torch.square, torch.pow, torch.clamp, torch.clip, torch.maximum, torch.minimum,
+    torch.where, torch.sin, torch.cos, torch.erf, torch.log1p, torch.expm1, torch.reciprocal,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.sigmoid,
+    F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
+    F.prelu, F.threshold,
+}
+_POINTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "log", "abs", "sqrt",
+    "pow", "clamp", "clip", "contiguous", "clone", "float", "square", "__add__", "__mul__",
+    "__sub__", "__truediv__", "__radd__", "__rmul__", "add_", "mul_", "relu_", "sigmoid_",
+}
+_CHANNEL_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.softmax, F.softmax,
+                      torch.log_softmax, F.log_softmax}
+_FILL_BY_PAD_MODE = {"zeros": ZEROS, "constant": ZEROS, "reflect": Fill("reflect"),
+                     "replicate": Fill("replicate"), "circular": Fill("circular")}
+
+
+def _call_module(target):
+    return lambda ctx, *a, **k: ctx.module(target)(*a, **k)
+
+
+def _call_function(fn):
+    return lambda ctx, *a, **k: fn(*a, **k)
+
+
+def _call_method(name):
+    return lambda ctx, self, *a, **k: getattr(self, name)(*a, **k)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _same_pad(kernel, dilation):
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return tuple(t // 2 for t in total)
+
+
+def _conv_pad_lo(padding, kernel, dilation):
+    if padding == "same":
+        return _same_pad(kernel, dilation)
+    if padding == "valid":
+        return (0, 0, 0)
+    return _triple(padding)
+
+
+class _Builder:
+    """Walks the fx graph once, classifying nodes and building their tile ops."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict, input_shape):
+        self.gm = gm
+        self.values = values  # node name -> meta value (tensors on meta, python values)
+        self.modules = dict(gm.named_modules())
+        self.nodes: dict[str, Node] = {}
+        self.inline: dict[str, object] = {}  # shape-derived python values, inlined as constants
+        self.attrs: dict[str, str] = {}  # node name -> attribute path for constant tensors
+        self.input_shape = input_shape
+
+    # -- naming for messages
+    def where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module '{node.target}' ({type(self.modules[node.target]).__name__})"
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        fn = getattr(node.target, "__name__", str(node.target))
+        return f"{node.op} '{fn}' (node '{node.name}'{', in ' + path if path else ''})"
+
+    def unsupported(self, node, why: str):
+        raise UnsupportedOpError(
+            f"exact mode cannot place {self.where(node)}: {why}. Rewrite that part of the model "
+            "with the supported local ops (see volarray.trace), or run it with a patch-based "
+            "sliding window instead of mode='exact'.")
+
+    # -- argument substitution
+    def template(self, node: fx.Node, spatial: list[str]):
+        def sub(a):
+            if a.name in self.nodes:
+                if a.name not in spatial:
+                    spatial.append(a.name)
+                return SpatialArg(spatial.index(a.name))
+            if a.name in self.inline:
+                return self.inline[a.name]
+            if a.name in self.attrs:
+                return Attr(self.attrs[a.name])
+            self.unsupported(node, f"its argument '{a.name}' is neither the volume nor a constant")
+        args = fx.node.map_arg(node.args, sub)
+        kwargs = fx.node.map_arg(node.kwargs, sub)
+        return args, kwargs
+
+    def static(self, node, value, what):
+        """A python value for a layer hyper-parameter; constants are resolved."""
+        if isinstance(value, fx.Node):
+            if value.name in self.inline:
+                return self.inline[value.name]
+            self.unsupported(node, f"its {what} is computed from tensors")
+        return value
+
+    # -- main walk
+    def build(self, graph: fx.Graph) -> tuple[str, str]:
+        depends: set[str] = set()
+        inp = out = None
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if inp is not None:
+                    raise TraceError(
+                        f"the model's forward takes more than one tensor argument "
+                        f"('{inp}', '{node.name}'); volarray passes only the volume. Wrap the "
+                        "model so that forward(x) takes the volume alone.")
+                inp = node.name
+                depends.add(node.name)
+                v = self.values[node.name]
+                self.nodes[node.name] = Node(node.name, None, (), tuple(v.shape[2:]), v.shape[1],
+                                             (Fraction(1),) * 3, "the input")
+                continue
+            if node.op == "output":
+                res = node.args[0]
+                if not isinstance(res, fx.Node) or res.name not in self.nodes:
+                    raise UnsupportedOpError(
+                        "the model must return one tensor of shape (1, C, Z, Y, X); it returns "
+                        f"{res!r}. Wrap the model to return the prediction tensor alone.")
+                out = res.name
+                continue
+            deps = [a.name for a in node.all_input_nodes]
+            if not any(d in depends for d in deps):
+                self.constant(node)
+                continue
+            depends.add(node.name)
+            value = self.values[node.name]
+            if isinstance(value, torch.Tensor):
+                if value.dim() != 5:
+                    self.unsupported(node, f"it returns a tensor of shape {tuple(value.shape)}, "
+                                     "not (1, C, Z, Y, X)")
+                self.spatial(node, value)
+            else:
+                self.inline[node.name] = value  # e.g. x.shape[2:], for F.interpolate(size=...)
+        return inp, out
+
+    def constant(self, node: fx.Node):
+        if node.op == "get_attr":
+            self.attrs[node.name] = node.target
+            return
+        # A computation on parameters only: evaluated on the worker like an attribute.
+        self.attrs[node.name] = f"@{node.name}"
+
+    def spatial(self, node: fx.Node, value: torch.Tensor):
+        spatial: list[str] = []
+        op = self.make_op(node, spatial)
+        ins = [self.nodes[s] for s in spatial]
+        shape = tuple(value.shape[2:])
+        if isinstance(op, Pointwise):
+            for s in ins:
+                if s.shape != shape:
+                    self.unsupported(node, f"it combines a tensor of spatial shape {s.shape} "
+                                     f"with one of {shape}; shapes must match")
+        scale = tuple(a * b for a, b in zip(ins[0].scale, op.scale))
+        self.nodes[node.name] = Node(node.name, op, tuple(spatial), shape, value.shape[1], scale,
+                                     self.where(node))
+
+    def make_op(self, node: fx.Node, spatial: list[str]) -> LocalOp:
+        first = node.all_input_nodes[0] if node.all_input_nodes else None
+        in_val = self.values.get(first.name) if first is not None else None
+        out_val = self.values[node.name]
+        in_shape = tuple(in_val.shape[2:]) if isinstance(in_val, torch.Tensor) else ()
+        out_shape = tuple(out_val.shape[2:])
+        c_in = in_val.shape[1] if isinstance(in_val, torch.Tensor) and in_val.dim() == 5 else 1
+        c_out = out_val.shape[1]
+
+        def pointwise(call, macs=1.0):
+            args, kwargs = self.template(node, spatial)
+            return Pointwise(n_inputs=len(spatial), call=call, args=args, kwargs=kwargs,
+                             macs=macs * c_out)
+
+        def channel_dim_only(dim):
+            dim = self.static(node, dim, "dim")
+            if dim not in (1, -4):
+                self.unsupported(node, f"it acts along dim={dim}; only the channel dim (1) is "
+                                 "local")
+
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, nn.Conv3d):
+                self.template(node, spatial)
+                return Conv(weight=Attr(f"{node.target}.weight"),
+                            bias=Attr(f"{node.target}.bias") if m.bias is not None else None,
+                            kernel=m.kernel_size, stride=m.stride, dilation=m.dilation,
+                            pad_lo=_conv_pad_lo(m.padding, m.kernel_size, m.dilation),
+                            groups=m.groups, fill=_FILL_BY_PAD_MODE[m.padding_mode],
+                            macs=c_out * c_in / m.groups * m.kernel_size[0] * m.kernel_size[1]
+                            * m.kernel_size[2])
+            if isinstance(m, nn.ConvTranspose3d):
+                if m.padding_mode != "zeros":
+                    self.unsupported(node, f"padding_mode={m.padding_mode!r}")
+                self.template(node, spatial)
+                if len(node.args) > 1 or node.kwargs:
+                    self.unsupported(node, "it is called with output_size")
+                return ConvTranspose(weight=Attr(f"{node.target}.weight"),
+                                     bias=Attr(f"{node.target}.bias") if m.bias is not None else None,
+                                     kernel=m.kernel_size, stride=m.stride, dilation=m.dilation,
+                                     padding=m.padding, groups=m.groups,
+                                     macs=c_out * c_in / m.groups * float(
+                                         torch.tensor(m.kernel_size).prod() / torch.tensor(m.stride).prod()))
+            if isinstance(m, (nn.MaxPool3d, nn.AvgPool3d)):
+                self.template(node, spatial)
+                return self.pool(node, m, in_shape)
+            if isinstance(m, nn.Upsample):
+                self.template(node, spatial)
+                return self.resample(node, m.mode, m.scale_factor, m.align_corners,
+                                     m.recompute_scale_factor, in_shape, out_shape)
+            if isinstance(m, (nn.ReflectionPad3d, nn.ReplicationPad3d, nn.ConstantPad3d,
+                              nn.ZeroPad3d, nn.CircularPad3d)):
+                self.template(node, spatial)
+                mode = {nn.ReflectionPad3d: "reflect", nn.ReplicationPad3d: "replicate",
+                        nn.CircularPad3d: "circular"}.get(type(m), "constant")
+                return self.pad(node, m.padding, mode, getattr(m, "value", 0.0))
+            if isinstance(m, (nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm1d)):
+                if m.training or not m.track_running_stats:
+                    self.unsupported(node, "BatchNorm in training mode uses batch statistics; "
+                                     "call model.eval() first")
+                return pointwise(_call_module(node.target), 2)
+            if isinstance(m, _DROPOUT_MODULES):
+                if m.training:
+                    self.unsupported(node, "Dropout is active (training mode); call "
+                                     "model.eval() first")
+                return pointwise(_call_module(node.target), 0)
+            if isinstance(m, _ACTIVATION_MODULES):
+                return pointwise(_call_module(node.target))
+            if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+                channel_dim_only(m.dim)
+                return pointwise(_call_module(node.target), 4)
+            self.unsupported(node, "no tile kernel is known for this module type")
+
+        if node.op == "call_function":
+            fn = node.target
+            if fn in (F.conv3d, torch.conv3d):
+                args, kwargs = self.template(node, spatial)
+                w_val = self.values[node.args[1].name] if isinstance(node.args[1], fx.Node) else None
+                kernel = tuple(w_val.shape[2:])
+                stride = _triple(self.static(node, _arg(node, 3, "stride", 1), "stride"))
+                dilation = _triple(self.static(node, _arg(node, 5, "dilation", 1), "dilation"))
+                padding = self.static(node, _arg(node, 4, "padding", 0), "padding")
+                groups = self.static(node, _arg(node, 6, "groups", 1), "groups")
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return Conv(weight=args[1] if len(args) > 1 else kwargs["weight"], bias=bias,
+                            kernel=kernel, stride=stride, dilation=dilation,
+                            pad_lo=_conv_pad_lo(padding, kernel, dilation), groups=groups,
+                            macs=c_out * c_in / groups * kernel[0] * kernel[1] * kernel[2])
+            if fn in (F.max_pool3d, F.avg_pool3d, torch.max_pool3d):
+                self.template(node, spatial)
+                names = (["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                          "return_indices"] if fn in (F.max_pool3d, torch.max_pool3d) else
+                         ["input", "kernel_size", "stride", "padding", "ceil_mode",
+                          "count_include_pad", "divisor_override"])
+                kw = {n: self.static(node, _arg(node, i, n), n) for i, n in enumerate(names)
+                      if _arg(node, i, n) is not None and i > 0}
+                if kw.get("return_indices"):
+                    self.unsupported(node, "return_indices=True")
+                kw.pop("return_indices", None)
+                kw.pop("ceil_mode", None)
+                cls = nn.MaxPool3d if fn in (F.max_pool3d, torch.max_pool3d) else nn.AvgPool3d
+                return self.pool(node, cls(**kw), in_shape)
+            if fn in (F.interpolate, F.upsample):
+                self.template(node, spatial)
+                return self.resample(
+                    node, self.static(node, _arg(node, 3, "mode", "nearest"), "mode"),
+                    self.static(node, _arg(node, 2, "scale_factor"), "scale_factor"),
+                    self.static(node, _arg(node, 4, "align_corners"), "align_corners"),
+                    self.static(node, _arg(node, 5, "recompute_scale_factor"), "recompute_scale_factor"),
+                    in_shape, out_shape)
+            if fn is F.pad:
+                self.template(node, spatial)
+                return self.pad(node, self.static(node, _arg(node, 1, "pad"), "pad"),
+                                self.static(node, _arg(node, 2, "mode", "constant"), "mode"),
+                                self.static(node, _arg(node, 3, "value", 0.0), "value") or 0.0)
+            if fn in (F.dropout, F.dropout3d, F.alpha_dropout, F.dropout2d, F.dropout1d):
+                if self.static(node, _arg(node, 2, "training", True), "training"):
+                    self.unsupported(node, "dropout is called with training=True")
+                return pointwise(_call_function(fn), 0)
+            if fn in _CHANNEL_FUNCTIONS:
+                default = 0 if fn in (torch.cat, torch.concat, torch.concatenate) else None
+                channel_dim_only(_arg(node, 1, "dim", default))
+                return pointwise(_call_function(fn), 4)
+            if fn is F.batch_norm:
+                if self.static(node, _arg(node, 5, "training", False), "training"):
+                    self.unsupported(node, "batch_norm is called with training=True")
+                return pointwise(_call_function(fn), 2)
+            if fn in _POINTWISE_FUNCTIONS:
+                return pointwise(_call_function(fn))
+            self.unsupported(node, "no tile kernel is known for this function")
+
+        if node.op == "call_method":
+            if node.target in ("softmax", "log_softmax"):
+                channel_dim_only(_arg(node, 1, "dim"))
+                return pointwise(_call_method(node.target), 4)
+            if node.target in _POINTWISE_METHODS:
+                return pointwise(_call_method(node.target))
+            self.unsupported(node, "no tile kernel is known for this method")
+        self.unsupported(node, f"fx op kind {node.op!r} is not expected here")
+
+    def pool(self, node, m, in_shape):
+        if getattr(m, "return_indices", False):
+            self.unsupported(node, "return_indices=True")
+        kernel = _triple(m.kernel_size)
+        stride = _triple(m.stride if m.stride is not None else m.kernel_size)
+        padding = _triple(m.padding)
+        kind = "max" if isinstance(m, nn.MaxPool3d) else "avg"
+        return Pool(kind=kind, kernel=kernel, stride=stride,
+                    dilation=_triple(getattr(m, "dilation", 1)), padding=padding,
+                    count_include_pad=getattr(m, "count_include_pad", True),
+                    divisor_override=getattr(m, "divisor_override", None), in_shape=in_shape,
+                    macs=float(kernel[0] * kernel[1] * kernel[2]))
+
+    def resample(self, node, mode, scale_factor, align_corners, recompute, in_shape, out_shape):
+        if mode not in ("nearest", "nearest-exact", "trilinear", "linear"):
+            self.unsupported(node, f"interpolation mode {mode!r}; nearest, nearest-exact and "
+                             "trilinear are supported")
+        if scale_factor is None or recompute:
+            scales = (None,) * 3
+        elif isinstance(scale_factor, (tuple, list)):
+            scales = tuple(float(s) for s in scale_factor)
+        else:
+            scales = (float(scale_factor),) * 3
+        tables = tuple(resample_indices(mode, n_in, n_out, s, align_corners)
+                       for n_in, n_out, s in zip(in_shape, out_shape, scales))
+        # Nominal grid ratio, for chunk alignment only (tiles are exact for any ratio):
+        # size=skip.shape[2:] on odd sizes still counts as a factor of 2.
+        scale = tuple(Fraction(n_out, n_in).limit_denominator(4)
+                      for n_in, n_out in zip(in_shape, out_shape))
+        return Resample(mode=mode, tables=tables, scale=scale, macs=8.0)
+
+    def pad(self, node, pad, mode, value):
+        pad = list(pad) + [0] * (6 - len(pad))
+        # F.pad lists (x_lo, x_hi, y_lo, y_hi, z_lo, z_hi)
+        lo = (pad[4], pad[2], pad[0])
+        fill = Fill("constant", float(value)) if mode == "constant" else _FILL_BY_PAD_MODE.get(mode)
+        if fill is None:
+            self.unsupported(node, f"pad mode {mode!r}")
+        return Pad(pad_lo=lo, fill=fill)
+
+
+class _Recorder(nn.Module):
+    """Runs a GraphModule node by node, keeping every node's value."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+        self.values = {}
+
+    def forward(self, x):
+        interp = fx.Interpreter(self.gm)
+        values = self.values
+
+        def run_node(n, _orig=interp.run_node):
+            v = _orig(n)
+            values[n.name] = v
+            return v
+        interp.run_node = run_node
+        return interp.run(x)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
+            "exact mode needs a traceable forward (no Python control flow on tensor values); "
+            "make the branch static or mark the offending submodule as a leaf.") from e
+
+
+def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
+    """Every node's whole-volume value, computed on meta tensors (no memory, no time)."""
+    rec = _Recorder(gm)
+    params = {f"gm.{k}": torch.empty_like(v, device="meta")
+              for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    x = torch.empty(input_shape, dtype=dtype, device="meta")
+    try:
+        torch.func.functional_call(rec, params, (x,), strict=False)
+    except Exception as e:
+        raise TraceError(
+            f"the model does not accept an input of shape {tuple(input_shape)}: "
+            f"{type(e).__name__}: {e}. Check the volume's shape and channel count.") from e
+    return rec.values
+
+
+def trace(model: nn.Module, input_shape) -> Graph:
+    """Trace ``model`` for an input of shape (1, C, Z, Y, X)."""
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    gm = symbolic_trace(model)
+    values = meta_values(gm, input_shape, dtype)
+    b = _Builder(gm, values, input_shape[2:])
+    inp, out = b.build(gm.graph)
+    return Graph(gm, b.nodes, inp, out, dtype)
