@@ -36,10 +36,11 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
     _check_model(model)
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}")
-    _device(device)
+    dev = _device(device)
     arr = as_dask_volume(volume)
     graph = trace(model, (1,) + tuple(arr.shape))
-    return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit)
+    return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
+                     "cpu" if dev == "cpu" else "cuda")
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,

@@ -83,19 +83,25 @@ class ModelRunner:
         return v
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray]) -> np.ndarray:
+        """One task: the stage's output over ``out_box``.
+
+        Tiles run channels-last (NDHWC), which oneDNN convolves ~1.5x faster than
+        NCDHW; kept intermediates stay in that layout between stages, and only the
+        model's output is returned C-contiguous.
+        """
         prog = self.programs[stage]
         req = prog.requirements(out_box)
         with torch.inference_mode():
-            tensors = {n: _to_tensor(a, self.dtype, self.device)[None] for n, a in sources.items()}
-            y = prog.run(self, tensors, req)
-            return y[0].detach().to("cpu").numpy()
+            tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
+            y = prog.run(self, tensors, req)[0].detach().to("cpu").numpy()
+        return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
 
 
 def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.array(a, order="C")
-    t = torch.from_numpy(a)
-    return t.to(device=device, dtype=dtype)
+    if not a.flags.writeable:
+        a = np.array(a)
+    t = torch.from_numpy(a)[None].to(device=device, dtype=dtype)
+    return t.contiguous(memory_format=torch.channels_last_3d)
 
 
 def assemble(box_bounds, channels: int, parts) -> np.ndarray:

@@ -31,6 +31,11 @@ class Requirements:
         return Box(self.edge[(name, i)])
 
 
+def _even_border(want: Box, shape) -> tuple[int, ...]:
+    """Per axis, how far ``want`` reaches outside the volume on both sides alike."""
+    return tuple(max(0, min(-iv.lo, iv.hi - n)) for iv, n in zip(want.axes, shape))
+
+
 class TileProgram:
     """The ops that turn a stage's source tensors into its output node, per tile."""
 
@@ -94,9 +99,21 @@ class TileProgram:
             for j, p in enumerate(node.inputs):
                 t, have = env.get(p, (None, None))
                 src = self.nodes[p]
-                ins.append(extend(t, have, req.edge_box(name, j), src.shape, node.op.fills[j],
-                                  src.channels, ctx.dtype, ctx.device))
-            y = node.op.run(ctx, ins, box)
+                want = req.edge_box(name, j)
+                if getattr(node.op, "native_padding", False):
+                    # Let the conv zero-pad the part of the border it can pad evenly.
+                    pad = _even_border(want, src.shape)
+                    want = Box.from_bounds([lo + q for lo, q in zip(want.lo, pad)],
+                                           [hi - q for hi, q in zip(want.hi, pad)])
+                    extra = {"padding": pad}
+                else:
+                    extra = {}
+                x = extend(t, have, want, src.shape, node.op.fills[j], src.channels, ctx.dtype,
+                           ctx.device)
+                # Keep every tile channels-last: crops are views and 1-channel tensors
+                # are ambiguous, and a conv given NCDHW would answer in NCDHW.
+                ins.append(x.contiguous(memory_format=torch.channels_last_3d))
+            y = node.op.run(ctx, ins, box, **extra)
             if tuple(y.shape[2:]) != box.shape:
                 raise RuntimeError(f"volarray internal error: {node.where} produced a tile of "
                                    f"shape {tuple(y.shape[2:])} for region {box}")

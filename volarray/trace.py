@@ -220,7 +220,11 @@ class _Builder:
                 if s.shape != shape:
                     self.unsupported(node, f"it combines a tensor of spatial shape {s.shape} "
                                      f"with one of {shape}; shapes must match")
-        scale = tuple(a * b for a, b in zip(ins[0].scale, op.scale))
+        # Grid ratio to the input, snapped to a simple fraction: odd sizes halved by a
+        # stride still count as 1/2. Used for chunk alignment only; tiles are exact
+        # for any partition.
+        scale = tuple(Fraction(n, n_in).limit_denominator(8)
+                      for n, n_in in zip(shape, self.input_shape))
         self.nodes[node.name] = Node(node.name, op, tuple(spatial), shape, value.shape[1], scale,
                                      self.where(node))
 
@@ -393,7 +397,12 @@ class _Builder:
         # size=skip.shape[2:] on odd sizes still counts as a factor of 2.
         scale = tuple(Fraction(n_out, n_in).limit_denominator(4)
                       for n_in, n_out in zip(in_shape, out_shape))
-        return Resample(mode=mode, tables=tables, scale=scale, macs=8.0)
+        factors = None
+        if not align_corners and all(o % i == 0 and (s is None or s == o // i)
+                                     for i, o, s in zip(in_shape, out_shape, scales)):
+            factors = tuple(float(o // i) for i, o in zip(in_shape, out_shape))
+        return Resample(mode=mode, tables=tables, scale=scale, macs=8.0, factors=factors,
+                        align_corners=align_corners)
 
     def pad(self, node, pad, mode, value):
         pad = list(pad) + [0] * (6 - len(pad))
@@ -403,6 +412,16 @@ class _Builder:
         if fill is None:
             self.unsupported(node, f"pad mode {mode!r}")
         return Pad(pad_lo=lo, fill=fill)
+
+
+def _meta_cat(tensors, dim=0, *, out=None):
+    # torch.cat on meta tensors imports torch._dynamo (~1 s) on first use
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
+_META_SHORTCUTS = {torch.cat: _meta_cat, torch.concat: _meta_cat, torch.concatenate: _meta_cat}
 
 
 class _Recorder(nn.Module):
@@ -418,7 +437,11 @@ class _Recorder(nn.Module):
         values = self.values
 
         def run_node(n, _orig=interp.run_node):
-            v = _orig(n)
+            if n.op == "call_function" and n.target in _META_SHORTCUTS:
+                v = _META_SHORTCUTS[n.target](*interp.map_nodes_to_values(n.args, n),
+                                              **interp.map_nodes_to_values(n.kwargs, n))
+            else:
+                v = _orig(n)
             values[n.name] = v
             return v
         interp.run_node = run_node

@@ -116,9 +116,25 @@ class Conv(LocalOp):
         k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.pad_lo[axis]
         return (Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1),)
 
-    def run(self, ctx, inputs, out):
+    @property
+    def native_padding(self) -> bool:
+        """Zero padding the kernel can apply itself (faster than a padded copy)."""
+        return self.fill == ZEROS
+
+    def run(self, ctx, inputs, out, padding=(0, 0, 0)):
         w, b = resolve((self.weight, self.bias), ctx)
-        return F.conv3d(inputs[0], w, b, self.stride, 0, self.dilation, self.groups)
+        x = inputs[0]
+        if _use_onednn(x):
+            # F.conv3d sends inputs with N*C*D*H <= 20480 (small tiles of thin layers)
+            # to a naive kernel ~10x slower than oneDNN; call oneDNN directly.
+            return torch.mkldnn_convolution(x, w, b, padding, self.stride, self.dilation,
+                                            self.groups)
+        return F.conv3d(x, w, b, self.stride, padding, self.dilation, self.groups)
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 @dataclass
@@ -238,6 +254,10 @@ class Resample(LocalOp):
 
     mode: str = "nearest"
     tables: tuple = ()  # per axis: (i0, i1, lambda1) over the whole output axis
+    # Integer factors per axis when F.interpolate on a tile reproduces the whole-volume
+    # mapping (same scale, no align_corners): then the fast native kernel is used.
+    factors: tuple | None = None
+    align_corners: bool | None = None
 
     def __post_init__(self):
         self.fills = (INSIDE,)
@@ -250,6 +270,16 @@ class Resample(LocalOp):
 
     def run(self, ctx, inputs, out):
         x = inputs[0]
+        if self.factors is not None:
+            mode = "trilinear" if self.mode == "linear" else self.mode
+            y = F.interpolate(x, scale_factor=self.factors, mode=mode,
+                              align_corners=self.align_corners if mode == "trilinear" else None)
+            crop = []
+            for axis, (iv, f) in enumerate(zip(out.axes, self.factors)):
+                first = self.need(axis, iv)[0].lo * int(f)
+                crop.append(slice(iv.lo - first, iv.hi - first))
+            crop = tuple(crop)
+            return y[(slice(None), slice(None)) + crop]
         for axis, iv in enumerate(out.axes):
             i0, i1, lam = (a[iv.lo:iv.hi] for a in self.tables[axis])
             base = self.need(axis, iv)[0].lo

@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+import torch
+
+from volarray.models import seeded
+
+
+def whole_volume(model, volume: np.ndarray) -> np.ndarray:
+    """The reference: one whole-volume forward, ``model(volume[None])[0]``."""
+    x = torch.from_numpy(volume if volume.ndim == 4 else volume[None])[None]
+    with torch.inference_mode():
+        return model(x)[0].numpy()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_volume(shape, seed=0, offset=0.0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale + offset).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A distributed LocalCluster of 2 single-threaded worker processes."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, worker_dashboard_address=None) as c:
+        with distributed.Client(c, set_as_default=False) as client:
+            yield client
+
+
+__all__ = ["whole_volume", "random_volume", "seeded"]
