@@ -6,41 +6,39 @@ import torch
 
 from .errors import InputError
 from .execute import build_graph
-from .geometry import coerce_chunks
+from .geometry import chunk_bounds, coerce_chunks
 from .io import as_dask_volume, rechunk_to
-from .plan import Plan, make_plan, stage_bounds
+from .plan import Plan, make_plan
 from .trace import trace
 
 MODES = ("exact",)
-
-
-def _check_model(model):
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
 
 
 def _device(device) -> str:
     if device is None or device == "auto":
         return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
     device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'")
     if not (device == "cpu" or device.startswith("cuda")):
         raise InputError(f"device={device!r} is not 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'")
     return device
+
+
+def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit) -> Plan:
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is not one of {MODES}")
+    graph = trace(model, (1,) + tuple(arr.shape))
+    return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
+                     "cpu" if device == "cpu" else "cuda")
 
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
          memory_limit=None) -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
-    _check_model(model)
-    if mode not in MODES:
-        raise InputError(f"mode={mode!r} is not one of {MODES}")
-    dev = _device(device)
-    arr = as_dask_volume(volume)
-    graph = trace(model, (1,) + tuple(arr.shape))
-    return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
-                     "cpu" if dev == "cpu" else "cuda")
+    return _plan(model, as_dask_volume(volume), chunks, mode, _device(device), memory_limit)
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
@@ -49,11 +47,12 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
     ``chunks`` is the spatial chunk shape (int or (z, y, x)); None lets the planner
-    choose from ``memory_limit`` (bytes or '4GB', per task). Nothing runs until the
-    result is computed or stored.
+    choose from ``memory_limit`` (bytes or '4GB', per task). ``device`` is 'cpu'
+    (default), 'cuda', 'cuda:N' or 'auto'. Nothing runs until the result is
+    computed or stored.
     """
-    p = plan(model, volume, chunks=chunks, mode=mode, device=device, memory_limit=memory_limit)
+    dev = _device(device)
     arr = as_dask_volume(volume)
-    inp = p.graph.nodes[p.graph.input]
-    arr = rechunk_to(arr, stage_bounds(p.chunks, inp.shape, inp.scale))
-    return build_graph(p, arr, _device(device))
+    p = _plan(model, arr, chunks, mode, dev, memory_limit)
+    arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
+    return build_graph(p, arr, dev)

@@ -118,7 +118,8 @@ def assemble(box_bounds, channels: int, parts) -> np.ndarray:
 
 
 def run_task(runner: ModelRunner, stage: int, out_bounds, names, boxes, channels, parts):
-    sources = {n: assemble(b, c, p) for n, b, c, p in zip(names, boxes, channels, parts)}
+    # a tile lying wholly in a layer's padding reads nothing of that source
+    sources = {n: assemble(b, c, p) for n, b, c, p in zip(names, boxes, channels, parts) if p}
     return runner.run(stage, Box.from_bounds(*out_bounds), sources)
 
 

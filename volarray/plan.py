@@ -182,14 +182,15 @@ def build_stages(graph: Graph, kept: list[str]) -> list[TileProgram]:
     return programs
 
 
-def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale) -> tuple:
+def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
+                 min_side: int = MIN_TILE_SIDE) -> tuple:
     """Chunk boundaries of a node: the input grid mapped by the node's scale, with
-    chunks merged up to MIN_TILE_SIDE at coarse levels."""
+    chunks merged up to ``min_side`` at coarse levels (fewer, less wasteful tasks)."""
     out = []
     for c, n, s in zip(base, shape, scale):
         side = max(1, int(round(c * s)))
-        if side < MIN_TILE_SIDE and s < 1:
-            side *= math.ceil(min(MIN_TILE_SIDE, n) / side)
+        if side < min_side and s < 1:
+            side *= math.ceil(min(min_side, n) / side)
         out.append(chunk_bounds(n, min(side, n)))
     return tuple(out)
 
@@ -250,13 +251,17 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     kept_bytes = sum(graph.nodes[p.output].channels * 4 * math.prod(graph.nodes[p.output].shape)
                      for p in programs[:-1])
 
-    def stages_for(base):
-        stages = []
-        for i, prog in enumerate(programs):
-            node = graph.nodes[prog.output]
-            st = Stage(i, prog, stage_bounds(base, node.shape, node.scale))
-            cost_stage(graph, st)
-            stages.append(st)
+    def stages_for(base, target):
+        """Stages on grid ``base``; coarse levels merge small chunks if that fits."""
+        for min_side in (MIN_TILE_SIDE, 1):
+            stages = []
+            for i, prog in enumerate(programs):
+                node = graph.nodes[prog.output]
+                st = Stage(i, prog, stage_bounds(base, node.shape, node.scale, min_side))
+                cost_stage(graph, st)
+                stages.append(st)
+            if max(s.peak_bytes for s in stages) <= target:
+                break
         return stages
 
     notes = []
@@ -264,12 +269,12 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         align = alignment(graph)
         target = limit if device != "cpu" else min(limit, CPU_TARGET_TASK_BYTES)
         for base in candidate_chunks(shape, align):
-            stages = stages_for(base)
+            stages = stages_for(base, target)
             if max(s.peak_bytes for s in stages) <= target:
                 break
         chunks = base
         notes.append(f"chunks {chunks} chosen: the largest even split, aligned to {align}, "
                      f"whose tasks fit {_fmt_bytes(target)}")
     else:
-        stages = stages_for(chunks)
+        stages = stages_for(chunks, limit)
     return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes)

@@ -8,6 +8,7 @@ tracing a 1024^3 volume costs nothing.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -467,7 +468,9 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
               for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
     x = torch.empty(input_shape, dtype=dtype, device="meta")
     try:
-        torch.func.functional_call(rec, params, (x,), strict=False)
+        with warnings.catch_warnings():  # torch's own advice, already shown by the model
+            warnings.simplefilter("ignore", UserWarning)
+            torch.func.functional_call(rec, params, (x,), strict=False)
     except Exception as e:
         raise TraceError(
             f"the model does not accept an input of shape {tuple(input_shape)}: "

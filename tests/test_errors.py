@@ -1,0 +1,118 @@
+"""Bad input raises a VolarrayError naming the value and the fix."""
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import volarray
+from volarray.models import FaultSeg3D, seeded
+
+from conftest import random_volume
+
+
+@pytest.fixture(scope="module")
+def model():
+    return seeded(FaultSeg3D, width=4)
+
+
+VOL = random_volume((16, 16, 16))
+
+
+@pytest.mark.parametrize("chunks,needle", [(0, "non-positive"), ((8, -1, 8), "non-positive"),
+                                           ((8, 8), "three ints"), ("big", "three ints")])
+def test_bad_chunks(model, chunks, needle):
+    with pytest.raises(volarray.InputError, match=needle):
+        volarray.predict(model, VOL, chunks=chunks)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (1, 1, 16, 16, 16)])
+def test_wrong_ndim(model, shape):
+    with pytest.raises(volarray.InputError, match=r"\(Z, Y, X\)"):
+        volarray.predict(model, np.zeros(shape, np.float32))
+
+
+def test_integer_volume(model):
+    with pytest.raises(volarray.InputError, match="int16.*astype"):
+        volarray.predict(model, np.zeros((16, 16, 16), np.int16))
+
+
+def test_not_an_array(model):
+    with pytest.raises(volarray.InputError, match="list"):
+        volarray.predict(model, [[1.0]])
+
+
+def test_not_a_model():
+    with pytest.raises(volarray.InputError, match="torch.nn.Module"):
+        volarray.predict(lambda x: x, VOL)
+
+
+def test_bad_mode_and_device(model):
+    with pytest.raises(volarray.InputError, match="mode='magic'"):
+        volarray.predict(model, VOL, mode="magic")
+    with pytest.raises(volarray.InputError, match="device='tpu'"):
+        volarray.predict(model, VOL, device="tpu")
+
+
+def test_wrong_channel_count(model):
+    with pytest.raises(volarray.TraceError, match=r"\(1, 2, 16, 16, 16\)"):
+        volarray.predict(model, random_volume((2, 16, 16, 16)))
+
+
+class GlobalMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y - y.mean(dim=(2, 3, 4), keepdim=True)
+
+
+class Flatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return x
+        return -x
+
+
+def test_unsupported_op_names_op_and_way_out():
+    with pytest.raises(volarray.UnsupportedOpError, match=r"mean.*sliding window"):
+        volarray.predict(GlobalMean(), VOL)
+    with pytest.raises(volarray.UnsupportedOpError, match=r"body\.1.*Flatten"):
+        volarray.predict(Flatten(), VOL)
+
+
+def test_untraceable_model():
+    with pytest.raises(volarray.TraceError, match="Branchy"):
+        volarray.predict(Branchy(), VOL)
+
+
+def test_training_mode_batchnorm():
+    m = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
+    with pytest.raises(volarray.UnsupportedOpError, match=r"model.eval\(\)"):
+        volarray.predict(m, VOL)
+
+
+def test_memory_budget_validation(model):
+    plan = volarray.plan(model, VOL, chunks=16)
+    assert plan.validate("1GB") is plan
+    with pytest.raises(volarray.MemoryBudgetError, match="memory_limit=.*smaller chunks"):
+        plan.validate("100kB")
+    with pytest.raises(volarray.InputError, match="memory_limit='lots'"):
+        volarray.plan(model, VOL, memory_limit="lots")
+
+
+def test_errors_are_volarray_errors():
+    for cls in (volarray.InputError, volarray.UnsupportedOpError, volarray.TraceError,
+                volarray.MemoryBudgetError):
+        assert issubclass(cls, volarray.VolarrayError)
