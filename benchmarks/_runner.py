@@ -26,6 +26,14 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
+def run(a, model, vol):
+    if a.engine == "torch":
+        with torch.inference_mode():
+            return model(torch.from_numpy(vol)[None, None])[0].numpy()
+    y = volarray.predict(model, vol, chunks=a.chunks, memory_limit=a.memory_limit)
+    return y.compute(scheduler=a.scheduler)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("engine", choices=["torch", "volarray"])
@@ -35,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--scheduler", default="threads")
     ap.add_argument("--memory-limit", default=None)
     ap.add_argument("--volume", help=".npy of the input volume")
+    ap.add_argument("--warmup", action="store_true", help="one small run first")
     ap.add_argument("--save")
     ap.add_argument("--compare")
     a = ap.parse_args(argv)
@@ -43,6 +52,9 @@ def main(argv=None):
         vol = np.load(a.volume)  # made by the parent, so that its generation is not counted
     else:
         vol, _ = seismic((a.size,) * 3, seed=1)
+    if a.warmup:  # both engines: first-call costs (oneDNN kernels, torch's lazy imports)
+        small = np.ascontiguousarray(vol[:48, :48, :48])
+        run(a, model, small)
     base = peak_rss()
     t0 = time.perf_counter()
     if a.engine == "torch":

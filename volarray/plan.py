@@ -133,8 +133,11 @@ class Plan:
         ]
         for s in self.stages:
             node = g.nodes[s.output]
+            scale = ",".join(str(x) for x in node.scale)
+            if len(set(node.scale)) == 1:
+                scale = str(node.scale[0])
             lines.append(
-                f"  {s.index:>5}  {s.output[:16]:<16} {str(tuple(str(x) for x in node.scale)).replace(chr(39), ''):<12} "
+                f"  {s.index:>5}  {s.output[:16]:<16} {scale:<12} "
                 f"{str(s.chunk_shape):<16} {s.n_tasks:>6} {str(s.halo):<12} "
                 f"{_fmt_bytes(s.peak_bytes):>10} {len(s.program.order):>4}  {', '.join(s.sources)}")
         lines += [""] + [f"  note: {n}" for n in self.notes]
