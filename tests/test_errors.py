@@ -59,14 +59,13 @@ def test_wrong_channel_count(model):
         volarray.predict(model, random_volume((2, 16, 16, 16)))
 
 
-class GlobalMean(nn.Module):
+class CumSum(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv3d(1, 2, 3, padding=1)
 
     def forward(self, x):
-        y = self.conv(x)
-        return y - y.mean(dim=(2, 3, 4), keepdim=True)
+        return self.conv(x).cumsum(dim=2)
 
 
 class Flatten(nn.Module):
@@ -86,8 +85,10 @@ class Branchy(nn.Module):
 
 
 def test_unsupported_op_names_op_and_way_out():
-    with pytest.raises(volarray.UnsupportedOpError, match=r"mean.*sliding window"):
-        volarray.predict(GlobalMean(), VOL)
+    with pytest.raises(volarray.UnsupportedOpError, match=r"cumsum.*sliding window"):
+        volarray.predict(CumSum(), VOL)
+    with pytest.raises(volarray.UnsupportedOpError, match=r"adaptive pooling to 2"):
+        volarray.predict(nn.Sequential(nn.Conv3d(1, 2, 1), nn.AdaptiveAvgPool3d(2)), VOL)
     with pytest.raises(volarray.UnsupportedOpError, match=r"body\.1.*Flatten"):
         volarray.predict(Flatten(), VOL)
 

@@ -1,5 +1,5 @@
-"""The dask graph: one blockwise layer per stage, tasks that assemble their tile
-from neighbouring chunks and run the stage's fused ops.
+"""The dask graph: one blockwise layer per stage, barrier reductions as trees,
+tasks that assemble their tile from neighbouring chunks and run fused ops.
 
 The model (traced module, weights and tile programs) is a single key of the
 graph that every task depends on, so a distributed worker receives it once and
@@ -12,19 +12,27 @@ import threading
 import dask.array as da
 import numpy as np
 import torch
+import torch.fx as fx
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .geometry import Box, chunk_range, grid_boxes
+from .ops.local import resolve
+from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .plan import Plan
+
+COMBINE_FAN_IN = 8  # partial statistics merged per combine task
 
 
 class ModelRunner:
-    """Worker-side state: the traced model on its device and the stage programs."""
+    """Worker-side state: the traced model on its device, the stage programs and
+    the whole-volume (global) nodes."""
 
     def __init__(self, plan: Plan, device: str):
         self.gm = plan.graph.gm
         self.programs = [s.program for s in plan.stages]
+        self.barriers = [b.program for b in plan.barriers]
+        self.globals = plan.graph.globals or {}
         self.device = device
         self.dtype = plan.graph.dtype
         self._init_cache()
@@ -61,7 +69,6 @@ class ModelRunner:
             return self._values[path]
         if path.startswith("@"):
             node = next(n for n in self.model.graph.nodes if n.name == path[1:])
-            import torch.fx as fx
 
             def value(a):
                 if a.op == "get_attr":
@@ -82,19 +89,55 @@ class ModelRunner:
         self._values[path] = v
         return v
 
-    def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray]) -> np.ndarray:
+    def tile(self, prog, out_box: Box, sources, global_values) -> torch.Tensor:
+        ctx = TaskContext(self, global_values)
+        req = prog.requirements(out_box)
+        tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
+        return prog.run(ctx, tensors, req)
+
+    def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
+            global_values: dict | None = None) -> np.ndarray:
         """One task: the stage's output over ``out_box``.
 
         Tiles run channels-last (NDHWC), which oneDNN convolves ~1.5x faster than
         NCDHW; kept intermediates stay in that layout between stages, and only the
         model's output is returned C-contiguous.
         """
-        prog = self.programs[stage]
-        req = prog.requirements(out_box)
         with torch.inference_mode():
-            tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
-            y = prog.run(self, tensors, req)[0].detach().to("cpu").numpy()
+            y = self.tile(self.programs[stage], out_box, sources, global_values or {})
+            y = y[0].detach().to("cpu").numpy()
         return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
+
+    def stats(self, barrier: int, out_box: Box, sources, global_values) -> np.ndarray:
+        """Partial statistics of a barrier's tensor over one chunk's own region."""
+        prog = self.barriers[barrier]
+        g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
+        with torch.inference_mode():
+            return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)
+
+    def evaluate(self, name: str, global_values: dict):
+        """A whole-volume value computed from others (an SE block's MLP)."""
+        g = self.globals[name]
+        ctx = TaskContext(self, global_values)
+        with torch.inference_mode():
+            args, kwargs = resolve((g.args, g.kwargs), ctx)
+            return g.call(ctx, *args, **kwargs)
+
+
+class TaskContext:
+    """What ops see while running one task: the model, and the global values."""
+
+    def __init__(self, runner: ModelRunner, global_values: dict):
+        self.runner = runner
+        self.values = global_values
+        self.dtype, self.device = runner.dtype, runner.device
+        self.attr, self.module = runner.attr, runner.module
+
+    def global_value(self, name):
+        v = self.values[name]
+        if isinstance(v, torch.Tensor):
+            return v.to(self.device)
+        return v
 
 
 def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
@@ -117,52 +160,117 @@ def assemble(box_bounds, channels: int, parts) -> np.ndarray:
     return out
 
 
-def run_task(runner: ModelRunner, stage: int, out_bounds, names, boxes, channels, parts):
+def _sources(names, boxes, channels, parts):
     # a tile lying wholly in a layer's padding reads nothing of that source
-    sources = {n: assemble(b, c, p) for n, b, c, p in zip(names, boxes, channels, parts) if p}
-    return runner.run(stage, Box.from_bounds(*out_bounds), sources)
+    return {n: assemble(b, c, p) for n, b, c, p in zip(names, boxes, channels, parts) if p}
+
+
+def run_task(runner, stage, out_bounds, names, boxes, channels, parts, gnames, gvalues):
+    return runner.run(stage, Box.from_bounds(*out_bounds), _sources(names, boxes, channels, parts),
+                      dict(zip(gnames, gvalues)))
+
+
+def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, gnames, gvalues):
+    return runner.stats(barrier, Box.from_bounds(*out_bounds),
+                        _sources(names, boxes, channels, parts), dict(zip(gnames, gvalues)))
+
+
+def combine_task(*parts):
+    return stats_combine(list(parts))
+
+
+def value_task(runner, name, stats):
+    return stats_value(stats, runner.globals[name], runner.dtype)
+
+
+def eval_task(runner, name, gnames, gvalues):
+    return runner.evaluate(name, dict(zip(gnames, gvalues)))
+
+
+class _GraphBuilder:
+    def __init__(self, plan: Plan, volume: da.Array, device: str):
+        self.plan = plan
+        self.volume = volume
+        self.graph = plan.graph
+        self.runner = ModelRunner(plan, device)
+        self.token = tokenize(volume.name, plan.chunks, device, _model_token(self.graph.gm))
+        self.model_key = f"volarray-model-{self.token}"
+        self.dsk = {self.model_key: self.runner}
+        # kept tensor -> (key prefix, per-axis chunk boundaries)
+        self.arrays = {self.graph.input: (volume.name, [np.cumsum((0,) + c) for c in volume.chunks[1:]])}
+        for s in plan.stages:
+            self.arrays[s.output] = (f"volarray-{s.output}-{self.token}", s.bounds)
+
+    def global_key(self, name: str) -> str:
+        return f"volarray-global-{name}-{self.token}"
+
+    def tile_args(self, prog, box: Box):
+        """Arguments of a tile task: its sources' regions, the chunks they come
+        from (lists, so that dask substitutes the keys) and the global values."""
+        req = prog.requirements(box)
+        names, boxes, channels, parts = [], [], [], []
+        for src in prog.sources:
+            need = req.box(src)
+            key, bounds = self.arrays[src]
+            deps = []
+            ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
+            for i in ranges[0]:
+                for j in ranges[1]:
+                    for k in ranges[2]:
+                        lo = (int(bounds[0][i]), int(bounds[1][j]), int(bounds[2][k]))
+                        hi = (int(bounds[0][i + 1]), int(bounds[1][j + 1]), int(bounds[2][k + 1]))
+                        deps.append([(lo, hi), (key, 0, i, j, k)])
+            names.append(src)
+            boxes.append((need.lo, need.hi))
+            channels.append(self.graph.nodes[src].channels)
+            parts.append(deps)
+        gnames = list(prog.globals)
+        return (names, boxes, channels, parts, gnames, [self.global_key(g) for g in gnames])
+
+    def build(self) -> da.Array:
+        for stage in self.plan.stages:
+            key = self.arrays[stage.output][0]
+            for idx, box in grid_boxes(stage.bounds):
+                self.dsk[(key, 0) + idx] = (run_task, self.model_key, stage.index,
+                                            (box.lo, box.hi)) + self.tile_args(stage.program, box)
+        for i, b in enumerate(self.plan.barriers):
+            self.build_barrier(i, b)
+        for g in self.graph.globals.values():
+            if g.kind == "eval":
+                self.dsk[self.global_key(g.name)] = (eval_task, self.model_key, g.name,
+                                                     list(g.deps),
+                                                     [self.global_key(d) for d in g.deps])
+        out = self.plan.output_stage
+        node = self.graph.nodes[out.output]
+        key = self.arrays[out.output][0]
+        chunks = ((node.channels,),) + tuple(tuple(int(x) for x in np.diff(b)) for b in out.bounds)
+        hlg = HighLevelGraph.from_collections(key, self.dsk, dependencies=[self.volume])
+        return da.Array(hlg, key, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
+
+    def build_barrier(self, i: int, b):
+        """Per-chunk partial statistics, merged by a tree of combine tasks."""
+        prefix = f"volarray-stats-{b.name}-{self.token}"
+        level = []
+        for idx, box in grid_boxes(b.bounds):
+            key = (prefix, 0) + idx
+            self.dsk[key] = (stats_task, self.model_key, i, (box.lo, box.hi)) + self.tile_args(
+                b.program, box)
+            level.append(key)
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            nxt = []
+            for j in range(0, len(level), COMBINE_FAN_IN):
+                key = (f"{prefix}-combine", depth, j)
+                self.dsk[key] = (combine_task,) + tuple(level[j:j + COMBINE_FAN_IN])
+                nxt.append(key)
+            level = nxt
+        self.dsk[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
 
 
 def build_graph(plan: Plan, volume: da.Array, device: str) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X)."""
-    graph = plan.graph
-    runner = ModelRunner(plan, device)
-    token = tokenize(volume.name, plan.chunks, device, _model_token(graph.gm))
-    model_key = f"volarray-model-{token}"
-    dsk = {model_key: runner}
-    arrays = {graph.input: volume}
-    for stage in plan.stages:
-        prog = stage.program
-        node = graph.nodes[stage.output]
-        name = f"volarray-{stage.output}-{token}"
-        for idx, box in grid_boxes(stage.bounds):
-            req = prog.requirements(box)
-            names, boxes, channels, parts = [], [], [], []
-            for src in prog.sources:
-                need = req.box(src)
-                arr = arrays[src]
-                bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
-                deps = []  # lists, not tuples: dask substitutes keys inside lists only
-                ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
-                for i in ranges[0]:
-                    for j in ranges[1]:
-                        for k in ranges[2]:
-                            lo = (int(bounds[0][i]), int(bounds[1][j]), int(bounds[2][k]))
-                            hi = (int(bounds[0][i + 1]), int(bounds[1][j + 1]), int(bounds[2][k + 1]))
-                            deps.append([(lo, hi), (arr.name, 0, i, j, k)])
-                names.append(src)
-                boxes.append((need.lo, need.hi))
-                channels.append(graph.nodes[src].channels)
-                parts.append(deps)
-            dsk[(name, 0) + idx] = (run_task, model_key, stage.index, (box.lo, box.hi),
-                                    names, boxes, channels, parts)
-        chunks = ((node.channels,),) + tuple(tuple(np.diff(b)) for b in stage.bounds)
-        deps = [arrays[s] for s in prog.sources]
-        hlg = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-        meta = np.empty((0, 0, 0, 0), dtype=np.float32)
-        arrays[stage.output] = da.Array(hlg, name, chunks=chunks, meta=meta)
-        dsk = {model_key: runner}
-    return arrays[graph.output]
+    return _GraphBuilder(plan, volume, device).build()
 
 
 def _model_token(gm) -> str:

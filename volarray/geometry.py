@@ -161,3 +161,14 @@ def chunk_range(bounds: Sequence[int], want: Interval) -> range:
     first = int(np.searchsorted(b, want.lo, side="right")) - 1
     last = int(np.searchsorted(b, want.hi, side="left"))
     return range(max(first, 0), min(last, len(b) - 1))
+
+
+def nominal_scale(n: int, n_in: int) -> Fraction:
+    """A node's grid ratio to the input, snapped to a power of two when close
+    (odd sizes halved by a stride still count as 1/2). It only aligns chunks:
+    tiles are exact for any partition."""
+    r = n / n_in
+    k = round(np.log2(r))
+    if abs(np.log2(r) - k) < 0.3:
+        return Fraction(2) ** k
+    return Fraction(n, n_in).limit_denominator(8)

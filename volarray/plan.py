@@ -78,6 +78,24 @@ class Stage:
 
 
 @dataclass
+class Barrier:
+    """Whole-volume statistics of one tensor: per-chunk partials merged by a tree."""
+
+    name: str  # the GlobalNode
+    program: TileProgram  # computes the reduced tensor per chunk (or reads it, if kept)
+    bounds: tuple[tuple[int, ...], ...]
+    macs: float = 0.0
+
+    @property
+    def n_tasks(self) -> int:
+        return math.prod(len(b) - 1 for b in self.bounds)
+
+    @property
+    def recomputed(self) -> bool:
+        return self.program.output not in self.program.sources
+
+
+@dataclass
 class Plan:
     """The stages of an exact run, with their tiles, halos and projected memory."""
 
@@ -88,6 +106,7 @@ class Plan:
     model_macs: float  # one whole-volume forward
     kept_bytes: int  # all kept tensors between stages, whole volume
     notes: list[str] = field(default_factory=list)
+    barriers: list[Barrier] = field(default_factory=list)
 
     @property
     def output_stage(self) -> Stage:
@@ -95,7 +114,7 @@ class Plan:
 
     @property
     def n_tasks(self) -> int:
-        return sum(s.n_tasks for s in self.stages)
+        return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
 
     @property
     def peak_bytes(self) -> int:
@@ -103,7 +122,8 @@ class Plan:
 
     @property
     def compute_ratio(self) -> float:
-        return sum(s.macs for s in self.stages) / max(self.model_macs, 1)
+        total = sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
+        return total / max(self.model_macs, 1)
 
     def validate(self, memory_limit=None) -> "Plan":
         """Raise MemoryBudgetError if a task's projected peak exceeds the limit."""
@@ -140,6 +160,14 @@ class Plan:
                 f"  {s.index:>5}  {s.output[:16]:<16} {scale:<12} "
                 f"{str(s.chunk_shape):<16} {s.n_tasks:>6} {str(s.halo):<12} "
                 f"{_fmt_bytes(s.peak_bytes):>10} {len(s.program.order):>4}  {', '.join(s.sources)}")
+        if self.barriers:
+            lines.append("")
+        for b in self.barriers:
+            g = self.graph.globals[b.name]
+            how = (f"recomputed from {', '.join(b.program.sources)} ({len(b.program.order)} ops)"
+                   if b.recomputed else "read from the kept tensor")
+            lines.append(f"  barrier {g.where}: statistics of {b.program.output} over "
+                         f"{b.n_tasks} chunks, {how}")
         lines += [""] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines).rstrip()
 
@@ -151,38 +179,53 @@ class Plan:
 
 
 # ------------------------------------------------------------------ planning
-def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL) -> list[str]:
-    """Kept tensors: the output, plus small tensors read by several ops or fed to a
-    resolution change (skips and encoder/decoder levels)."""
+def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL,
+                budget: float = 0.0) -> list[str]:
+    """Kept tensors: the output, plus candidates: tensors read by several ops, fed to
+    a resolution change (skips, encoder/decoder levels) or reduced by a barrier.
+    Small candidates (<= ``threshold`` floats per input voxel) are always kept;
+    larger ones while their whole-volume bytes fit ``budget``; the rest are
+    recomputed by the stages that read them."""
     consumers = graph.consumers()
-    kept = []
+    reduced = {g.source for g in (graph.globals or {}).values() if g.kind == "reduce"}
+    n_in = math.prod(graph.nodes[graph.input].shape)
+    kept, spent = [], 0.0
     for name, node in graph.nodes.items():
         if node.op is None:
             continue
         uses = consumers[name]
-        candidate = len(uses) >= 2 or any(graph.nodes[u].op.changes_resolution for u in uses)
+        candidate = (len(uses) >= 2 or name in reduced
+                     or any(graph.nodes[u].op.changes_resolution for u in uses))
+        size = node.floats_per_input_voxel * n_in * 4
         if name == graph.output or (candidate and node.floats_per_input_voxel <= threshold):
             kept.append(name)
+        elif candidate and spent + size <= budget:
+            kept.append(name)
+            spent += size
     return kept
+
+
+def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
+    """The ops computing ``name`` from its nearest kept ancestors (or read it, if kept)."""
+    if name in kept:
+        return TileProgram(graph, name, (name,))
+    sources, stack, seen = [], list(graph.nodes[name].inputs), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in kept:
+            sources.append(n)
+        else:
+            stack.extend(graph.nodes[n].inputs)
+    order = list(graph.nodes)
+    return TileProgram(graph, name, tuple(sorted(sources, key=order.index)))
 
 
 def build_stages(graph: Graph, kept: list[str]) -> list[TileProgram]:
     kept_set = set(kept) | {graph.input}
-    programs = []
-    for name in kept:
-        sources, stack, seen = [], list(graph.nodes[name].inputs), set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in kept_set:
-                sources.append(n)
-            else:
-                stack.extend(graph.nodes[n].inputs)
-        order = list(graph.nodes)
-        programs.append(TileProgram(graph, name, tuple(sorted(sources, key=order.index))))
-    return programs
+    return [program_for(graph, name, kept_set - {name}) for name in kept]
 
 
 def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
@@ -205,7 +248,7 @@ def cost_stage(graph: Graph, stage: Stage) -> None:
     maxs = {n: [0, 0, 0] for n in prog.nodes}
     halo = [0, 0, 0]
     out_scale = graph.nodes[prog.output].scale
-    ref = max(prog.sources, key=lambda s: graph.nodes[s].scale[0])
+    ref = max(prog.sources, key=lambda s: graph.nodes[s].scale[0], default=prog.output)
     for axis, bounds in enumerate(stage.bounds):
         r = graph.nodes[ref].scale[axis] / out_scale[axis]
         for iv in intervals(bounds):
@@ -249,7 +292,11 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     limit = parse_bytes(memory_limit) or default_memory_limit()
     inp = graph.nodes[graph.input]
     shape = inp.shape
-    programs = build_stages(graph, choose_kept(graph, keep_threshold))
+    kept = choose_kept(graph, keep_threshold, budget=limit / 4)
+    programs = build_stages(graph, kept)
+    reductions = [g for g in (graph.globals or {}).values() if g.kind == "reduce"]
+    barrier_programs = [program_for(graph, g.source, set(kept) | {graph.input})
+                        for g in reductions]
     model_macs = sum(n.op.macs * math.prod(n.shape) for n in graph.nodes.values() if n.op)
     kept_bytes = sum(graph.nodes[p.output].channels * 4 * math.prod(graph.nodes[p.output].shape)
                      for p in programs[:-1])
@@ -280,4 +327,12 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                      f"whose tasks fit {_fmt_bytes(target)}")
     else:
         stages = stages_for(chunks, limit)
-    return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes)
+    barriers = []
+    for g, prog in zip(reductions, barrier_programs):
+        node = graph.nodes[g.source]
+        b = Barrier(g.name, prog, stage_bounds(chunks, node.shape, node.scale))
+        probe = Stage(-1, prog, b.bounds)
+        cost_stage(graph, probe)
+        b.macs = probe.macs
+        barriers.append(b)
+    return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes, barriers)

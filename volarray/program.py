@@ -56,6 +56,8 @@ class TileProgram:
             raise ValueError(f"stage {output} reaches the input without it as a source")
         self.order = [n for n in nodes if n in wanted and n not in self.sources]
         self.nodes = {n: nodes[n] for n in wanted}
+        # whole-volume values (norm statistics, pooled vectors) the stage reads
+        self.globals = tuple(sorted({g for n in self.order for g in nodes[n].op.globals}))
         last = {}
         for i, n in enumerate(self.order):
             for p in nodes[n].inputs:
@@ -136,7 +138,8 @@ class TileProgram:
         peak = sum(live.values())
         for i, name in enumerate(self.order):
             node = self.nodes[name]
-            temps = sum(nbytes(p) for p in node.inputs) if node.op.fills[0].mode != "inside" else 0
+            padded = node.op.fills and node.op.fills[0].mode != "inside"
+            temps = sum(nbytes(p) for p in node.inputs) if padded else 0
             out = nbytes(name)
             peak = max(peak, sum(live.values()) + temps + out)
             live[name] = out

@@ -18,9 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TraceError, UnsupportedOpError
+from .geometry import nominal_scale
 from .ops.fill import ZEROS, Fill
 from .ops.local import (Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool, Resample,
                         SpatialArg, _triple, resample_indices)
+from .ops.reduce import Broadcast, GlobalArg, GlobalNode, NormApply
 
 
 @dataclass
@@ -41,10 +43,11 @@ class Node:
 @dataclass
 class Graph:
     gm: fx.GraphModule
-    nodes: dict[str, Node]  # topological order; the first is the input
+    nodes: dict[str, Node]  # spatial nodes, topological order; the first is the input
     input: str
     output: str
     dtype: torch.dtype
+    globals: dict[str, GlobalNode] = None  # whole-volume values, topological order
 
     def consumers(self) -> dict[str, list[str]]:
         out = {n: [] for n in self.nodes}
@@ -123,6 +126,7 @@ class _Builder:
         self.nodes: dict[str, Node] = {}
         self.inline: dict[str, object] = {}  # shape-derived python values, inlined as constants
         self.attrs: dict[str, str] = {}  # node name -> attribute path for constant tensors
+        self.globals: dict[str, GlobalNode] = {}
         self.input_shape = input_shape
 
     # -- naming for messages
@@ -147,6 +151,8 @@ class _Builder:
                 if a.name not in spatial:
                     spatial.append(a.name)
                 return SpatialArg(spatial.index(a.name))
+            if a.name in self.globals:
+                return GlobalArg(a.name)
             if a.name in self.inline:
                 return self.inline[a.name]
             if a.name in self.attrs:
@@ -195,14 +201,125 @@ class _Builder:
                 continue
             depends.add(node.name)
             value = self.values[node.name]
-            if isinstance(value, torch.Tensor):
-                if value.dim() != 5:
-                    self.unsupported(node, f"it returns a tensor of shape {tuple(value.shape)}, "
-                                     "not (1, C, Z, Y, X)")
-                self.spatial(node, value)
-            else:
+            if not isinstance(value, torch.Tensor):
                 self.inline[node.name] = value  # e.g. x.shape[2:], for F.interpolate(size=...)
+                continue
+            spatial_deps = [d for d in deps if d in self.nodes]
+            if self.reduction(node, value, spatial_deps):
+                continue
+            if not spatial_deps or self.is_broadcast_of_global(node):
+                self.global_value(node, value)
+                continue
+            if value.dim() != 5:
+                self.unsupported(node, f"it returns a tensor of shape {tuple(value.shape)}, "
+                                 "not (1, C, Z, Y, X)")
+            self.spatial(node, value)
         return inp, out
+
+    # -- whole-volume reductions and values
+    def module_of(self, node):
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def reduction(self, node: fx.Node, value, spatial_deps) -> bool:
+        """InstanceNorm / GroupNorm / global mean on a spatial tensor: a barrier."""
+        if not spatial_deps:
+            return False
+        m, fn = self.module_of(node), node.target
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or x.name not in self.nodes:
+            return False
+        src = self.nodes[x.name]
+        c = src.channels
+        if isinstance(m, nn.InstanceNorm3d) or fn is F.instance_norm:
+            if m is not None:
+                if m.track_running_stats and not m.training:
+                    return False  # running statistics: pointwise, like BatchNorm
+                w = Attr(f"{node.target}.weight") if m.affine else None
+                b = Attr(f"{node.target}.bias") if m.affine else None
+                eps = m.eps
+            else:
+                if not self.static(node, _arg(node, 5, "use_input_stats", True), "use_input_stats"):
+                    return False
+                args, kwargs = self.template(node, [])
+                w = args[3] if len(args) > 3 else kwargs.get("weight")
+                b = args[4] if len(args) > 4 else kwargs.get("bias")
+                eps = self.static(node, _arg(node, 7, "eps", 1e-5), "eps")
+            self.norm(node, value, x.name, c, eps, w, b)
+            return True
+        if isinstance(m, nn.GroupNorm) or fn is F.group_norm:
+            if m is not None:
+                groups, eps = m.num_groups, m.eps
+                w = Attr(f"{node.target}.weight") if m.affine else None
+                b = Attr(f"{node.target}.bias") if m.affine else None
+            else:
+                groups = self.static(node, _arg(node, 1, "num_groups"), "num_groups")
+                args, kwargs = self.template(node, [])
+                w = args[2] if len(args) > 2 else kwargs.get("weight")
+                b = args[3] if len(args) > 3 else kwargs.get("bias")
+                eps = self.static(node, _arg(node, 4, "eps", 1e-5), "eps")
+            self.norm(node, value, x.name, groups, eps, w, b)
+            return True
+        is_mean = False
+        if isinstance(m, nn.AdaptiveAvgPool3d) or fn is F.adaptive_avg_pool3d:
+            size = m.output_size if m is not None else self.static(node, _arg(node, 1, "output_size"), "output_size")
+            is_mean = _triple(size) == (1, 1, 1)
+            if not is_mean:
+                self.unsupported(node, f"adaptive pooling to {size} (only to 1, a global mean, "
+                                 "is exact)")
+        elif fn is torch.mean or (node.op == "call_method" and node.target == "mean"):
+            dims = self.static(node, _arg(node, 1, "dim"), "dim")
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            is_mean = sorted(d % 5 for d in dims) == [2, 3, 4]
+        if is_mean:
+            self.globals[node.name] = GlobalNode(node.name, "reduce", self.where(node),
+                                                 source=x.name, groups=c, output="mean",
+                                                 shape=tuple(value.shape))
+            return True
+        return False
+
+    def norm(self, node, value, src, groups, eps, w, b):
+        stats = f"{node.name}__stats"
+        self.globals[stats] = GlobalNode(stats, "reduce", self.where(node), source=src,
+                                         groups=groups)
+        node_src = self.nodes[src]
+        if node_src.channels % groups:
+            self.unsupported(node, f"{node_src.channels} channels in {groups} groups")
+        op = NormApply(n_inputs=1, stats=stats, groups=groups, eps=float(eps), weight=w, bias=b,
+                       macs=4.0 * node_src.channels)
+        self.nodes[node.name] = Node(node.name, op, (src,), node_src.shape, value.shape[1],
+                                     node_src.scale, self.where(node))
+
+    def is_broadcast_of_global(self, node) -> bool:
+        """``g.expand_as(x)``: a global spread to a spatial tensor's shape."""
+        return (node.op == "call_method" and node.target == "expand_as"
+                and isinstance(node.args[0], fx.Node) and node.args[0].name in self.globals)
+
+    def global_value(self, node: fx.Node, value: torch.Tensor):
+        """A node computed from whole-volume values only; if it spreads a pooled
+        (1, C, 1, 1, 1) value to a spatial shape, it becomes a tile op."""
+        src = next((a.name for a in node.all_input_nodes if a.name in self.globals), None)
+        shape = tuple(value.shape[2:]) if value.dim() == 5 else ()
+        if value.dim() == 5 and shape != (1, 1, 1) and src is not None:
+            g_val = self.values[src]
+            if g_val.dim() != 5 or tuple(g_val.shape[2:]) != (1, 1, 1):
+                self.unsupported(node, f"it spreads a tensor of shape {tuple(g_val.shape)} "
+                                 "over the volume; only (1, C, 1, 1, 1) values spread exactly")
+            self.nodes[node.name] = Node(node.name, Broadcast(source=src, macs=0.0), (), shape,
+                                         value.shape[1], tuple(nominal_scale(n, n_in) for n, n_in
+                                                               in zip(shape, self.input_shape)),
+                                         self.where(node))
+            return
+        args, kwargs = self.template(node, [])
+        if node.op == "call_module":
+            call = _call_module(node.target)
+        elif node.op == "call_method":
+            call = _call_method(node.target)
+        else:
+            call = _call_function(node.target)
+        deps = tuple(a.name for a in node.all_input_nodes if a.name in self.globals)
+        self.globals[node.name] = GlobalNode(node.name, "eval", self.where(node), call=call,
+                                             args=args, kwargs=kwargs, deps=deps,
+                                             shape=tuple(value.shape))
 
     def constant(self, node: fx.Node):
         if node.op == "get_attr":
@@ -221,11 +338,7 @@ class _Builder:
                 if s.shape != shape:
                     self.unsupported(node, f"it combines a tensor of spatial shape {s.shape} "
                                      f"with one of {shape}; shapes must match")
-        # Grid ratio to the input, snapped to a simple fraction: odd sizes halved by a
-        # stride still count as 1/2. Used for chunk alignment only; tiles are exact
-        # for any partition.
-        scale = tuple(Fraction(n, n_in).limit_denominator(8)
-                      for n, n_in in zip(shape, self.input_shape))
+        scale = tuple(nominal_scale(n, n_in) for n, n_in in zip(shape, self.input_shape))
         self.nodes[node.name] = Node(node.name, op, tuple(spatial), shape, value.shape[1], scale,
                                      self.where(node))
 
@@ -486,4 +599,4 @@ def trace(model: nn.Module, input_shape) -> Graph:
     values = meta_values(gm, input_shape, dtype)
     b = _Builder(gm, values, input_shape[2:])
     inp, out = b.build(gm.graph)
-    return Graph(gm, b.nodes, inp, out, dtype)
+    return Graph(gm, b.nodes, inp, out, dtype, b.globals)

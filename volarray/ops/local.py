@@ -36,11 +36,13 @@ class SpatialArg:
 
 
 def resolve(obj, ctx, inputs=()):
-    """Replace Attr / SpatialArg markers inside nested call arguments."""
+    """Replace Attr / SpatialArg / GlobalArg markers inside nested call arguments."""
     if isinstance(obj, SpatialArg):
         return inputs[obj.index]
     if isinstance(obj, Attr):
         return ctx.attr(obj.path)
+    if type(obj).__name__ == "GlobalArg":
+        return ctx.global_value(obj.name)
     if isinstance(obj, (list, tuple)):
         return type(obj)(resolve(o, ctx, inputs) for o in obj)
     if isinstance(obj, dict):
@@ -74,6 +76,21 @@ class LocalOp:
     @property
     def changes_resolution(self) -> bool:
         return any(s != 1 for s in self.scale)
+
+    @property
+    def globals(self) -> tuple[str, ...]:
+        """Whole-volume values (norm statistics, pooled vectors) the op reads."""
+        return _global_names((getattr(self, "args", ()), getattr(self, "kwargs", {})))
+
+
+def _global_names(obj) -> tuple[str, ...]:
+    if type(obj).__name__ == "GlobalArg":
+        return (obj.name,)
+    if isinstance(obj, (list, tuple)):
+        return tuple(n for o in obj for n in _global_names(o))
+    if isinstance(obj, dict):
+        return _global_names(tuple(obj.values()))
+    return ()
 
 
 @dataclass
