@@ -167,7 +167,8 @@ class Plan:
             how = (f"recomputed from {', '.join(b.program.sources)} ({len(b.program.order)} ops)"
                    if b.recomputed else "read from the kept tensor")
             lines.append(f"  barrier {g.where}: statistics of {b.program.output} over "
-                         f"{b.n_tasks} chunks, {how}")
+                         f"{b.n_tasks} chunks, {how}, +{b.macs / max(self.model_macs, 1):.2f}x "
+                         "compute")
         lines += [""] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines).rstrip()
 

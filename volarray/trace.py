@@ -398,6 +398,8 @@ class _Builder:
                 mode = {nn.ReflectionPad3d: "reflect", nn.ReplicationPad3d: "replicate",
                         nn.CircularPad3d: "circular"}.get(type(m), "constant")
                 return self.pad(node, m.padding, mode, getattr(m, "value", 0.0))
+            if isinstance(m, nn.InstanceNorm3d):  # reaching here: eval with running stats
+                return pointwise(_call_module(node.target), 2)
             if isinstance(m, (nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm1d)):
                 if m.training or not m.track_running_stats:
                     self.unsupported(node, "BatchNorm in training mode uses batch statistics; "

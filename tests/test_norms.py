@@ -1,0 +1,119 @@
+"""Whole-volume normalization statistics: exact InstanceNorm, GroupNorm, squeeze-
+excitation and ASPP image pooling across chunks."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import volarray
+from volarray.models import DeepLabV3Plus3D, GroupNormNet, InstanceNormUNet, SEResUNet, seeded
+from volarray.ops.reduce import stats_chunk, stats_combine
+from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+CASES = {  # non-cubic volumes, chunks that do not divide them
+    "InstanceNormUNet": (lambda: seeded(InstanceNormUNet, width=8), (20, 28, 36), (9, 13, 11)),
+    "GroupNormNet": (lambda: seeded(GroupNormNet), (15, 22, 19), (7, 9, 8)),
+    "DeepLabV3Plus3D": (lambda: seeded(DeepLabV3Plus3D), (17, 30, 25), (8, 11, 9)),
+    "SEResUNet": (lambda: seeded(SEResUNet), (13, 22, 18), (6, 7, 9)),
+}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    out = {}
+    for name, (make, shape, chunks) in CASES.items():
+        model = make()
+        unit = random_volume(shape, seed=5)
+        offset = unit * 50 + 300
+        out[name] = (model, chunks, unit, whole_volume(model, unit), offset,
+                     whole_volume(model, offset))
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_norm_models_exact(cases, name, scheduler):
+    model, chunks, unit, ref, offset, ref_offset = cases[name]
+    y = volarray.predict(model, unit, chunks=chunks)
+    assert_volume_close(y.compute(scheduler=scheduler), ref, atol=1e-5)
+    y = volarray.predict(model, offset, chunks=chunks)
+    assert_volume_close(y.compute(scheduler=scheduler), ref_offset, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_norm_models_on_local_cluster(cases, local_cluster, name):
+    model, chunks, unit, ref, _, _ = cases[name]
+    y = volarray.predict(model, unit, chunks=chunks)
+    assert_volume_close(local_cluster.compute(y).result(), ref, atol=1e-5)
+
+
+def test_patchwise_statistics_would_differ(cases):
+    """The point of it all: per-chunk norms give another answer; volarray does not."""
+    model, chunks, unit, ref, _, _ = cases["InstanceNormUNet"]
+    patch = whole_volume(model, np.ascontiguousarray(unit[:12, :16, :20]))
+    assert np.abs(patch - ref[:, :12, :16, :20]).max() > 1e-3
+    out = volarray.predict(model, unit, chunks=chunks).compute()
+    assert_volume_close(out, ref, atol=1e-5)
+
+
+def test_keep_or_recompute_follows_the_budget(cases):
+    model, chunks, unit, ref, _, _ = cases["InstanceNormUNet"]
+    roomy = volarray.plan(model, unit, chunks=chunks, memory_limit="2GB")
+    tight = volarray.plan(model, unit, chunks=chunks, memory_limit="40kB")
+    assert sum(b.recomputed for b in tight.barriers) > sum(b.recomputed for b in roomy.barriers)
+    assert tight.compute_ratio > roomy.compute_ratio
+    assert "recomputed from" in str(tight) and "read from the kept tensor" in str(roomy)
+    y = volarray.predict(model, unit, chunks=chunks, memory_limit="40kB")
+    assert_volume_close(y.compute(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_group_norm_any_group_count(groups):
+    torch.manual_seed(groups)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.GroupNorm(groups, 8), nn.SiLU(),
+                          nn.Conv3d(8, 8, 3, padding=1), nn.GroupNorm(groups, 8, affine=False)).eval()
+    vol = random_volume((11, 14, 9), seed=groups)
+    out = volarray.predict(model, vol, chunks=(4, 6, 5)).compute()
+    assert_volume_close(out, whole_volume(model, vol), atol=1e-5)
+
+
+def test_functional_norms_and_global_mean():
+    class Fn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 3, padding=1)
+            self.w = nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            y = torch.nn.functional.instance_norm(self.conv(x), weight=self.w, bias=None)
+            y = torch.nn.functional.group_norm(y, 2)
+            g = torch.nn.functional.adaptive_avg_pool3d(y * y, 1)
+            return y - torch.mean(y, dim=(-3, -2, -1), keepdim=True) + g.expand_as(y)
+    model = Fn().eval()
+    vol = random_volume((9, 10, 11))
+    out = volarray.predict(model, vol, chunks=(4, 3, 5)).compute()
+    assert_volume_close(out, whole_volume(model, vol), atol=1e-5)
+
+
+def test_running_stats_instance_norm_is_pointwise():
+    m = nn.InstanceNorm3d(2, track_running_stats=True)
+    m.running_mean.fill_(0.3)
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), m).eval()
+    vol = random_volume((6, 7, 8))
+    plan = volarray.plan(model, vol, chunks=3)
+    assert plan.barriers == []
+    assert_volume_close(volarray.predict(model, vol, chunks=3).compute(), whole_volume(model, vol))
+
+
+def test_chan_merge_is_stable_with_large_offset():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((rng.standard_normal((1, 4, 10, 12, 14)) * 1e-2 + 1e4).astype(np.float32))
+    parts = [stats_chunk(x[..., :3, :, :], 2), stats_chunk(x[..., 3:, :5, :], 2),
+             stats_chunk(x[..., 3:, 5:, :], 2)]
+    n, mean, m2 = stats_combine(parts)
+    flat = x.double().reshape(2, -1).numpy()
+    np.testing.assert_allclose(n, flat.shape[1])
+    np.testing.assert_allclose(mean, flat.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(m2 / n, flat.var(1), rtol=1e-6)
