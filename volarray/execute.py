@@ -141,10 +141,16 @@ class TaskContext:
 
 
 def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
-    if not a.flags.writeable:
-        a = np.array(a)
-    t = torch.from_numpy(a)[None].to(device=device, dtype=dtype)
-    return t.contiguous(memory_format=torch.channels_last_3d)
+    """(C, z, y, x) numpy -> (1, C, z, y, x) channels-last tensor, copying only if the
+    array is not already laid out channels-last (kept tensors are)."""
+    last = a.transpose(1, 2, 3, 0)
+    if not (last.flags.c_contiguous and last.flags.writeable):
+        last = np.ascontiguousarray(last)
+        if not last.flags.writeable:
+            last = last.copy()
+    # from the (z, y, x, C) view, so that the batch stride is a true channels-last one
+    t = torch.from_numpy(last)[None].permute(0, 4, 1, 2, 3)
+    return t.to(device=device, dtype=dtype)
 
 
 def assemble(box_bounds, channels: int, parts) -> np.ndarray:
@@ -153,7 +159,8 @@ def assemble(box_bounds, channels: int, parts) -> np.ndarray:
     if len(parts) == 1:
         (lo, hi), arr = parts[0]
         return arr[(slice(None),) + box.slices(lo)]
-    out = np.empty((channels,) + box.shape, dtype=parts[0][1].dtype)
+    # channels-last, the layout tiles run in, so the tensor needs no second copy
+    out = np.empty(box.shape + (channels,), dtype=parts[0][1].dtype).transpose(3, 0, 1, 2)
     for (lo, hi), arr in parts:
         inter = box.intersect(Box.from_bounds(lo, hi))
         out[(slice(None),) + inter.slices(box.lo)] = arr[(slice(None),) + inter.slices(lo)]

@@ -181,12 +181,14 @@ class Plan:
 
 # ------------------------------------------------------------------ planning
 def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL,
-                budget: float = 0.0) -> list[str]:
+                budget: float = 0.0, barrier_budget: float = 0.0) -> list[str]:
     """Kept tensors: the output, plus candidates: tensors read by several ops, fed to
     a resolution change (skips, encoder/decoder levels) or reduced by a barrier.
     Small candidates (<= ``threshold`` floats per input voxel) are always kept;
-    larger ones while their whole-volume bytes fit ``budget``; the rest are
-    recomputed by the stages that read them."""
+    larger ones while the whole-volume bytes kept so far fit ``budget``, or
+    ``barrier_budget`` for a barrier's input (recomputing that costs two extra
+    passes, one for the statistics and one for the consumer, compounding through
+    consecutive norms); the rest are recomputed by the stages that read them."""
     consumers = graph.consumers()
     reduced = {g.source for g in (graph.globals or {}).values() if g.kind == "reduce"}
     n_in = math.prod(graph.nodes[graph.input].shape)
@@ -200,7 +202,7 @@ def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL,
         size = node.floats_per_input_voxel * n_in * 4
         if name == graph.output or (candidate and node.floats_per_input_voxel <= threshold):
             kept.append(name)
-        elif candidate and spent + size <= budget:
+        elif candidate and spent + size <= (barrier_budget if name in reduced else budget):
             kept.append(name)
             spent += size
     return kept
@@ -293,7 +295,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     limit = parse_bytes(memory_limit) or default_memory_limit()
     inp = graph.nodes[graph.input]
     shape = inp.shape
-    kept = choose_kept(graph, keep_threshold, budget=limit / 4)
+    kept = choose_kept(graph, keep_threshold, budget=limit / 4, barrier_budget=2 * limit)
     programs = build_stages(graph, kept)
     reductions = [g for g in (graph.globals or {}).values() if g.kind == "reduce"]
     barrier_programs = [program_for(graph, g.source, set(kept) | {graph.input})

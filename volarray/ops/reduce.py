@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .fill import INSIDE
 from .local import LocalOp, resolve
@@ -46,13 +47,19 @@ class GlobalNode:
 
 # ------------------------------------------------------------ chunk / combine / agg
 def stats_chunk(x: torch.Tensor, groups: int) -> np.ndarray:
-    """(3, groups) float64: count, mean, M2 of a (1, C, z, y, x) tile per group."""
-    c = x.shape[1]
-    g = x.reshape(groups, (c // groups) * int(np.prod(x.shape[2:]))).to(torch.float64)
-    n = g.shape[1]
-    mean = g.mean(dim=1)
-    m2 = ((g - mean[:, None]) ** 2).sum(dim=1)
-    return np.stack([np.full(groups, float(n)), mean.cpu().numpy(), m2.cpu().numpy()])
+    """(3, groups) float64: count, mean, M2 of a (1, C, z, y, x) tile per group.
+
+    Per channel first (torch.var_mean, two-pass within the tile, any memory
+    layout), then channels merged into their groups in float64."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), correction=0)
+    n = float(np.prod(x.shape[2:]))
+    per_channel = np.stack([np.full(x.shape[1], n), mean.double().cpu().numpy(),
+                            var.double().cpu().numpy() * n])
+    if groups == x.shape[1]:
+        return per_channel
+    per = x.shape[1] // groups
+    return np.stack([stats_combine(list(per_channel[:, g * per:(g + 1) * per].T[:, :, None]))[:, 0]
+                     for g in range(groups)], axis=1)
 
 
 def stats_combine(parts: list[np.ndarray]) -> np.ndarray:
@@ -102,18 +109,14 @@ class NormApply(LocalOp):
         x = inputs[0]
         c = x.shape[1]
         n, mean, m2 = ctx.global_value(self.stats)
-        rstd = 1.0 / np.sqrt(m2 / n + self.eps)  # biased variance, as the norms use
         per = c // self.groups
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        mean_c = torch.as_tensor(np.repeat(mean, per), dtype=x.dtype, device=x.device).reshape(shape)
-        rstd_c = torch.as_tensor(np.repeat(rstd, per), dtype=x.dtype, device=x.device).reshape(shape)
-        y = (x - mean_c) * rstd_c
+
+        def channel(v):  # group statistics repeated per channel
+            return torch.as_tensor(np.repeat(v, per), dtype=x.dtype, device=x.device)
         w, b = resolve((self.weight, self.bias), ctx)
-        if w is not None:
-            y = y * w.reshape(shape)
-        if b is not None:
-            y = y + b.reshape(shape)
-        return y
+        # eval-mode batch_norm with the whole-volume statistics: one fused pass, as
+        # PyTorch's own instance_norm is batch_norm with per-instance statistics
+        return F.batch_norm(x, channel(mean), channel(m2 / n), w, b, False, 0.0, self.eps)
 
 
 @dataclass
