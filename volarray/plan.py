@@ -192,20 +192,29 @@ def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL,
     consumers = graph.consumers()
     reduced = {g.source for g in (graph.globals or {}).values() if g.kind == "reduce"}
     n_in = math.prod(graph.nodes[graph.input].shape)
-    kept, spent = [], 0.0
+    def size(name):
+        return graph.nodes[name].floats_per_input_voxel * n_in * 4
+
+    candidates, small = [], set()
     for name, node in graph.nodes.items():
         if node.op is None:
             continue
         uses = consumers[name]
-        candidate = (len(uses) >= 2 or name in reduced
-                     or any(graph.nodes[u].op.changes_resolution for u in uses))
-        size = node.floats_per_input_voxel * n_in * 4
-        if name == graph.output or (candidate and node.floats_per_input_voxel <= threshold):
-            kept.append(name)
-        elif candidate and spent + size <= (barrier_budget if name in reduced else budget):
-            kept.append(name)
-            spent += size
-    return kept
+        if name == graph.output:
+            small.add(name)
+        elif (len(uses) >= 2 or name in reduced
+              or any(graph.nodes[u].op.changes_resolution for u in uses)):
+            candidates.append(name)
+            if node.floats_per_input_voxel <= threshold:
+                small.add(name)
+    spent = sum(size(n) for n in small if n != graph.output)
+    kept = set(small)
+    for name in candidates:  # large ones, in graph order, while the budget lasts
+        if name not in small and spent + size(name) <= (
+                barrier_budget if name in reduced else budget):
+            kept.add(name)
+            spent += size(name)
+    return [n for n in graph.nodes if n in kept]
 
 
 def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
