@@ -231,33 +231,21 @@ class _Builder:
         src = self.nodes[x.name]
         c = src.channels
         if isinstance(m, nn.InstanceNorm3d) or fn is F.instance_norm:
-            if m is not None:
-                if m.track_running_stats and not m.training:
-                    return False  # running statistics: pointwise, like BatchNorm
-                w = Attr(f"{node.target}.weight") if m.affine else None
-                b = Attr(f"{node.target}.bias") if m.affine else None
-                eps = m.eps
-            else:
-                if not self.static(node, _arg(node, 5, "use_input_stats", True), "use_input_stats"):
-                    return False
-                args, kwargs = self.template(node, [])
-                w = args[3] if len(args) > 3 else kwargs.get("weight")
-                b = args[4] if len(args) > 4 else kwargs.get("bias")
-                eps = self.static(node, _arg(node, 7, "eps", 1e-5), "eps")
-            self.norm(node, value, x.name, c, eps, w, b)
+            if m is not None and m.track_running_stats and not m.training:
+                return False  # running statistics: pointwise, like BatchNorm
+            if m is None and not self.static(node, _arg(node, 5, "use_input_stats", True),
+                                             "use_input_stats"):
+                return False
+            eps = m.eps if m is not None else self.static(node, _arg(node, 7, "eps", 1e-5), "eps")
+            self.norm(node, value, x.name, c, eps, *self.affine(node, m, 3))
             return True
         if isinstance(m, nn.GroupNorm) or fn is F.group_norm:
             if m is not None:
                 groups, eps = m.num_groups, m.eps
-                w = Attr(f"{node.target}.weight") if m.affine else None
-                b = Attr(f"{node.target}.bias") if m.affine else None
             else:
                 groups = self.static(node, _arg(node, 1, "num_groups"), "num_groups")
-                args, kwargs = self.template(node, [])
-                w = args[2] if len(args) > 2 else kwargs.get("weight")
-                b = args[3] if len(args) > 3 else kwargs.get("bias")
                 eps = self.static(node, _arg(node, 4, "eps", 1e-5), "eps")
-            self.norm(node, value, x.name, groups, eps, w, b)
+            self.norm(node, value, x.name, groups, eps, *self.affine(node, m, 2))
             return True
         is_mean = False
         if isinstance(m, nn.AdaptiveAvgPool3d) or fn is F.adaptive_avg_pool3d:
@@ -276,6 +264,17 @@ class _Builder:
                                                  shape=tuple(value.shape))
             return True
         return False
+
+    def affine(self, node, m, weight_index: int):
+        """A norm's (weight, bias): module attributes, or the functional's arguments."""
+        if m is not None:
+            if not m.affine:
+                return None, None
+            return Attr(f"{node.target}.weight"), Attr(f"{node.target}.bias")
+        args, kwargs = self.template(node, [])
+        w = args[weight_index] if len(args) > weight_index else kwargs.get("weight")
+        b = args[weight_index + 1] if len(args) > weight_index + 1 else kwargs.get("bias")
+        return w, b
 
     def norm(self, node, value, src, groups, eps, w, b):
         stats = f"{node.name}__stats"

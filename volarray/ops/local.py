@@ -112,6 +112,11 @@ class Pointwise(LocalOp):
         return self.call(ctx, *resolve(self.args, ctx, inputs), **resolve(self.kwargs, ctx, inputs))
 
 
+def _window(out: Interval, k: int, s: int, d: int, p: int) -> Interval:
+    """Input positions read by a sliding window (conv, pooling) over ``out``."""
+    return Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1)
+
+
 @dataclass
 class Conv(LocalOp):
     """Conv3d of any kernel, stride, dilation, groups, padding and padding mode."""
@@ -130,8 +135,8 @@ class Conv(LocalOp):
         self.scale = tuple(Fraction(1, s) for s in self.stride)
 
     def need(self, axis, out):
-        k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.pad_lo[axis]
-        return (Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1),)
+        return (_window(out, self.kernel[axis], self.stride[axis], self.dilation[axis],
+                        self.pad_lo[axis]),)
 
     @property
     def native_padding(self) -> bool:
@@ -207,8 +212,8 @@ class Pool(LocalOp):
         self.scale = tuple(Fraction(1, s) for s in self.stride)
 
     def need(self, axis, out):
-        k, s, d, p = self.kernel[axis], self.stride[axis], self.dilation[axis], self.padding[axis]
-        return (Interval(out.lo * s - p, (out.hi - 1) * s - p + d * (k - 1) + 1),)
+        return (_window(out, self.kernel[axis], self.stride[axis], self.dilation[axis],
+                        self.padding[axis]),)
 
     def run(self, ctx, inputs, out):
         x = inputs[0]
