@@ -3,8 +3,9 @@ from .api import plan, predict
 from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,
                      VolarrayError)
 from .plan import Plan
+from .store import predict_to_zarr
 
 __version__ = "0.1.0"
 
-__all__ = ["predict", "plan", "Plan", "VolarrayError", "InputError", "UnsupportedOpError",
+__all__ = ["predict", "predict_to_zarr", "plan", "Plan", "VolarrayError", "InputError", "UnsupportedOpError",
            "TraceError", "MemoryBudgetError", "__version__"]

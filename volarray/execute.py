@@ -167,19 +167,41 @@ def assemble(box_bounds, channels: int, parts) -> np.ndarray:
     return out
 
 
-def _sources(names, boxes, channels, parts):
-    # a tile lying wholly in a layer's padding reads nothing of that source
-    return {n: assemble(b, c, p) for n, b, c, p in zip(names, boxes, channels, parts) if p}
+def _sources(names, boxes, channels, parts, scratch):
+    """Each source's region: from the chunks in memory, or read from its zarr scratch
+    array (then the chunk values are only completion tokens)."""
+    out = {}
+    for n, b, c, p, path in zip(names, boxes, channels, parts, scratch):
+        if not p:
+            continue  # a tile lying wholly in a layer's padding reads nothing of it
+        if path is None:
+            out[n] = assemble(b, c, p)
+        else:
+            out[n] = open_scratch(path)[(slice(None),) + Box.from_bounds(*b).slices()]
+    return out
 
 
-def run_task(runner, stage, out_bounds, names, boxes, channels, parts, gnames, gvalues):
-    return runner.run(stage, Box.from_bounds(*out_bounds), _sources(names, boxes, channels, parts),
-                      dict(zip(gnames, gvalues)))
+def open_scratch(path: str):
+    import zarr
+    return zarr.open_array(path, mode="r+")
 
 
-def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, gnames, gvalues):
+def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, gnames, gvalues,
+             write_to=None):
+    box = Box.from_bounds(*out_bounds)
+    y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
+                   dict(zip(gnames, gvalues)))
+    if write_to is None:
+        return y
+    open_scratch(write_to)[(slice(None),) + box.slices()] = y
+    return True  # a completion token; readers go to the scratch store
+
+
+def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scratch, gnames,
+               gvalues):
     return runner.stats(barrier, Box.from_bounds(*out_bounds),
-                        _sources(names, boxes, channels, parts), dict(zip(gnames, gvalues)))
+                        _sources(names, boxes, channels, parts, scratch),
+                        dict(zip(gnames, gvalues)))
 
 
 def combine_task(*parts):
@@ -195,7 +217,7 @@ def eval_task(runner, name, gnames, gvalues):
 
 
 class _GraphBuilder:
-    def __init__(self, plan: Plan, volume: da.Array, device: str):
+    def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None):
         self.plan = plan
         self.volume = volume
         self.graph = plan.graph
@@ -207,6 +229,7 @@ class _GraphBuilder:
         self.arrays = {self.graph.input: (volume.name, [np.cumsum((0,) + c) for c in volume.chunks[1:]])}
         for s in plan.stages:
             self.arrays[s.output] = (f"volarray-{s.output}-{self.token}", s.bounds)
+        self.scratch = scratch or {}  # kept node -> zarr scratch array path
 
     def global_key(self, name: str) -> str:
         return f"volarray-global-{name}-{self.token}"
@@ -215,8 +238,9 @@ class _GraphBuilder:
         """Arguments of a tile task: its sources' regions, the chunks they come
         from (lists, so that dask substitutes the keys) and the global values."""
         req = prog.requirements(box)
-        names, boxes, channels, parts = [], [], [], []
+        names, boxes, channels, parts, scratch = [], [], [], [], []
         for src in prog.sources:
+            scratch.append(self.scratch.get(src))
             need = req.box(src)
             key, bounds = self.arrays[src]
             deps = []
@@ -232,14 +256,17 @@ class _GraphBuilder:
             channels.append(self.graph.nodes[src].channels)
             parts.append(deps)
         gnames = list(prog.globals)
-        return (names, boxes, channels, parts, gnames, [self.global_key(g) for g in gnames])
+        return (names, boxes, channels, parts, scratch, gnames,
+                [self.global_key(g) for g in gnames])
 
     def build(self) -> da.Array:
         for stage in self.plan.stages:
             key = self.arrays[stage.output][0]
+            write_to = self.scratch.get(stage.output)
             for idx, box in grid_boxes(stage.bounds):
                 self.dsk[(key, 0) + idx] = (run_task, self.model_key, stage.index,
-                                            (box.lo, box.hi)) + self.tile_args(stage.program, box)
+                                            (box.lo, box.hi)) + self.tile_args(
+                                                stage.program, box) + (write_to,)
         for i, b in enumerate(self.plan.barriers):
             self.build_barrier(i, b)
         for g in self.graph.globals.values():
@@ -275,9 +302,10 @@ class _GraphBuilder:
         self.dsk[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
 
 
-def build_graph(plan: Plan, volume: da.Array, device: str) -> da.Array:
-    """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X)."""
-    return _GraphBuilder(plan, volume, device).build()
+def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None) -> da.Array:
+    """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
+    tensors to zarr arrays that hold them instead of memory."""
+    return _GraphBuilder(plan, volume, device, scratch).build()
 
 
 def _model_token(gm) -> str:

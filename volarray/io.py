@@ -1,10 +1,42 @@
-"""Volumes in: numpy, dask and zarr arrays become a (C, Z, Y, X) dask array."""
+"""Volumes in: paths (zarr v2/v3 arrays and groups, .npy), numpy, dask and zarr
+arrays become a (C, Z, Y, X) dask array."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
 
 from .errors import InputError
+
+
+def open_volume(source, var: str | None = None):
+    """An array from a path (zarr array, zarr group + ``var``, ``.npy`` as a memmap),
+    or ``source`` itself when it already is an array."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"input {str(path)!r} does not exist; pass the path of a zarr array, "
+                         "a zarr group (with var=) or a .npy file")
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    import zarr
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as e:
+        raise InputError(f"input {str(path)!r} is neither a zarr store nor a .npy file "
+                         f"({type(e).__name__}: {e})") from None
+    if isinstance(node, zarr.Group):
+        names = sorted(node.array_keys())
+        if var is None and len(names) == 1:
+            var = names[0]
+        if var is None or var not in names:
+            raise InputError(f"input {str(path)!r} is a zarr group with arrays {names}; "
+                             f"pass var= one of them (got {var!r})")
+        return node[var]
+    return node
 
 
 def as_dask_volume(volume) -> da.Array:

@@ -1,0 +1,169 @@
+"""zarr in and out, resume after a killed run, scratch stores, and bad input that
+leaves nothing half-written."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import volarray
+import volarray.store
+from volarray.models import FaultSeg3D, MultiScaleNet, seeded
+from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+
+@pytest.fixture(scope="module")
+def model():
+    return seeded(FaultSeg3D, width=8)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return random_volume((32, 48, 40), seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(model, volume):
+    return whole_volume(model, volume)
+
+
+def _zarr_input(tmp_path, volume, fmt=3):
+    path = tmp_path / f"in-v{fmt}.zarr"
+    zarr.create_array(str(path), shape=volume.shape, chunks=(16, 16, 16), dtype="f4",
+                      zarr_format=fmt)[:] = volume
+    return path
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_zarr_to_zarr_exact(tmp_path, model, volume, reference, fmt, scratch):
+    out = volarray.predict_to_zarr(model, _zarr_input(tmp_path, volume, fmt),
+                                   tmp_path / "out.zarr", chunks=(16, 24, 20), scratch=scratch)
+    assert out.chunks == (1, 16, 24, 20)  # output chunks are the plan's
+    assert_volume_close(out[...], reference)
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert group[volarray.store.DONE][...].all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-v%d.zarr" % fmt, "out.zarr"]
+
+
+def test_npy_group_and_threads_inputs(tmp_path, model, volume, reference):
+    np.save(tmp_path / "v.npy", volume)
+    out = volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "a.zarr", chunks=16,
+                                   scheduler="threads")
+    assert_volume_close(out[...], reference)
+    g = zarr.open_group(str(tmp_path / "survey.zarr"), mode="w")
+    g.create_array("amplitude", data=volume, chunks=(8, 8, 8))
+    g.create_array("mask", data=np.zeros(3, "u1"))
+    with pytest.raises(volarray.InputError, match=r"\['amplitude', 'mask'\]; pass var="):
+        volarray.predict_to_zarr(model, tmp_path / "survey.zarr", tmp_path / "b.zarr")
+    out = volarray.predict_to_zarr(model, tmp_path / "survey.zarr", tmp_path / "b.zarr",
+                                   var="amplitude", name="fault")
+    assert_volume_close(out[...], reference)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_scratch_removed_when_the_run_fails(tmp_path, model, volume, monkeypatch):
+    def boom(*a):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(volarray.store, "write_block", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        volarray.predict_to_zarr(model, volume, tmp_path / "out.zarr", chunks=16, scratch=True,
+                                 scheduler="sync")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]  # no scratch left behind
+
+
+def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volume, reference):
+    target = tmp_path / "out.zarr"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(volarray.InputError, match="exists; pass overwrite=True"):
+        volarray.predict_to_zarr(model, volume, target)
+    assert (target / "precious.txt").read_text() == "keep me"
+    with pytest.raises(volarray.InputError, match="not written by this run"):
+        volarray.predict_to_zarr(model, volume, target, resume=True)
+    assert (target / "precious.txt").exists()
+    out = volarray.predict_to_zarr(model, volume, target, overwrite=True, chunks=16)
+    assert_volume_close(out[...], reference)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("missing.zarr", "does not exist"),
+    (np.zeros((8, 8), np.float32), r"needs \(Z, Y, X\)"),
+    (np.zeros((8, 8, 8), np.int32), "int32"),
+])
+def test_bad_input_writes_nothing(tmp_path, model, bad, needle):
+    if isinstance(bad, str):
+        bad = tmp_path / bad
+    with pytest.raises(volarray.InputError, match=needle):
+        volarray.predict_to_zarr(model, bad, tmp_path / "out.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_RUN = """
+import sys, time
+import numpy as np
+import volarray, volarray.store
+from volarray.models import FaultSeg3D, seeded
+orig = volarray.store.write_block
+def slow(*a):
+    n = orig(*a)
+    time.sleep(0.15)  # slow enough to be killed mid-run
+    return n
+volarray.store.write_block = slow
+volarray.predict_to_zarr(seeded(FaultSeg3D, width=8), sys.argv[1], sys.argv[2], chunks=8,
+                         scheduler="sync", scratch=True)
+"""
+
+
+def test_resume_after_kill_is_bitwise_equal(tmp_path, model, volume, monkeypatch):
+    np.save(tmp_path / "v.npy", volume)
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "v.npy"),
+                             str(killed)], cwd=Path(__file__).parent)
+    done = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = zarr.open_group(str(killed), mode="r")[volarray.store.DONE][...]
+            if done.sum() >= 6:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    marks = zarr.open_group(str(killed), mode="r")[volarray.store.DONE][...]
+    missing = int((marks == 0).sum())
+    assert 0 < missing < marks.size
+    # a chunk half-written when the process died: garbage without a mark
+    out = zarr.open_group(str(killed), mode="r+")["prediction"]
+    i, j, k = (int(x) for x in np.argwhere(marks == 0)[0])
+    out[:, i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, k * 8:(k + 1) * 8] = 123.0
+
+    writes = []
+    orig = volarray.store.write_block
+    monkeypatch.setattr(volarray.store, "write_block", lambda *a: writes.append(a[2]) or orig(*a))
+    resumed = volarray.predict_to_zarr(model, tmp_path / "v.npy", killed, chunks=8,
+                                       resume=True, scheduler="sync")
+    assert len(writes) == missing  # only the unmarked chunks ran
+    monkeypatch.setattr(volarray.store, "write_block", orig)
+    fresh = volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "fresh.zarr",
+                                     chunks=8, scheduler="sync")
+    np.testing.assert_array_equal(resumed[...], fresh[...])  # bitwise
+
+
+def test_predict_to_zarr_with_norm_model(tmp_path):
+    model = seeded(MultiScaleNet)
+    vol = random_volume((19, 26, 23))
+    out = volarray.predict_to_zarr(model, vol, tmp_path / "o.zarr", chunks=(8, 10, 12),
+                                   scratch=True)
+    assert_volume_close(out[...], whole_volume(model, vol))
