@@ -53,7 +53,7 @@ def main(argv=None):
                 runs["torch"].append(measure("torch", a.model, size, vol_path,
                                              common + (["--save", str(ref_path)] if r == 0 else [])))
                 runs["volarray"].append(measure("volarray", a.model, size, vol_path, va_args))
-            med = {e: {k: statistics.median(x[k] for x in rs) for k in
+            med = {e: {k: statistics.median(x.get(k, 0.0) for x in rs) for k in
                        ("seconds", "build_seconds", "peak_rss")} for e, rs in runs.items()}
             diff = max(x["max_abs_diff"] for x in runs["volarray"])
             plan_peak = runs["volarray"][0]["plan_peak"]

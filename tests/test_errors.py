@@ -109,6 +109,8 @@ def test_memory_budget_validation(model):
     assert plan.validate("1GB") is plan
     with pytest.raises(volarray.MemoryBudgetError, match="memory_limit=.*smaller chunks"):
         plan.validate("100kB")
+    with pytest.raises(volarray.MemoryBudgetError, match=r"smallest chunks.*memory_limit >="):
+        volarray.plan(model, VOL, memory_limit="1kB").validate()
     with pytest.raises(volarray.InputError, match="memory_limit='lots'"):
         volarray.plan(model, VOL, memory_limit="lots")
 

@@ -107,6 +107,7 @@ class Plan:
     kept_bytes: int  # all kept tensors between stages, whole volume
     notes: list[str] = field(default_factory=list)
     barriers: list[Barrier] = field(default_factory=list)
+    chunks_chosen: bool = False  # the planner picked the smallest candidate and it did not fit
 
     @property
     def output_stage(self) -> Stage:
@@ -126,14 +127,18 @@ class Plan:
         return total / max(self.model_macs, 1)
 
     def validate(self, memory_limit=None) -> "Plan":
-        """Raise MemoryBudgetError if a task's projected peak exceeds the limit."""
+        """Raise MemoryBudgetError, before anything runs, if a task's projected peak
+        exceeds the limit; the message says which chunks or limit would fit."""
         limit = parse_bytes(memory_limit) or self.memory_limit
         worst = max(self.stages, key=lambda s: s.peak_bytes)
         if worst.peak_bytes > limit:
+            fix = "pass smaller chunks or a larger memory_limit"
+            if self.chunks_chosen:
+                fix = (f"these are the smallest chunks the planner can align, so pass "
+                       f"memory_limit >= {_fmt_bytes(worst.peak_bytes)}")
             raise MemoryBudgetError(
                 f"stage {worst.index} ({worst.output}) needs {_fmt_bytes(worst.peak_bytes)} per "
-                f"task with chunks={self.chunks}, above memory_limit={_fmt_bytes(limit)}; pass "
-                "smaller chunks or a larger memory_limit")
+                f"task with chunks={self.chunks}, above memory_limit={_fmt_bytes(limit)}; {fix}")
         return self
 
     def __str__(self) -> str:
@@ -327,6 +332,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         return stages
 
     notes = []
+    chunks_given, smallest_too_big = chunks, False
     if chunks is None:
         align = alignment(graph)
         target = limit if device != "cpu" else min(limit, CPU_TARGET_TASK_BYTES)
@@ -335,6 +341,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
             if max(s.peak_bytes for s in stages) <= target:
                 break
         chunks = base
+        smallest_too_big = max(s.peak_bytes for s in stages) > limit
         notes.append(f"chunks {chunks} chosen: the largest even split, aligned to {align}, "
                      f"whose tasks fit {_fmt_bytes(target)}")
     else:
@@ -347,4 +354,5 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         cost_stage(graph, probe)
         b.macs = probe.macs
         barriers.append(b)
-    return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes, barriers)
+    return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes, barriers,
+                chunks_chosen=chunks_given is None and smallest_too_big)

@@ -1,0 +1,124 @@
+"""Peak memory against volume size: volarray zarr to zarr, beside plain torch and
+MONAI's sliding_window_inference as far as they fit.
+
+    python benchmarks/bench_scale.py [--sizes 128 192 256 384 512] [--torch-max 256]
+        [--monai-max 256] [--plot benchmarks/results/scale.png]
+
+Every run is its own process (peak RSS is that run's alone). Inputs are zarr
+surveys written block by block. At the largest size, the output is checked
+against plain torch on the 256^3 corner crop, away from the crop's inner faces.
+Prints a markdown table and draws a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from volarray.synthetic import seismic_to_zarr
+
+HERE = Path(__file__).parent
+
+
+def measure(engine, model, size, *args):
+    cmd = [sys.executable, str(HERE / "_runner.py"), engine, model, str(size), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="FaultSeg3D")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256, 384, 512])
+    ap.add_argument("--torch-max", type=int, default=256)
+    ap.add_argument("--monai-max", type=int, default=256)
+    ap.add_argument("--crop", type=int, default=256, help="correctness crop at the largest size")
+    ap.add_argument("--plot", default=str(HERE / "results" / "scale.png"))
+    a = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+        for n in a.sizes:
+            vol = Path(tmp, f"in{n}.zarr")
+            seismic_to_zarr(vol, (n,) * 3, seed=1)
+            row = {"size": n}
+            row["volarray"] = measure("volarray", a.model, n, "--volume", vol, "--out",
+                                      Path(tmp, f"out{n}.zarr"))
+            if n <= a.torch_max:
+                row["torch"] = measure("torch", a.model, n, "--volume", vol)
+            if n <= a.monai_max:
+                row["monai"] = measure("monai", a.model, n, "--volume", vol)
+            if n == max(a.sizes) and n >= a.crop:
+                ref = Path(tmp, "crop.npy")
+                measure("torch", a.model, a.crop, "--volume", vol, "--crop", a.crop, "--save", ref)
+                inner = a.crop - 64  # away from the crop's inner faces (halo < 64)
+                got = zarr.open_group(str(Path(tmp, f"out{n}.zarr")), mode="r")["prediction"]
+                diff = np.abs(got[:, :inner, :inner, :inner] -
+                              np.load(ref)[:, :inner, :inner, :inner]).max()
+                row["crop_diff"] = float(diff)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+
+    def cell(r, key, field, scale=1.0, fmt="{:.2f}"):
+        m = r.get(key)
+        if m is None:
+            return "-"
+        if "error" in m:
+            return "failed"
+        return fmt.format(m[field] / scale)
+
+    print(f"\n{a.model}, fp32, zarr to zarr (volarray, threaded scheduler) against in-memory "
+          "plain torch and MONAI (window 96, overlap 0.25, gaussian), one process per run\n")
+    print("| volume | volarray s | volarray peak RSS GB | torch s | torch peak RSS GB | "
+          "MONAI s | MONAI peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']}^3 | {cell(r, 'volarray', 'seconds')} | "
+              f"{cell(r, 'volarray', 'peak_rss', 1e9)} | {cell(r, 'torch', 'seconds')} | "
+              f"{cell(r, 'torch', 'peak_rss', 1e9)} | {cell(r, 'monai', 'seconds')} | "
+              f"{cell(r, 'monai', 'peak_rss', 1e9)} |")
+    for r in rows:
+        if "crop_diff" in r:
+            print(f"\nat {r['size']}^3: max |volarray - torch| on the {a.crop}^3 corner crop, "
+                  f"{a.crop - 64} voxels from its inner faces: {r['crop_diff']:.1e}")
+    if len(rows) > 1 and rows[0]["volarray"].get("peak_rss"):
+        big, mid = rows[-1]["volarray"]["peak_rss"], None
+        for r in rows:
+            if r["size"] == 256:
+                mid = r["volarray"].get("peak_rss")
+        if mid:
+            print(f"peak RSS at {rows[-1]['size']}^3 / at 256^3: {big / mid:.2f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("volarray", "volarray (zarr to zarr)"), ("torch", "plain torch"),
+                       ("monai", "MONAI sliding window")):
+        pts = [(r["size"], r[key]["peak_rss"] / 1e9) for r in rows
+               if key in r and "peak_rss" in r[key]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("volume side (voxels, cube)")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title(f"{a.model}: peak memory against volume size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"plot: {a.plot}")
+
+
+if __name__ == "__main__":
+    main()
