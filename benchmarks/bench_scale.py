@@ -86,8 +86,9 @@ def main(argv=None):
               f"{cell(r, 'monai', 'peak_rss', 1e9)} |")
     for r in rows:
         if "crop_diff" in r:
-            print(f"\nat {r['size']}^3: max |volarray - torch| on the {a.crop}^3 corner crop, "
-                  f"{a.crop - 64} voxels from its inner faces: {r['crop_diff']:.1e}")
+            print(f"\nat {r['size']}^3: max |volarray - torch on the {a.crop}^3 corner crop| over "
+                  f"its {a.crop - 64}^3 corner (64 voxels from the crop's inner faces): "
+                  f"{r['crop_diff']:.1e}")
     if len(rows) > 1 and rows[0]["volarray"].get("peak_rss"):
         big, mid = rows[-1]["volarray"]["peak_rss"], None
         for r in rows:
