@@ -1,4 +1,5 @@
 """volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
+from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import plan, predict
 from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,
                      VolarrayError)
