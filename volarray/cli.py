@@ -1,17 +1,167 @@
-"""The `volarray` command line."""
+"""The `volarray` command line: predict, plan, demo."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
 import sys
 import time
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A problem worth one line on stderr, not a traceback."""
 
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
 
 
-def demo(args) -> int:
+def load_model(spec: str, weights: str | None):
+    """``MODULE:CALLABLE`` (imported from the current directory or the Python path),
+    called with no arguments, with weights from ``torch.load(weights_only=True)`` or a
+    safetensors file. Never unpickles arbitrary objects."""
+    import torch
+    if ":" not in spec:
+        raise CLIError(f"--model {spec!r} is not MODULE:CALLABLE, e.g. "
+                       "volarray.models:FaultSeg3D")
+    module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise CLIError(f"--model {spec!r}: cannot import {module_name!r} "
+                       f"({type(e).__name__}: {e})") from e
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise CLIError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as e:
+        raise CLIError(f"--model {spec!r}: calling {attr}() failed ({type(e).__name__}: {e})") from e
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"--model {spec!r}: {attr}() returned a {type(model).__name__}, "
+                       "not a torch.nn.Module")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise CLIError(f"--weights {weights!r} does not exist")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(path))
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except ImportError as e:
+            raise CLIError("reading .safetensors needs `pip install safetensors`") from e
+        except Exception as e:
+            raise CLIError(f"--weights {weights!r} is not a weights file torch can load safely "
+                           f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except Exception as e:
+            raise CLIError(f"--weights {weights!r} do not fit {spec}: "
+                           f"{str(e).splitlines()[0]} ...") from e
+    return model.eval()
+
+
+def _scheduler(value: str):
+    if value in ("threads", "sync", "synchronous", "processes"):
+        return value, None
+    from distributed import Client
+    try:
+        client = Client(value, timeout="10s")
+    except Exception as e:
+        raise CLIError(f"--scheduler {value!r}: cannot reach a dask scheduler there "
+                       f"({type(e).__name__}: {e}); pass threads, sync or an address") from e
+    return client, client
+
+
+def preview(volume, prediction, path: str):
+    """Three orthogonal slices through the middle of the input and the prediction."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise CLIError("--preview needs matplotlib: pip install matplotlib") from e
+    import numpy as np
+    vol = volume if volume.ndim == 3 else volume[0]
+    pred = prediction[0] if prediction.shape[0] == 1 else np.argmax(prediction[...], axis=0)
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    names = ("z", "y", "x")
+    for row, (data, title, cmap) in enumerate(((vol, "input", "gray"),
+                                               (pred, "prediction", "magma"))):
+        for axis in range(3):
+            index = [slice(None)] * 3
+            index[axis] = data.shape[axis] // 2
+            img = np.asarray(data[tuple(index)])
+            ax = axes[row, axis]
+            ax.imshow(img, cmap=cmap, aspect="auto")
+            ax.set_title(f"{title}, {names[axis]} = {data.shape[axis] // 2}")
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cmd_predict(args) -> int:
+    import volarray
+    from volarray.io import open_volume
+    model = load_model(args.model, args.weights)
+    scheduler, client = _scheduler(args.scheduler)
+    out = Path(args.output)
+    existed = out.exists()
+    try:
+        t0 = time.perf_counter()
+        from dask.diagnostics import ProgressBar
+        # chunks done, elapsed time; on a cluster its dashboard shows the same
+        with ProgressBar(dt=1.0) if client is None and not args.quiet else _nothing():
+            result = volarray.predict_to_zarr(
+                model, args.input, out, name=args.name, var=args.var, chunks=args.chunks,
+                mode=args.mode, device=args.device, memory_limit=args.memory_limit,
+                overwrite=args.overwrite, resume=args.resume, scheduler=scheduler)
+        if not args.quiet:
+            print(f"wrote {out}/{args.name} {result.shape} in {time.perf_counter() - t0:.1f} s, "
+                  f"peak RSS {_peak_rss_gb():.2f} GB")
+        if args.preview:
+            preview(open_volume(args.input, args.var), result, args.preview)
+            if not args.quiet:
+                print(f"preview: {args.preview}")
+    except BaseException:
+        if not existed and not args.resume and out.exists():
+            import shutil  # never leave a half-written new output behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_plan(args) -> int:
+    import volarray
+    from volarray.io import open_volume
+    model = load_model(args.model, args.weights)
+    plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
+                         mode=args.mode, memory_limit=args.memory_limit)
+    print(plan)
+    plan.validate()
+    return 0
+
+
+def cmd_demo(args) -> int:
     """FaultSeg3D over a synthetic seismic volume, checked against plain torch."""
     import numpy as np
     import torch
@@ -45,9 +195,35 @@ def demo(args) -> int:
     return 0 if diff <= 1e-5 else 1
 
 
-def main(argv=None) -> int:
+def _model_args(p):
+    p.add_argument("input", help="zarr array, zarr group (with --var) or .npy")
+    p.add_argument("--model", required=True, help="MODULE:CALLABLE returning a torch.nn.Module")
+    p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
+    p.add_argument("--var", help="array name inside a zarr group")
+    p.add_argument("--chunks", type=int, help="chunk side (default: planned)")
+    p.add_argument("--mode", default="exact", choices=["exact"])
+    p.add_argument("--memory-limit", help="per task, e.g. 4GB")
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="volarray", description=__doc__)
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="run a model over a volume into a zarr store")
+    _model_args(p)
+    p.add_argument("output", help="zarr store to write (a group holding --name)")
+    p.add_argument("--name", default="prediction", help="output array name")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto")
+    p.add_argument("--scheduler", default="threads",
+                   help="threads, sync, or a dask scheduler address (tcp://...)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--preview", help="write a PNG of three slices of input and prediction")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("plan", help="print what predict would run, and check it fits")
+    _model_args(p)
+    p.set_defaults(func=cmd_plan)
     d = sub.add_parser("demo", help="run FaultSeg3D on a synthetic seismic volume and check "
                                     "it against plain torch")
     d.add_argument("--size", type=int, default=128, help="volume side (default 128)")
@@ -56,8 +232,24 @@ def main(argv=None) -> int:
                    help="in-process dask scheduler (default threads)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-check", action="store_true", help="skip the plain-torch comparison")
-    args = ap.parse_args(argv)
-    return demo(args)
+    d.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from volarray.errors import VolarrayError
+    try:
+        return args.func(args)
+    except (CLIError, VolarrayError) as e:
+        if args.debug:
+            raise
+        msg = str(e)
+        for api, flag in (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
+                          ("var=", "--var"), ("memory_limit", "--memory-limit")):
+            msg = msg.replace(api, flag)  # the command line's words for the same fix
+        print(f"volarray: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

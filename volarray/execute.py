@@ -16,6 +16,7 @@ import torch.fx as fx
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from .errors import InputError
 from .geometry import Box, chunk_range, grid_boxes
 from .ops.local import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
@@ -35,6 +36,7 @@ class ModelRunner:
         self.globals = plan.graph.globals or {}
         self.device = device
         self.dtype = plan.graph.dtype
+        self.input_name = plan.graph.input
         self._init_cache()
 
     def _init_cache(self):
@@ -103,14 +105,24 @@ class ModelRunner:
         NCDHW; kept intermediates stay in that layout between stages, and only the
         model's output is returned C-contiguous.
         """
+        self.check_input(sources)
         with torch.inference_mode():
             y = self.tile(self.programs[stage], out_box, sources, global_values or {})
             y = y[0].detach().to("cpu").numpy()
         return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
 
+    def check_input(self, sources):
+        """NaN in the volume would spread through every layer: refuse it, saying where."""
+        a = sources.get(self.input_name)
+        if a is not None and np.isnan(a).any():
+            idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
+            raise InputError(f"the volume holds NaN (e.g. at channel {idx[0]}, offset {idx[1:]} "
+                             "of a tile); fill or mask it (np.nan_to_num) before predicting")
+
     def stats(self, barrier: int, out_box: Box, sources, global_values) -> np.ndarray:
         """Partial statistics of a barrier's tensor over one chunk's own region."""
         prog = self.barriers[barrier]
+        self.check_input(sources)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
         with torch.inference_mode():
             return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)

@@ -17,7 +17,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .api import _device, _plan
-from .errors import InputError
+from .errors import InputError, VolarrayError
 from .execute import build_graph
 from .geometry import chunk_bounds
 from .io import as_dask_volume, open_volume, rechunk_to
@@ -71,6 +71,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     if out_path.exists() and not (overwrite or resume):
         raise InputError(f"output {str(out_path)!r} exists; pass overwrite=True to replace it "
                          "or resume=True to finish an interrupted run into it")
+    fresh = not (resume and out_path.exists())
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], plan.chunks)])
     use_scratch = scratch is True or (scratch == "auto" and plan.kept_bytes > plan.memory_limit)
     scratch_dir = (Path(tempfile.mkdtemp(prefix=f".{out_path.name}.scratch-",
@@ -118,6 +119,12 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
         if written != len(todo):
             raise RuntimeError(f"volarray wrote {written} of {len(todo)} chunks")
         return group[name]
+    except VolarrayError:
+        # bad input found mid-run (NaN): a fresh output would be half-written, remove it;
+        # other failures leave it for resume=True
+        if fresh and out_path.exists():
+            shutil.rmtree(out_path, ignore_errors=True)
+        raise
     finally:
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
