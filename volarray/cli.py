@@ -117,9 +117,10 @@ def cmd_predict(args) -> int:
     existed = out.exists()
     try:
         t0 = time.perf_counter()
-        from dask.diagnostics import ProgressBar
-        # chunks done, elapsed time; on a cluster its dashboard shows the same
-        with ProgressBar(dt=1.0) if client is None and not args.quiet else _nothing():
+        from tqdm.dask import TqdmCallback
+        # tasks done, rate and time left (on a cluster, its dashboard shows the same)
+        bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
+        with bar if client is None and not args.quiet else _nothing():
             result = volarray.predict_to_zarr(
                 model, args.input, out, name=args.name, var=args.var, chunks=args.chunks,
                 mode=args.mode, device=args.device, memory_limit=args.memory_limit,
