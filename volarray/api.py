@@ -11,7 +11,7 @@ from .io import as_dask_volume, rechunk_to
 from .plan import Plan, make_plan
 from .trace import trace
 
-MODES = ("exact",)
+MODES = ("exact", "window")
 
 
 def _device(device) -> str:
@@ -30,6 +30,9 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit) -> Plan
         raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}")
+    if mode != "exact":
+        raise InputError("volarray.plan describes exact mode; mode='window' runs one task "
+                         "per window and one per output chunk, with nothing to plan")
     graph = trace(model, (1,) + tuple(arr.shape))
     return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
                      "cpu" if device == "cpu" else "cuda")
@@ -42,7 +45,8 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
-            memory_limit=None) -> da.Array:
+            memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
+            sigma_scale=0.125) -> da.Array:
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -50,9 +54,21 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     choose from ``memory_limit`` (bytes or '4GB', per task). ``device`` is 'cpu'
     (default), 'cuda', 'cuda:N' or 'auto'. Nothing runs until the result is
     computed or stored.
+
+    ``mode="window"``: classic sliding-window inference, equal to MONAI's
+    ``sliding_window_inference`` with the same ``window`` (the patch size),
+    ``overlap``, ``blend`` ("gaussian", "constant" or a callable shape -> weights)
+    and ``sigma_scale``, aggregated per output chunk; the model is not traced.
     """
     dev = _device(device)
     arr = as_dask_volume(volume)
+    if mode == "window":
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
+        from .window import predict_window
+        return predict_window(model, arr.astype("float32"), window=window, overlap=overlap,
+                              blend=blend, sigma_scale=sigma_scale,
+                              chunks=coerce_chunks(chunks, arr.shape[1:]), device=dev)
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
     return build_graph(p, arr, dev)

@@ -1,0 +1,191 @@
+"""Sliding-window mode: MONAI's window placement and blending, aggregated per output chunk.
+
+Windows are placed, weighted and normalized exactly as MONAI's
+``sliding_window_inference`` does it (scan interval ``int(roi * (1 - overlap))``,
+the last window shifted back inside the volume, a gaussian importance map with
+sigma = roi * sigma_scale clamped at its smallest value, symmetric zero padding of
+volumes smaller than the window). Each window's prediction is one task; each
+output chunk sums the weighted windows that overlap it and divides by their
+weights, so no task ever holds the whole output. The model is called as is: no
+tracing, so any model works.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+
+import dask.array as da
+import numpy as np
+import torch
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from .errors import InputError
+from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
+
+
+def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window starts along one axis (MONAI's _get_scan_interval + dense_patch_slices)."""
+    interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+    num = math.ceil(size / interval)
+    count = next((d for d in range(num) if d * interval + roi >= size), None)
+    count = 1 if count is None else count + 1
+    return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
+
+
+def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
+    """The per-window weights (MONAI's compute_importance_map), float32."""
+    if callable(blend):
+        w = np.asarray(blend(tuple(roi)), dtype=np.float32)
+        if w.shape != tuple(roi):
+            raise InputError(f"blend callable returned weights of shape {w.shape}; the window is "
+                             f"{tuple(roi)}")
+        return w
+    if blend == "constant":
+        return np.ones(roi, dtype=np.float32)
+    if blend != "gaussian":
+        raise InputError(f"blend={blend!r} is not 'gaussian', 'constant' or a callable "
+                         "window_shape -> weights")
+    scales = sigma_scale if isinstance(sigma_scale, (tuple, list)) else (sigma_scale,) * 3
+    w = None
+    for size, s in zip(roi, scales):
+        x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
+        x = torch.exp(x ** 2 / (-2 * (size * s) ** 2))
+        w = x if w is None else w.unsqueeze(-1) * x
+    w = torch.clamp(w, min=max(torch.min(w).item(), 1e-3))
+    return w.numpy().astype(np.float32)
+
+
+class WindowRunner:
+    """Worker-side: the model on its device, called on one window at a time."""
+
+    def __init__(self, model, device: str, weights: np.ndarray):
+        self.model, self.device, self.weights = model, device, weights
+        self._init()
+
+    def _init(self):
+        self._lock, self._on_device = threading.Lock(), None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock"), state.pop("_on_device")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The weighted prediction of one window: model(x) * importance map."""
+        with self._lock:
+            if self._on_device is None:
+                self._on_device = self.model.to(self.device)
+        dtype = next(self.model.parameters(), torch.empty(0)).dtype
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device, dtype)
+            y = self._on_device(t)[0]
+        if tuple(y.shape[1:]) != x.shape[1:]:
+            raise InputError(f"window mode needs an output of the window's size; the model "
+                             f"returned {tuple(y.shape[1:])} for a window of {x.shape[1:]}")
+        return y.float().cpu().numpy() * self.weights
+
+
+def read_window(lo, hi, parts) -> np.ndarray:
+    """A window's input from the chunks it overlaps; zeros outside the volume."""
+    box = Box.from_bounds(lo, hi)
+    channels = parts[0][1].shape[0]
+    out = np.zeros((channels,) + box.shape, dtype=np.float32)
+    for (clo, chi), arr in parts:
+        inter = box.intersect(Box.from_bounds(clo, chi))
+        out[(slice(None),) + inter.slices(box.lo)] = arr[(slice(None),) + inter.slices(clo)]
+    return out
+
+
+def run_window(runner, lo, hi, parts):
+    return runner.run(read_window(lo, hi, parts))
+
+
+def blend_chunk(weights, lo, hi, windows):
+    """Sum of weighted window predictions over one output chunk, divided by the sum
+    of their weights."""
+    box = Box.from_bounds(lo, hi)
+    out = count = None
+    for (wlo, whi), pred in windows:
+        inter = box.intersect(Box.from_bounds(wlo, whi))
+        src = (slice(None),) + inter.slices(wlo)
+        dst = (slice(None),) + inter.slices(box.lo)
+        if out is None:
+            out = np.zeros((pred.shape[0],) + box.shape, dtype=np.float32)
+            count = np.zeros((1,) + box.shape, dtype=np.float32)
+        out[dst] += pred[src]
+        count[dst] += weights[None][src]
+    return out / count
+
+
+def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussian",
+                   sigma_scale=0.125, chunks=None, device="cpu") -> da.Array:
+    """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array."""
+    shape = tuple(arr.shape[1:])
+    if window is None:
+        raise InputError("mode='window' needs window=, the model's patch size, e.g. 96 or "
+                         "(64, 128, 128)")
+    roi = (int(window),) * 3 if np.isscalar(window) else tuple(int(w) for w in window)
+    if len(roi) != 3 or min(roi) <= 0:
+        raise InputError(f"window={window!r} must be one positive int or three")
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap={overlap!r} must be in [0, 1)")
+    image = tuple(max(s, r) for s, r in zip(shape, roi))
+    pad = tuple((i - s) // 2 for i, s in zip(image, shape))  # volumes smaller than the window
+    starts = [scan_starts(i, r, overlap) for i, r in zip(image, roi)]
+    weights = importance_map(roi, blend, sigma_scale)
+    runner = WindowRunner(model, device, weights)
+    chunks = roi if chunks is None else chunks
+    out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
+    in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
+    token = tokenize(arr.name, roi, overlap, blend if not callable(blend) else weights,
+                     sigma_scale, chunks, device, _weights_token(model))
+    model_key = f"volarray-window-model-{token}"
+    wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
+    dsk = {model_key: runner}
+    windows = []  # (lo, hi) in volume coordinates (may reach outside when padded)
+    for idx, start in enumerate(itertools.product(*starts)):  # MONAI's scan order
+        lo = tuple(s - p for s, p in zip(start, pad))
+        hi = tuple(a + r for a, r in zip(lo, roi))
+        box = Box.from_bounds(lo, hi).intersect(Box.from_bounds((0, 0, 0), shape))
+        parts = []
+        ranges = [chunk_range(b, iv) for b, iv in zip(in_bounds, box.axes)]
+        for i, j, k in itertools.product(*ranges):
+            clo = (int(in_bounds[0][i]), int(in_bounds[1][j]), int(in_bounds[2][k]))
+            chi = (int(in_bounds[0][i + 1]), int(in_bounds[1][j + 1]), int(in_bounds[2][k + 1]))
+            parts.append([(clo, chi), (arr.name, 0, i, j, k)])
+        dsk[(wname, idx)] = (run_window, model_key, lo, hi, parts)
+        windows.append((lo, hi))
+    for idx, box in grid_boxes(out_bounds):
+        hits = [[(lo, hi), (wname, n)] for n, (lo, hi) in enumerate(windows)
+                if not box.intersect(Box.from_bounds(lo, hi)).empty]
+        dsk[(oname, 0) + idx] = (blend_chunk, weights, box.lo, box.hi, hits)
+    c_out = _out_channels(model, arr.shape[0], roi, device)
+    graph = HighLevelGraph.from_collections(oname, dsk, dependencies=[arr])
+    out_chunks = ((c_out,),) + tuple(tuple(int(x) for x in np.diff(b)) for b in out_bounds)
+    return da.Array(graph, oname, chunks=out_chunks, meta=np.empty((0,) * 4, np.float32))
+
+
+def _out_channels(model, c_in: int, roi, device) -> int:
+    """The model's output channels, from a forward on meta tensors (free), or on one
+    real window when the model does not run on meta tensors."""
+    params = {k: torch.empty_like(v, device="meta") for k, v in
+              list(model.named_parameters()) + list(model.named_buffers())}
+    try:
+        with torch.inference_mode():
+            y = torch.func.functional_call(model, params, (torch.empty(
+                (1, c_in) + tuple(roi), device="meta"),), strict=False)
+    except Exception:
+        with torch.inference_mode():
+            y = model.to(device)(torch.zeros((1, c_in) + tuple(roi), device=device))
+    return int(y.shape[1])
+
+
+def _weights_token(model) -> str:
+    return tokenize(type(model).__name__,
+                    [(k, v.detach().cpu().numpy()) for k, v in model.state_dict().items()])
