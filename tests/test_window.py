@@ -93,3 +93,24 @@ def test_window_errors(model):
         volarray.predict(model, vol, mode="window", window=8, overlap=1.5)
     with pytest.raises(volarray.InputError, match="blend='fancy'"):
         volarray.predict(model, vol, mode="window", window=8, blend="fancy")
+
+
+@pytest.mark.parametrize("mode", ["exact", "window"])
+def test_tta_flips_equals_mean_of_flipped_forwards(model, mode):
+    import itertools
+    vol = random_volume((15, 22, 19), seed=6)
+    kw = dict(window=(8, 12, 10)) if mode == "window" else {}
+    out = volarray.predict(model, vol, mode=mode, tta="flips", chunks=(7, 9, 8), **kw).compute()
+    ref = 0
+    for flips in itertools.product((False, True), repeat=3):
+        axes = tuple(i for i, f in enumerate(flips) if f)
+        v = np.ascontiguousarray(np.flip(vol, axes)) if axes else vol
+        if mode == "window":
+            y = monai(model, v, (8, 12, 10), 0.25, "gaussian")
+        else:
+            with torch.inference_mode():
+                y = model(torch.from_numpy(v)[None, None])[0].numpy()
+        ref = ref + (np.flip(y, tuple(a + 1 for a in axes)) if axes else y)
+    assert_volume_close(out, ref / 8, atol=1e-5)
+    with pytest.raises(volarray.InputError, match="tta='rot90'"):
+        volarray.predict(model, vol, tta="rot90")

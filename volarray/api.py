@@ -1,6 +1,8 @@
 """The public entry points: `predict` and `plan`."""
 from __future__ import annotations
 
+import itertools
+
 import dask.array as da
 import torch
 
@@ -46,7 +48,7 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
-            sigma_scale=0.125) -> da.Array:
+            sigma_scale=0.125, tta=None) -> da.Array:
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -59,7 +61,16 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     ``sliding_window_inference`` with the same ``window`` (the patch size),
     ``overlap``, ``blend`` ("gaussian", "constant" or a callable shape -> weights)
     and ``sigma_scale``, aggregated per output chunk; the model is not traced.
+
+    ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
+    (nnU-Net's test-time mirroring), in either mode.
     """
+    if tta is not None:
+        if tta != "flips":
+            raise InputError(f"tta={tta!r} is not None or 'flips'")
+        kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
+                  window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale)
+        return mirrored_mean(model, as_dask_volume(volume), **kw)
     dev = _device(device)
     arr = as_dask_volume(volume)
     if mode == "window":
@@ -72,3 +83,14 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
     return build_graph(p, arr, dev)
+
+
+def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:
+    """Mean of ``predict`` over the 8 flips of (z, y, x), each flipped back."""
+    total = None
+    for flips in itertools.product((False, True), repeat=3):
+        axes = tuple(1 + i for i, f in enumerate(flips) if f)
+        y = predict(model, da.flip(arr, axes) if axes else arr, **kwargs)
+        y = da.flip(y, axes) if axes else y
+        total = y if total is None else total + y.rechunk(total.chunks)
+    return total / 8
