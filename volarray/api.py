@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 
 import dask.array as da
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -48,7 +49,8 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
-            sigma_scale=0.125, tta=None) -> da.Array:
+            sigma_scale=0.125, tta=None, output: str = "probabilities",
+            coords: bool = False) -> da.Array:
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -64,7 +66,21 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
     ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
     (nnU-Net's test-time mirroring), in either mode.
+
+    ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
+    256 classes), reduced chunk by chunk. ``coords=True`` appends normalized global
+    coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
     """
+    if output not in ("probabilities", "argmax"):
+        raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'")
+    if coords:
+        volume = with_coordinates(as_dask_volume(volume))
+    if output == "argmax":
+        scores = predict(model, volume, chunks=chunks, mode=mode, device=device,
+                         memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
+                         sigma_scale=sigma_scale, tta=tta)
+        dtype = np.uint8 if scores.shape[0] <= 256 else np.uint16
+        return scores.map_blocks(_argmax, dtype=dtype, drop_axis=0)
     if tta is not None:
         if tta != "flips":
             raise InputError(f"tta={tta!r} is not None or 'flips'")
@@ -77,8 +93,8 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
         from .window import predict_window
-        return predict_window(model, arr.astype("float32"), window=window, overlap=overlap,
-                              blend=blend, sigma_scale=sigma_scale,
+        return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
+                              overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                               chunks=coerce_chunks(chunks, arr.shape[1:]), device=dev)
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
@@ -94,3 +110,21 @@ def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:
         y = da.flip(y, axes) if axes else y
         total = y if total is None else total + y.rechunk(total.chunks)
     return total / 8
+
+
+def _argmax(block: np.ndarray) -> np.ndarray:
+    return np.argmax(block, axis=0).astype(np.uint8 if block.shape[0] <= 256 else np.uint16)
+
+
+def with_coordinates(arr: da.Array) -> da.Array:
+    """``arr`` (C, Z, Y, X) with three more channels: z, y, x in [-1, 1] over the
+    whole volume (np.linspace), chunked like the volume."""
+    n = arr.shape[1:]
+    grids = []
+    for axis in range(3):
+        line = da.from_array(np.linspace(-1, 1, n[axis], dtype=np.float32),
+                             chunks=(arr.chunks[1 + axis],))
+        shape = [1, 1, 1]
+        shape[axis] = n[axis]
+        grids.append(da.broadcast_to(line.reshape(shape), n, chunks=arr.chunks[1:])[None])
+    return da.concatenate([arr.astype(np.float32)] + grids, axis=0).rechunk({0: -1})

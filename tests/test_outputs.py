@@ -1,0 +1,68 @@
+"""Output reductions and coordinate channels, in exact and window modes."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import volarray
+from volarray.models import MultiScaleNet, seeded
+from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+
+@pytest.mark.parametrize("classes,dtype", [(5, np.uint8), (300, np.uint16)])
+def test_argmax_labels_equal_whole_volume_argmax(classes, dtype):
+    model = seeded(MultiScaleNet, classes=classes, width=4)
+    vol = random_volume((13, 18, 15), seed=1)
+    labels = volarray.predict(model, vol, output="argmax", chunks=(6, 7, 8))
+    assert labels.dtype == dtype and labels.shape == vol.shape
+    ref = whole_volume(model, vol)
+    got = labels.compute()
+    # ties aside, the same labels; where they differ the scores are equal to ~1e-6
+    diff = got != ref.argmax(0)
+    assert diff.mean() < 1e-3
+    idx = np.nonzero(diff)
+    assert np.allclose(ref[got[idx], *idx], ref.max(0)[idx], atol=1e-5)
+
+
+def test_argmax_in_window_mode():
+    model = seeded(MultiScaleNet)
+    vol = random_volume((20, 22, 18), seed=2)
+    scores = volarray.predict(model, vol, mode="window", window=10).compute()
+    labels = volarray.predict(model, vol, mode="window", window=10, output="argmax").compute()
+    np.testing.assert_array_equal(labels, scores.argmax(0))
+
+
+class CoordNet(nn.Module):
+    """Trained on coordinate-encoded patches: 1 amplitude + 3 coordinate channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("mode", ["exact", "window"])
+def test_coords_are_global(mode):
+    torch.manual_seed(0)
+    model = CoordNet().eval()
+    vol = random_volume((14, 21, 17), seed=3)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in vol.shape],
+                       indexing="ij")
+    full = np.stack([vol, *grid])
+    kw = {"window": (6, 8, 7)} if mode == "window" else {}
+    out = volarray.predict(model, vol, coords=True, mode=mode, chunks=(5, 8, 6), **kw).compute()
+    if mode == "exact":
+        ref = whole_volume(model, full)
+    else:
+        ref = volarray.predict(model, full, mode="window", chunks=(5, 8, 6), **kw).compute()
+    assert_volume_close(out, ref, atol=1e-5)
+
+
+def test_output_errors():
+    model = seeded(MultiScaleNet)
+    with pytest.raises(volarray.InputError, match="output='labels'"):
+        volarray.predict(model, random_volume((8, 8, 8)), output="labels")
