@@ -50,7 +50,7 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
             sigma_scale=0.125, tta=None, output: str = "probabilities",
-            coords: bool = False) -> da.Array:
+            coords: bool = False, ensemble: int | None = None, seed: int = 0):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -70,7 +70,33 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
     256 classes), reduced chunk by chunk. ``coords=True`` appends normalized global
     coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
+
+    ``ensemble=N`` for stochastic models (dropout left active, or noise drawn in
+    ``forward`` in window mode): returns ``(mean, std)`` per voxel over N samples
+    seeded from ``seed``, the same for any chunking; no sample of the whole volume is
+    ever stored. In exact mode active dropout draws its masks from a hash of the
+    seed and the voxel's global position.
     """
+    if ensemble is not None:
+        if not isinstance(ensemble, int) or ensemble < 2:
+            raise InputError(f"ensemble={ensemble!r} must be an int >= 2 (samples per voxel)")
+        if tta is not None or output != "probabilities":
+            raise InputError("ensemble= combines with neither tta= nor output='argmax'; "
+                             "reduce the returned mean yourself")
+        kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
+                  window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
+                  coords=coords)
+        if mode == "window":
+            from .window import predict_window
+            arr = as_dask_volume(volume)
+            if coords:
+                arr = with_coordinates(arr)
+            return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
+                                  overlap=overlap, blend=blend, sigma_scale=sigma_scale,
+                                  chunks=coerce_chunks(chunks, arr.shape[1:]),
+                                  device=_device(device), ensemble=ensemble, seed=seed)
+        samples = da.stack([predict(model, volume, seed=seed + s, **kw) for s in range(ensemble)])
+        return samples.mean(axis=0), samples.std(axis=0)
     if output not in ("probabilities", "argmax"):
         raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'")
     if coords:
@@ -98,7 +124,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                               chunks=coerce_chunks(chunks, arr.shape[1:]), device=dev)
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
-    return build_graph(p, arr, dev)
+    return build_graph(p, arr, dev, seed=seed)
 
 
 def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:

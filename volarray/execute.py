@@ -29,7 +29,8 @@ class ModelRunner:
     """Worker-side state: the traced model on its device, the stage programs and
     the whole-volume (global) nodes."""
 
-    def __init__(self, plan: Plan, device: str):
+    def __init__(self, plan: Plan, device: str, seed: int = 0):
+        self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
         self.gm = plan.graph.gm
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
@@ -142,7 +143,7 @@ class TaskContext:
     def __init__(self, runner: ModelRunner, global_values: dict):
         self.runner = runner
         self.values = global_values
-        self.dtype, self.device = runner.dtype, runner.device
+        self.dtype, self.device, self.seed = runner.dtype, runner.device, runner.seed
         self.attr, self.module = runner.attr, runner.module
 
     def global_value(self, name):
@@ -229,12 +230,12 @@ def eval_task(runner, name, gnames, gvalues):
 
 
 class _GraphBuilder:
-    def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None):
+    def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None, seed: int = 0):
         self.plan = plan
         self.volume = volume
         self.graph = plan.graph
-        self.runner = ModelRunner(plan, device)
-        self.token = tokenize(volume.name, plan.chunks, device, _model_token(self.graph.gm))
+        self.runner = ModelRunner(plan, device, seed)
+        self.token = tokenize(volume.name, plan.chunks, device, seed, _model_token(self.graph.gm))
         self.model_key = f"volarray-model-{self.token}"
         self.dsk = {self.model_key: self.runner}
         # kept tensor -> (key prefix, per-axis chunk boundaries)
@@ -314,10 +315,12 @@ class _GraphBuilder:
         self.dsk[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
 
 
-def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None) -> da.Array:
+def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
+                seed: int = 0) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
-    tensors to zarr arrays that hold them instead of memory."""
-    return _GraphBuilder(plan, volume, device, scratch).build()
+    tensors to zarr arrays that hold them instead of memory; ``seed`` picks the sample
+    of stochastic layers."""
+    return _GraphBuilder(plan, volume, device, scratch, seed).build()
 
 
 def _model_token(gm) -> str:

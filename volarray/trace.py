@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from .errors import TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .ops.fill import ZEROS, Fill
-from .ops.local import (Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool, Resample,
-                        SpatialArg, _triple, resample_indices)
+from .ops.local import (Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
+                        PositionalDropout, Resample, SpatialArg, _triple, resample_indices)
 from .ops.reduce import Broadcast, GlobalArg, GlobalNode, NormApply
 
 
@@ -405,9 +405,10 @@ class _Builder:
                                      "call model.eval() first")
                 return pointwise(_call_module(node.target), 2)
             if isinstance(m, _DROPOUT_MODULES):
-                if m.training:
-                    self.unsupported(node, "Dropout is active (training mode); call "
-                                     "model.eval() first")
+                if m.training and m.p > 0:  # left active on purpose: MC dropout
+                    self.template(node, spatial)
+                    return self.dropout(m.p, isinstance(m, (nn.Dropout3d, nn.Dropout2d)),
+                                        out_shape)
                 return pointwise(_call_module(node.target), 0)
             if isinstance(m, _ACTIVATION_MODULES):
                 return pointwise(_call_module(node.target))
@@ -459,8 +460,12 @@ class _Builder:
                                 self.static(node, _arg(node, 2, "mode", "constant"), "mode"),
                                 self.static(node, _arg(node, 3, "value", 0.0), "value") or 0.0)
             if fn in (F.dropout, F.dropout3d, F.alpha_dropout, F.dropout2d, F.dropout1d):
-                if self.static(node, _arg(node, 2, "training", True), "training"):
-                    self.unsupported(node, "dropout is called with training=True")
+                p = self.static(node, _arg(node, 1, "p", 0.5), "p")
+                if self.static(node, _arg(node, 2, "training", True), "training") and p > 0:
+                    if fn is F.alpha_dropout:
+                        self.unsupported(node, "alpha_dropout in training mode")
+                    self.template(node, spatial)
+                    return self.dropout(p, fn in (F.dropout3d, F.dropout2d), out_shape)
                 return pointwise(_call_function(fn), 0)
             if fn in _CHANNEL_FUNCTIONS:
                 default = 0 if fn in (torch.cat, torch.concat, torch.concatenate) else None
@@ -482,6 +487,11 @@ class _Builder:
                 return pointwise(_call_method(node.target))
             self.unsupported(node, "no tile kernel is known for this method")
         self.unsupported(node, f"fx op kind {node.op!r} is not expected here")
+
+    def dropout(self, p, channelwise, out_shape):
+        self.n_dropout = getattr(self, "n_dropout", 0) + 1
+        return PositionalDropout(p=float(p), channelwise=channelwise, layer=self.n_dropout,
+                                 full_shape=out_shape, macs=2.0)
 
     def pool(self, node, m, in_shape):
         if getattr(m, "return_indices", False):

@@ -76,19 +76,32 @@ class WindowRunner:
         self.__dict__.update(state)
         self._init()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The weighted prediction of one window: model(x) * importance map."""
+    def run(self, x: np.ndarray, samples: int = 0, seed: int = 0, lo=()) -> np.ndarray:
+        """The weighted prediction of one window: model(x) * importance map; with
+        ``samples``, that many draws of a stochastic model, stacked, each seeded by
+        (seed, sample, window position) so any chunking draws the same ones."""
         with self._lock:
             if self._on_device is None:
                 self._on_device = self.model.to(self.device)
         dtype = next(self.model.parameters(), torch.empty(0)).dtype
+        t = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device, dtype)
+        if samples:
+            ys = []
+            for s in range(samples):
+                # the global RNG is process-wide: one seeded draw at a time
+                with self._lock, torch.random.fork_rng(devices=[]), torch.inference_mode():
+                    torch.manual_seed(int(tokenize(seed, s, tuple(lo))[:15], 16))
+                    ys.append(self._forward(t))
+            return np.stack(ys) * self.weights
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device, dtype)
-            y = self._on_device(t)[0]
-        if tuple(y.shape[1:]) != x.shape[1:]:
+            return self._forward(t) * self.weights
+
+    def _forward(self, t: torch.Tensor) -> np.ndarray:
+        y = self._on_device(t)[0]
+        if tuple(y.shape[1:]) != tuple(t.shape[2:]):
             raise InputError(f"window mode needs an output of the window's size; the model "
-                             f"returned {tuple(y.shape[1:])} for a window of {x.shape[1:]}")
-        return y.float().cpu().numpy() * self.weights
+                             f"returned {tuple(y.shape[1:])} for a window of {tuple(t.shape[2:])}")
+        return y.float().cpu().numpy()
 
 
 def read_window(lo, hi, parts) -> np.ndarray:
@@ -102,8 +115,8 @@ def read_window(lo, hi, parts) -> np.ndarray:
     return out
 
 
-def run_window(runner, lo, hi, parts):
-    return runner.run(read_window(lo, hi, parts))
+def run_window(runner, lo, hi, parts, samples=0, seed=0):
+    return runner.run(read_window(lo, hi, parts), samples, seed, lo)
 
 
 def blend_chunk(weights, lo, hi, windows):
@@ -113,19 +126,24 @@ def blend_chunk(weights, lo, hi, windows):
     out = count = None
     for (wlo, whi), pred in windows:
         inter = box.intersect(Box.from_bounds(wlo, whi))
-        src = (slice(None),) + inter.slices(wlo)
-        dst = (slice(None),) + inter.slices(box.lo)
+        lead = (slice(None),) * (pred.ndim - 3)  # (C,) or (samples, C)
+        src, dst = lead + inter.slices(wlo), lead + inter.slices(box.lo)
         if out is None:
-            out = np.zeros((pred.shape[0],) + box.shape, dtype=np.float32)
-            count = np.zeros((1,) + box.shape, dtype=np.float32)
+            out = np.zeros(pred.shape[:-3] + box.shape, dtype=np.float32)
+            count = np.zeros(box.shape, dtype=np.float32)
         out[dst] += pred[src]
-        count[dst] += weights[None][src]
-    return out / count
+        count[inter.slices(box.lo)] += weights[inter.slices(wlo)]
+    out /= count
+    if out.ndim == 5:  # ensemble: mean and std over the samples of this chunk only
+        return np.stack([out.mean(axis=0), out.std(axis=0)])
+    return out
 
 
 def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussian",
-                   sigma_scale=0.125, chunks=None, device="cpu") -> da.Array:
-    """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array."""
+                   sigma_scale=0.125, chunks=None, device="cpu", ensemble: int = 0,
+                   seed: int = 0):
+    """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array; with
+    ``ensemble=N``, the (mean, std) over N seeded samples."""
     shape = tuple(arr.shape[1:])
     if window is None:
         raise InputError("mode='window' needs window=, the model's patch size, e.g. 96 or "
@@ -144,7 +162,7 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
     out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
     in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
     token = tokenize(arr.name, roi, overlap, blend if not callable(blend) else weights,
-                     sigma_scale, chunks, device, _weights_token(model))
+                     sigma_scale, chunks, device, ensemble, seed, _weights_token(model))
     model_key = f"volarray-window-model-{token}"
     wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
     dsk = {model_key: runner}
@@ -159,16 +177,22 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
             clo = (int(in_bounds[0][i]), int(in_bounds[1][j]), int(in_bounds[2][k]))
             chi = (int(in_bounds[0][i + 1]), int(in_bounds[1][j + 1]), int(in_bounds[2][k + 1]))
             parts.append([(clo, chi), (arr.name, 0, i, j, k)])
-        dsk[(wname, idx)] = (run_window, model_key, lo, hi, parts)
+        dsk[(wname, idx)] = (run_window, model_key, lo, hi, parts, ensemble, seed)
         windows.append((lo, hi))
     for idx, box in grid_boxes(out_bounds):
         hits = [[(lo, hi), (wname, n)] for n, (lo, hi) in enumerate(windows)
                 if not box.intersect(Box.from_bounds(lo, hi)).empty]
-        dsk[(oname, 0) + idx] = (blend_chunk, weights, box.lo, box.hi, hits)
+        lead = (0, 0) if ensemble else (0,)  # ensemble blocks: (mean|std, C, z, y, x)
+        dsk[(oname,) + lead + idx] = (blend_chunk, weights, box.lo, box.hi, hits)
     c_out = _out_channels(model, arr.shape[0], roi, device)
     graph = HighLevelGraph.from_collections(oname, dsk, dependencies=[arr])
-    out_chunks = ((c_out,),) + tuple(tuple(int(x) for x in np.diff(b)) for b in out_bounds)
-    return da.Array(graph, oname, chunks=out_chunks, meta=np.empty((0,) * 4, np.float32))
+    spatial = tuple(tuple(int(x) for x in np.diff(b)) for b in out_bounds)
+    if ensemble:
+        both = da.Array(graph, oname, chunks=((2,), (c_out,)) + spatial,
+                        meta=np.empty((0,) * 5, np.float32))
+        return both[0], both[1]
+    return da.Array(graph, oname, chunks=((c_out,),) + spatial,
+                    meta=np.empty((0,) * 4, np.float32))
 
 
 def _out_channels(model, c_in: int, roi, device) -> int:

@@ -337,3 +337,56 @@ class Pad(LocalOp):
 
     def run(self, ctx, inputs, out):
         return inputs[0]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 (wrapping products, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+@dataclass
+class PositionalDropout(LocalOp):
+    """Dropout left active (MC dropout), with masks drawn from a hash of the sample
+    seed, the layer and the voxel's global position: every chunking, tile and
+    scheduler draws the same mask, so samples are reproducible and seam-free."""
+
+    p: float = 0.5
+    channelwise: bool = False  # Dropout3d: one draw per channel
+    layer: int = 0
+    full_shape: tuple = (1, 1, 1)
+
+    def __post_init__(self):
+        self.fills = (INSIDE,)
+
+    def need(self, axis, out):
+        return (out,)
+
+    def run(self, ctx, inputs, out):
+        x = inputs[0]
+        c = x.shape[1]
+        key = int(_mix(torch.tensor(_signed(getattr(ctx, "seed", 0) * 1_000_003 + self.layer))))
+        idx = torch.arange(c, dtype=torch.int64, device=x.device).reshape(1, c, 1, 1, 1)
+        if not self.channelwise:
+            for axis, iv in enumerate(out.axes):
+                shape = [1, 1, 1, 1, 1]
+                shape[axis + 2] = len(iv)
+                coord = torch.arange(iv.lo, iv.hi, dtype=torch.int64, device=x.device)
+                idx = idx * self.full_shape[axis] + coord.reshape(shape)
+        u = ((_mix(idx ^ key) >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+        keep = (u >= self.p).to(x.dtype)
+        return x * keep / (1.0 - self.p)
