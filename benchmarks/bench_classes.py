@@ -24,7 +24,7 @@ t0 = time.perf_counter()
 labels = volarray.predict(model, vol, output="argmax").compute()
 res = {"classes": classes, "seconds": time.perf_counter() - t0, "base": base,
        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-       "chunks": volarray.plan(model, vol).chunks, "dtype": str(labels.dtype)}
+       "chunks": volarray.plan(model, vol, output="argmax").chunks, "dtype": str(labels.dtype)}
 if len(sys.argv) > 3:  # check against the whole-volume argmax (costs memory: after the peak)
     with torch.inference_mode():
         ref = model(torch.from_numpy(vol)[None, None])[0].argmax(0).numpy()

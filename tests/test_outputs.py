@@ -120,3 +120,16 @@ def test_ensemble_window_reproducible_for_any_chunking():
     assert float(a[1].mean().compute()) > 1e-3
     with pytest.raises(volarray.InputError, match="ensemble=1"):
         volarray.predict(model, vol, mode="window", window=8, ensemble=1)
+
+
+def test_argmax_head_runs_in_class_blocks():
+    """A 1000-class head: the plan holds labels, not 1000 scores per voxel."""
+    model = seeded(MultiScaleNet, classes=1000, width=4)
+    vol = random_volume((16, 16, 16), seed=9)
+    fused = volarray.plan(model, vol, output="argmax", chunks=8)
+    plain = volarray.plan(model, vol, chunks=8)
+    assert fused.graph.nodes[fused.graph.output].channels == 1
+    assert fused.peak_bytes < plain.peak_bytes / 4
+    labels = volarray.predict(model, vol, output="argmax", chunks=8).compute()
+    ref = whole_volume(model, vol)
+    assert (labels == ref.argmax(0)).mean() > 0.999

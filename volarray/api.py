@@ -12,7 +12,7 @@ from .execute import build_graph
 from .geometry import chunk_bounds, coerce_chunks
 from .io import as_dask_volume, rechunk_to
 from .plan import Plan, make_plan
-from .trace import trace
+from .trace import fuse_argmax_head, trace
 
 MODES = ("exact", "window")
 
@@ -28,7 +28,8 @@ def _device(device) -> str:
     return device
 
 
-def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit) -> Plan:
+def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
+          argmax: bool = False) -> Plan:
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     if mode not in MODES:
@@ -37,14 +38,18 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit) -> Plan
         raise InputError("volarray.plan describes exact mode; mode='window' runs one task "
                          "per window and one per output chunk, with nothing to plan")
     graph = trace(model, (1,) + tuple(arr.shape))
+    if argmax and not fuse_argmax_head(graph):
+        raise InputError("the model does not end in a conv (and monotone ops such as "
+                         "softmax); output='argmax' reduces its scores per chunk instead")
     return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
                      "cpu" if device == "cpu" else "cuda")
 
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
-         memory_limit=None) -> Plan:
+         memory_limit=None, output: str = "probabilities") -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
-    return _plan(model, as_dask_volume(volume), chunks, mode, _device(device), memory_limit)
+    return _plan(model, as_dask_volume(volume), chunks, mode, _device(device), memory_limit,
+                 argmax=output == "argmax")
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
@@ -101,6 +106,20 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
         raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'")
     if coords:
         volume = with_coordinates(as_dask_volume(volume))
+    if output == "argmax" and mode == "exact" and tta is None:
+        dev = _device(device)
+        arr = as_dask_volume(volume)
+        try:  # fused: the classifier runs in class blocks with a running maximum
+            p = _plan(model, arr, chunks, mode, dev, memory_limit, argmax=True)
+        except InputError as e:
+            if "output='argmax'" not in str(e):
+                raise
+        else:
+            classes = p.graph.nodes[p.graph.output].op.classes
+            dtype = np.uint8 if classes <= 256 else np.uint16
+            arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
+            labels = build_graph(p, arr, dev, seed=seed)
+            return labels.map_blocks(lambda b: b[0].astype(dtype), dtype=dtype, drop_axis=0)
     if output == "argmax":
         scores = predict(model, volume, chunks=chunks, mode=mode, device=device,
                          memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,

@@ -141,6 +141,8 @@ class TileProgram:
             padded = node.op.fills and node.op.fills[0].mode != "inside"
             temps = sum(nbytes(p) for p in node.inputs) if padded else 0
             out = nbytes(name)
+            if node.op.scratch_channels:
+                out += out // max(node.channels, 1) * node.op.scratch_channels
             peak = max(peak, sum(live.values()) + temps + out)
             live[name] = out
             for p in node.inputs:

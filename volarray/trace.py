@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .ops.fill import ZEROS, Fill
-from .ops.local import (Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
+from .ops.local import (ArgmaxConv, Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
                         PositionalDropout, Resample, SpatialArg, _triple, resample_indices)
 from .ops.reduce import Broadcast, GlobalArg, GlobalNode, NormApply
 
@@ -114,6 +114,19 @@ def _conv_pad_lo(padding, kernel, dilation):
     if padding == "valid":
         return (0, 0, 0)
     return _triple(padding)
+
+
+_MONOTONE = {"sigmoid", "tanh", "softmax", "log_softmax", "identity", "contiguous",
+             "clone", "float", "dropout", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Identity",
+             "Dropout", "Dropout3d"}
+
+
+def _is_monotone(node: fx.Node, modules) -> bool:
+    """Strictly increasing in each channel's score alike: the argmax over channels
+    is unchanged by it."""
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__ in _MONOTONE
+    return getattr(node.target, "__name__", str(node.target)) in _MONOTONE
 
 
 class _Builder:
@@ -353,7 +366,7 @@ class _Builder:
         def pointwise(call, macs=1.0):
             args, kwargs = self.template(node, spatial)
             return Pointwise(n_inputs=len(spatial), call=call, args=args, kwargs=kwargs,
-                             macs=macs * c_out)
+                             macs=macs * c_out, monotone=_is_monotone(node, self.modules))
 
         def channel_dim_only(dim):
             dim = self.static(node, dim, "dim")
@@ -611,3 +624,32 @@ def trace(model: nn.Module, input_shape) -> Graph:
     b = _Builder(gm, values, input_shape[2:])
     inp, out = b.build(gm.graph)
     return Graph(gm, b.nodes, inp, out, dtype, b.globals)
+
+
+def fuse_argmax_head(graph: Graph, block: int = 32) -> bool:
+    """Replace the classifier conv and the monotone ops after it (sigmoid, softmax) by
+    one op computing the argmax in class blocks. False if the head is not of that form."""
+    consumers = graph.consumers()
+    name, chain = graph.output, []
+    while isinstance(graph.nodes[name].op, Pointwise) and graph.nodes[name].op.monotone:
+        chain.append(name)
+        name = graph.nodes[name].inputs[0] if graph.nodes[name].inputs else None
+        if name is None or len(consumers[name]) != 1 or len(graph.nodes[chain[-1]].inputs) != 1:
+            return False
+    conv = graph.nodes[name]
+    if type(conv.op) is not Conv or (chain == [] and name != graph.output):
+        return False
+    op = conv.op
+    fused = ArgmaxConv(weight=op.weight, bias=op.bias, kernel=op.kernel, stride=op.stride,
+                       dilation=op.dilation, pad_lo=op.pad_lo, groups=op.groups, fill=op.fill,
+                       macs=op.macs, block=block, classes=conv.channels,
+                       scratch_channels=min(block, conv.channels) * 2)
+    if op.groups != 1:
+        return False
+    for n in chain + [name]:
+        del graph.nodes[n]
+    head = f"{name}_argmax"
+    graph.nodes[head] = Node(head, fused, conv.inputs, conv.shape, 1, conv.scale,
+                             conv.where + " fused with argmax")
+    graph.output = head
+    return True

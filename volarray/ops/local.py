@@ -66,6 +66,7 @@ class LocalOp:
     fills: tuple[Fill, ...] = ()
     scale: tuple[Fraction, Fraction, Fraction] = (Fraction(1),) * 3  # output/input grid ratio
     macs: float = 1.0  # multiply-adds per output voxel (all channels), for cost estimates
+    scratch_channels: int = 0  # temporaries per output voxel beyond the output, for memory
 
     def need(self, axis: int, out: Interval) -> tuple[Interval, ...]:
         raise NotImplementedError
@@ -101,6 +102,7 @@ class Pointwise(LocalOp):
     call: Callable | None = None  # called as call(ctx, *args, **kwargs)
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    monotone: bool = False  # increasing per channel (sigmoid, softmax over channels, ...)
 
     def __post_init__(self):
         self.fills = (INSIDE,) * self.n_inputs
@@ -145,7 +147,9 @@ class Conv(LocalOp):
 
     def run(self, ctx, inputs, out, padding=(0, 0, 0)):
         w, b = resolve((self.weight, self.bias), ctx)
-        x = inputs[0]
+        return self._conv(inputs[0], w, b, padding)
+
+    def _conv(self, x, w, b, padding):
         if _use_onednn(x):
             # F.conv3d sends inputs with N*C*D*H <= 20480 (small tiles of thin layers)
             # to a naive kernel ~10x slower than oneDNN; call oneDNN directly.
@@ -390,3 +394,30 @@ class PositionalDropout(LocalOp):
         u = ((_mix(idx ^ key) >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
         keep = (u >= self.p).to(x.dtype)
         return x * keep / (1.0 - self.p)
+
+
+@dataclass
+class ArgmaxConv(Conv):
+    """A classifier conv fused with argmax over its classes: classes are computed in
+    blocks with a running maximum, so a 1000-class head never holds more than
+    ``block`` class scores per voxel. Returns labels as float32 (exact below 2^24)."""
+
+    block: int = 32
+    classes: int = 1
+
+    def run(self, ctx, inputs, out, padding=(0, 0, 0)):
+        w, b = resolve((self.weight, self.bias), ctx)
+        best = labels = None
+        for start in range(0, self.classes, self.block):
+            stop = min(start + self.block, self.classes)
+            scores = super()._conv(inputs[0], w[start:stop],
+                                   None if b is None else b[start:stop], padding)
+            top, idx = scores.max(dim=1, keepdim=True)
+            idx = (idx + start).to(scores.dtype)
+            if best is None:
+                best, labels = top, idx
+            else:
+                better = top > best  # ties keep the first class, as torch.argmax does
+                best = torch.where(better, top, best)
+                labels = torch.where(better, idx, labels)
+        return labels
