@@ -55,7 +55,8 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
             sigma_scale=0.125, tta=None, output: str = "probabilities",
-            coords: bool = False, ensemble: int | None = None, seed: int = 0):
+            coords: bool = False, ensemble: int | None = None, seed: int = 0,
+            dtype: str | None = None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -75,6 +76,9 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
     256 classes), reduced chunk by chunk. ``coords=True`` appends normalized global
     coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
+
+    ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
+    (results stay float32 arrays).
 
     ``ensemble=N`` for stochastic models (dropout left active, or noise drawn in
     ``forward`` in window mode): returns ``(mean, std)`` per voxel over N samples
@@ -143,7 +147,17 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                               chunks=coerce_chunks(chunks, arr.shape[1:]), device=dev)
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
-    return build_graph(p, arr, dev, seed=seed)
+    return build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
+
+
+def _autocast(dtype):
+    if dtype in (None, "float32", torch.float32):
+        return None
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+             torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
+    if dtype not in table:
+        raise InputError(f"dtype={dtype!r} is not 'float32', 'float16' or 'bfloat16'")
+    return table[dtype]
 
 
 def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:

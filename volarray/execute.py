@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .errors import InputError
 from .geometry import Box, chunk_range, grid_boxes
@@ -29,8 +29,9 @@ class ModelRunner:
     """Worker-side state: the traced model on its device, the stage programs and
     the whole-volume (global) nodes."""
 
-    def __init__(self, plan: Plan, device: str, seed: int = 0):
+    def __init__(self, plan: Plan, device: str, seed: int = 0, autocast=None):
         self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
+        self.autocast = autocast  # torch.float16 / bfloat16: run tiles under autocast
         self.gm = plan.graph.gm
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
@@ -96,7 +97,10 @@ class ModelRunner:
         ctx = TaskContext(self, global_values)
         req = prog.requirements(out_box)
         tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
-        return prog.run(ctx, tensors, req)
+        if self.autocast is None:
+            return prog.run(ctx, tensors, req)
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast):
+            return prog.run(ctx, tensors, req).float()
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
             global_values: dict | None = None) -> np.ndarray:
@@ -230,12 +234,14 @@ def eval_task(runner, name, gnames, gvalues):
 
 
 class _GraphBuilder:
-    def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None, seed: int = 0):
+    def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None, seed: int = 0,
+                 autocast=None):
         self.plan = plan
         self.volume = volume
         self.graph = plan.graph
-        self.runner = ModelRunner(plan, device, seed)
-        self.token = tokenize(volume.name, plan.chunks, device, seed, _model_token(self.graph.gm))
+        self.runner = ModelRunner(plan, device, seed, autocast)
+        self.token = tokenize(volume.name, plan.chunks, device, seed, str(autocast),
+                              _model_token(self.graph.gm))
         self.model_key = f"volarray-model-{self.token}"
         self.dsk = {self.model_key: self.runner}
         # kept tensor -> (key prefix, per-axis chunk boundaries)
@@ -291,7 +297,12 @@ class _GraphBuilder:
         node = self.graph.nodes[out.output]
         key = self.arrays[out.output][0]
         chunks = ((node.channels,),) + tuple(tuple(int(x) for x in np.diff(b)) for b in out.bounds)
-        hlg = HighLevelGraph.from_collections(key, self.dsk, dependencies=[self.volume])
+        layer = MaterializedLayer(self.dsk, annotations=(
+            # one GPU task at a time per worker (workers started with --resources GPU=1)
+            {"resources": {"GPU": 1}} if self.runner.device.startswith("cuda") else None))
+        hlg = HighLevelGraph({**self.volume.__dask_graph__().layers, key: layer},
+                             {**self.volume.__dask_graph__().dependencies,
+                              key: {self.volume.name}})
         return da.Array(hlg, key, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
 
     def build_barrier(self, i: int, b):
@@ -316,11 +327,11 @@ class _GraphBuilder:
 
 
 def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
-                seed: int = 0) -> da.Array:
+                seed: int = 0, autocast=None) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
     tensors to zarr arrays that hold them instead of memory; ``seed`` picks the sample
     of stochastic layers."""
-    return _GraphBuilder(plan, volume, device, scratch, seed).build()
+    return _GraphBuilder(plan, volume, device, scratch, seed, autocast).build()
 
 
 def _model_token(gm) -> str:

@@ -160,6 +160,7 @@ class Conv(LocalOp):
 
 def _use_onednn(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")  # F.conv3d applies autocast
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 

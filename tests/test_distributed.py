@@ -1,0 +1,85 @@
+"""Many workers: weights once per worker, surviving a lost worker, GPU placement."""
+import os
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+
+import volarray
+from volarray.models import FaultSeg3D, seeded
+from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+
+def test_graph_holds_the_weights_once():
+    model = seeded(FaultSeg3D)
+    vol = random_volume((64, 64, 64), seed=1)
+    y = volarray.predict(model, vol, chunks=16)
+    assert y.npartitions == 64
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    graph = dict(y.__dask_graph__())
+    volume_bytes = vol.nbytes  # the input array is embedded in the graph by from_array
+    size = len(cloudpickle.dumps(graph)) - volume_bytes
+    assert size <= 1.5 * weights + 1e6, (size, weights)
+
+
+def test_survives_a_lost_worker(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    model = seeded(FaultSeg3D, width=8)
+    vol = random_volume((48, 48, 40), seed=2)
+    ref = whole_volume(model, vol)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        y = volarray.predict(model, vol, chunks=8)
+        future = client.compute(y)
+        victim = None
+        deadline = time.time() + 60
+        while time.time() < deadline and victim is None:  # once work is under way ...
+            processing = client.processing()
+            busy = [w for w, keys in processing.items() if keys]
+            if busy and len(client.who_has()) > 20:
+                victim = busy[0]
+            time.sleep(0.05)
+        assert victim is not None
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, 9)  # ... a worker process dies; its nanny starts a new one
+        out = future.result(timeout=240)
+    assert_volume_close(out, ref)
+
+
+def test_gpu_tasks_carry_a_gpu_resource():
+    from volarray.api import _plan
+    from volarray.execute import build_graph
+    from volarray.io import as_dask_volume
+    model = seeded(FaultSeg3D, width=4)
+    arr = as_dask_volume(random_volume((16, 16, 16)))
+    plan = _plan(model, arr, 8, "exact", "cpu", None)
+    y = build_graph(plan, arr.rechunk((1, 8, 8, 8)), "cuda")  # built, never run here
+    layer = y.__dask_graph__().layers[y.name]
+    assert layer.annotations == {"resources": {"GPU": 1}}
+    y = build_graph(plan, arr.rechunk((1, 8, 8, 8)), "cpu")
+    assert not y.__dask_graph__().layers[y.name].annotations
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.05)])
+def test_reduced_precision_under_autocast(dtype, tol):
+    model = seeded(FaultSeg3D, width=8)
+    vol = random_volume((24, 24, 24), seed=3)
+    ref = whole_volume(model, vol)
+    out = volarray.predict(model, vol, chunks=12, dtype=dtype).compute()
+    assert out.dtype == np.float32
+    err = np.abs(out - ref).max()
+    assert 0 < err < tol  # reduced precision really ran, and stays close
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exact_on_gpu():
+    model = seeded(FaultSeg3D)
+    vol = random_volume((64, 48, 40), seed=4)
+    out = volarray.predict(model, vol, chunks=(32, 24, 40), device="cuda").compute()
+    assert_volume_close(out, whole_volume(model, vol), atol=1e-4)
