@@ -12,6 +12,7 @@ from .execute import build_graph
 from .geometry import chunk_bounds, coerce_chunks
 from .io import as_dask_volume, rechunk_to
 from .plan import Plan, make_plan
+from .ops.local import ArgmaxConv
 from .trace import fuse_argmax_head, trace
 
 MODES = ("exact", "window")
@@ -38,9 +39,8 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
         raise InputError("volarray.plan describes exact mode; mode='window' runs one task "
                          "per window and one per output chunk, with nothing to plan")
     graph = trace(model, (1,) + tuple(arr.shape))
-    if argmax and not fuse_argmax_head(graph):
-        raise InputError("the model does not end in a conv (and monotone ops such as "
-                         "softmax); output='argmax' reduces its scores per chunk instead")
+    if argmax:  # where the head allows it; otherwise scores are reduced per chunk
+        fuse_argmax_head(graph)
     return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
                      "cpu" if device == "cpu" else "cuda")
 
@@ -96,14 +96,9 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                   window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                   coords=coords)
         if mode == "window":
-            from .window import predict_window
             arr = as_dask_volume(volume)
-            if coords:
-                arr = with_coordinates(arr)
-            return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
-                                  overlap=overlap, blend=blend, sigma_scale=sigma_scale,
-                                  chunks=coerce_chunks(chunks, arr.shape[1:]),
-                                  device=_device(device), ensemble=ensemble, seed=seed)
+            return _window(model, with_coordinates(arr) if coords else arr, chunks, device,
+                           window, overlap, blend, sigma_scale, ensemble, seed)
         samples = da.stack([predict(model, volume, seed=seed + s, **kw) for s in range(ensemble)])
         return samples.mean(axis=0), samples.std(axis=0)
     if output not in ("probabilities", "argmax"):
@@ -113,21 +108,18 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     if output == "argmax" and mode == "exact" and tta is None:
         dev = _device(device)
         arr = as_dask_volume(volume)
-        try:  # fused: the classifier runs in class blocks with a running maximum
-            p = _plan(model, arr, chunks, mode, dev, memory_limit, argmax=True)
-        except InputError as e:
-            if "output='argmax'" not in str(e):
-                raise
-        else:
-            classes = p.graph.nodes[p.graph.output].op.classes
-            dtype = np.uint8 if classes <= 256 else np.uint16
+        p = _plan(model, arr, chunks, mode, dev, memory_limit, argmax=True)
+        head = p.graph.nodes[p.graph.output].op
+        if isinstance(head, ArgmaxConv):  # the classifier runs in blocks of classes
+            labels_dtype = np.uint8 if head.classes <= 256 else np.uint16
             arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
-            labels = build_graph(p, arr, dev, seed=seed)
-            return labels.map_blocks(lambda b: b[0].astype(dtype), dtype=dtype, drop_axis=0)
+            labels = build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
+            return labels.map_blocks(lambda b: b[0].astype(labels_dtype), dtype=labels_dtype,
+                                     drop_axis=0)
     if output == "argmax":
         scores = predict(model, volume, chunks=chunks, mode=mode, device=device,
                          memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
-                         sigma_scale=sigma_scale, tta=tta)
+                         sigma_scale=sigma_scale, tta=tta, seed=seed, dtype=dtype)
         dtype = np.uint8 if scores.shape[0] <= 256 else np.uint16
         return scores.map_blocks(_argmax, dtype=dtype, drop_axis=0)
     if tta is not None:
@@ -139,15 +131,21 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     dev = _device(device)
     arr = as_dask_volume(volume)
     if mode == "window":
-        if not isinstance(model, torch.nn.Module):
-            raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
-        from .window import predict_window
-        return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
-                              overlap=overlap, blend=blend, sigma_scale=sigma_scale,
-                              chunks=coerce_chunks(chunks, arr.shape[1:]), device=dev)
+        return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale)
     p = _plan(model, arr, chunks, mode, dev, memory_limit)
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
     return build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
+
+
+def _window(model, arr: da.Array, chunks, device, window, overlap, blend, sigma_scale,
+            ensemble: int = 0, seed: int = 0):
+    from .window import predict_window
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
+    return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
+                          overlap=overlap, blend=blend, sigma_scale=sigma_scale,
+                          chunks=coerce_chunks(chunks, arr.shape[1:]), device=_device(device),
+                          ensemble=ensemble, seed=seed)
 
 
 def _autocast(dtype):

@@ -637,15 +637,13 @@ def fuse_argmax_head(graph: Graph, block: int = 32) -> bool:
         if name is None or len(consumers[name]) != 1 or len(graph.nodes[chain[-1]].inputs) != 1:
             return False
     conv = graph.nodes[name]
-    if type(conv.op) is not Conv or (chain == [] and name != graph.output):
-        return False
     op = conv.op
+    if type(op) is not Conv or op.groups != 1:
+        return False
     fused = ArgmaxConv(weight=op.weight, bias=op.bias, kernel=op.kernel, stride=op.stride,
                        dilation=op.dilation, pad_lo=op.pad_lo, groups=op.groups, fill=op.fill,
                        macs=op.macs, block=block, classes=conv.channels,
                        scratch_channels=min(block, conv.channels) * 2)
-    if op.groups != 1:
-        return False
     for n in chain + [name]:
         del graph.nodes[n]
     head = f"{name}_argmax"
