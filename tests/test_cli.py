@@ -2,7 +2,6 @@
 clear line on stderr, a non-zero exit, no traceback, and no output left behind."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,8 +1,6 @@
 """Bad input raises a VolarrayError naming the value and the fix."""
-import dask.array as da
 import numpy as np
 import pytest
-import torch
 import torch.nn as nn
 
 import volarray

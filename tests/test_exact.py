@@ -1,6 +1,5 @@
 """exact mode equals the whole-volume forward for every reference model, shape,
 chunking and scheduler."""
-import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -85,7 +84,7 @@ def test_building_the_graph_computes_nothing(cases, monkeypatch):
     def explode(block):
         raise AssertionError("the input was read while building the graph")
     poisoned = da.from_array(vol, chunks=8).map_blocks(explode, dtype=vol.dtype)
-    y = volarray.predict(model, poisoned, chunks=16)
+    volarray.predict(model, poisoned, chunks=16)
     volarray.plan(model, poisoned, chunks=16)
     assert calls == []
     y2 = volarray.predict(model, vol, chunks=16)

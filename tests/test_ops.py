@@ -1,5 +1,4 @@
 """Every local op of the table, alone, on odd shapes and chunks smaller than its halo."""
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

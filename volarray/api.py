@@ -111,7 +111,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
         p = _plan(model, arr, chunks, mode, dev, memory_limit, argmax=True)
         head = p.graph.nodes[p.graph.output].op
         if isinstance(head, ArgmaxConv):  # the classifier runs in blocks of classes
-            labels_dtype = np.uint8 if head.classes <= 256 else np.uint16
+            labels_dtype = label_dtype(head.classes)
             arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
             labels = build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
             return labels.map_blocks(lambda b: b[0].astype(labels_dtype), dtype=labels_dtype,
@@ -120,8 +120,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
         scores = predict(model, volume, chunks=chunks, mode=mode, device=device,
                          memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                          sigma_scale=sigma_scale, tta=tta, seed=seed, dtype=dtype)
-        dtype = np.uint8 if scores.shape[0] <= 256 else np.uint16
-        return scores.map_blocks(_argmax, dtype=dtype, drop_axis=0)
+        return scores.map_blocks(_argmax, dtype=label_dtype(scores.shape[0]), drop_axis=0)
     if tta is not None:
         if tta != "flips":
             raise InputError(f"tta={tta!r} is not None or 'flips'")
@@ -169,8 +168,12 @@ def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:
     return total / 8
 
 
+def label_dtype(classes: int):
+    return np.uint8 if classes <= 256 else np.uint16
+
+
 def _argmax(block: np.ndarray) -> np.ndarray:
-    return np.argmax(block, axis=0).astype(np.uint8 if block.shape[0] <= 256 else np.uint16)
+    return np.argmax(block, axis=0).astype(label_dtype(block.shape[0]))
 
 
 def with_coordinates(arr: da.Array) -> da.Array:

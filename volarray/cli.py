@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import resource
 import sys
@@ -120,7 +121,7 @@ def cmd_predict(args) -> int:
         from tqdm.dask import TqdmCallback
         # tasks done, rate and time left (on a cluster, its dashboard shows the same)
         bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
-        with bar if client is None and not args.quiet else _nothing():
+        with bar if client is None and not args.quiet else contextlib.nullcontext():
             result = volarray.predict_to_zarr(
                 model, args.input, out, name=args.name, var=args.var, chunks=args.chunks,
                 mode=args.mode, device=args.device, memory_limit=args.memory_limit,
@@ -141,14 +142,6 @@ def cmd_predict(args) -> int:
         if client is not None:
             client.close()
     return 0
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cmd_plan(args) -> int:

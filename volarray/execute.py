@@ -25,9 +25,39 @@ from .plan import Plan
 COMBINE_FAN_IN = 8  # partial statistics merged per combine task
 
 
-class ModelRunner:
+class OnDevice:
+    """A model shipped once per worker, moved to its device on first use; the
+    device copy, lock and caches are left out when pickled."""
+
+    _transient = ("_lock", "_on_device")
+
+    def _init_cache(self):
+        self._lock = threading.Lock()
+        self._on_device = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in self._transient:
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def on_device(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self._on_device is None:
+            with self._lock:
+                if self._on_device is None:
+                    self._on_device = module.to(self.device) if self.device != "cpu" else module
+        return self._on_device
+
+
+class ModelRunner(OnDevice):
     """Worker-side state: the traced model on its device, the stage programs and
     the whole-volume (global) nodes."""
+
+    _transient = OnDevice._transient + ("_values",)
 
     def __init__(self, plan: Plan, device: str, seed: int = 0, autocast=None):
         self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
@@ -42,27 +72,12 @@ class ModelRunner:
         self._init_cache()
 
     def _init_cache(self):
-        self._lock = threading.Lock()
-        self._on_device = None
-        self._values = {}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        for k in ("_lock", "_on_device", "_values"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
+        super()._init_cache()
+        self._values = {}  # evaluated attributes and constants
 
     @property
     def model(self):
-        if self._on_device is None:
-            with self._lock:
-                if self._on_device is None:
-                    self._on_device = self.gm.to(self.device) if self.device != "cpu" else self.gm
-        return self._on_device
+        return self.on_device(self.gm)
 
     def module(self, target: str):
         return self.model.get_submodule(target)
@@ -170,14 +185,17 @@ def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=dtype)
 
 
-def assemble(box_bounds, channels: int, parts) -> np.ndarray:
-    """The region ``box`` of a chunked array from the chunks that overlap it."""
+def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
+    """The region ``box`` of a chunked array from the chunks that overlap it; where
+    no chunk covers it (outside the volume), ``fill``."""
     box = Box.from_bounds(*box_bounds)
-    if len(parts) == 1:
+    if len(parts) == 1 and Box.from_bounds(*parts[0][0]).intersect(box) == box:
         (lo, hi), arr = parts[0]
         return arr[(slice(None),) + box.slices(lo)]
     # channels-last, the layout tiles run in, so the tensor needs no second copy
-    out = np.empty(box.shape + (channels,), dtype=parts[0][1].dtype).transpose(3, 0, 1, 2)
+    shape, dtype = box.shape + (channels,), parts[0][1].dtype
+    out = (np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)).transpose(
+        3, 0, 1, 2)
     for (lo, hi), arr in parts:
         inter = box.intersect(Box.from_bounds(lo, hi))
         out[(slice(None),) + inter.slices(box.lo)] = arr[(slice(None),) + inter.slices(lo)]

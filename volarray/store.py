@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import dask
 import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 
 import dask.array as da
 import numpy as np
@@ -22,6 +21,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import InputError
+from .execute import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 
 
@@ -57,32 +57,18 @@ def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
     return w.numpy().astype(np.float32)
 
 
-class WindowRunner:
+class WindowRunner(OnDevice):
     """Worker-side: the model on its device, called on one window at a time."""
 
     def __init__(self, model, device: str, weights: np.ndarray):
         self.model, self.device, self.weights = model, device, weights
-        self._init()
-
-    def _init(self):
-        self._lock, self._on_device = threading.Lock(), None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_lock"), state.pop("_on_device")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init()
+        self._init_cache()
 
     def run(self, x: np.ndarray, samples: int = 0, seed: int = 0, lo=()) -> np.ndarray:
         """The weighted prediction of one window: model(x) * importance map; with
         ``samples``, that many draws of a stochastic model, stacked, each seeded by
         (seed, sample, window position) so any chunking draws the same ones."""
-        with self._lock:
-            if self._on_device is None:
-                self._on_device = self.model.to(self.device)
+        model = self.on_device(self.model)
         dtype = next(self.model.parameters(), torch.empty(0)).dtype
         t = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device, dtype)
         if samples:
@@ -91,32 +77,24 @@ class WindowRunner:
                 # the global RNG is process-wide: one seeded draw at a time
                 with self._lock, torch.random.fork_rng(devices=[]), torch.inference_mode():
                     torch.manual_seed(int(tokenize(seed, s, tuple(lo))[:15], 16))
-                    ys.append(self._forward(t))
+                    ys.append(self._forward(model, t))
             return np.stack(ys) * self.weights
         with torch.inference_mode():
-            return self._forward(t) * self.weights
+            return self._forward(model, t) * self.weights
 
-    def _forward(self, t: torch.Tensor) -> np.ndarray:
-        y = self._on_device(t)[0]
+    @staticmethod
+    def _forward(model, t: torch.Tensor) -> np.ndarray:
+        y = model(t)[0]
         if tuple(y.shape[1:]) != tuple(t.shape[2:]):
             raise InputError(f"window mode needs an output of the window's size; the model "
                              f"returned {tuple(y.shape[1:])} for a window of {tuple(t.shape[2:])}")
         return y.float().cpu().numpy()
 
 
-def read_window(lo, hi, parts) -> np.ndarray:
-    """A window's input from the chunks it overlaps; zeros outside the volume."""
-    box = Box.from_bounds(lo, hi)
-    channels = parts[0][1].shape[0]
-    out = np.zeros((channels,) + box.shape, dtype=np.float32)
-    for (clo, chi), arr in parts:
-        inter = box.intersect(Box.from_bounds(clo, chi))
-        out[(slice(None),) + inter.slices(box.lo)] = arr[(slice(None),) + inter.slices(clo)]
-    return out
-
-
 def run_window(runner, lo, hi, parts, samples=0, seed=0):
-    return runner.run(read_window(lo, hi, parts), samples, seed, lo)
+    # zeros outside the volume: MONAI's padding of volumes smaller than the window
+    x = assemble((lo, hi), parts[0][1].shape[0], parts, fill=0.0)
+    return runner.run(x, samples, seed, lo)
 
 
 def blend_chunk(weights, lo, hi, windows):
