@@ -90,7 +90,7 @@ def test_demo_small(work):
     (["vol.npy", "o.zarr", "--model", "mymodels:small", "--weights", "nope.pt"], "does not exist"),
     (["vol.npy", "o.zarr", "--model", "mymodels:small", "--weights", "bad.pt"], "safely"),
     (["vol.npy", "o.zarr", "--model", "volarray.models:FaultSeg3D", "--weights", "w.pt"],
-     "do not fit"),
+     "does not fit"),
     (["flat.npy", "o.zarr", "--model", "mymodels:small"], "(Z, Y, X)"),
     (["nan.npy", "o.zarr", "--model", "mymodels:small"], "NaN"),
     (["survey.zarr", "o.zarr", "--model", "mymodels:small", "--var", "nope"], "--var"),

@@ -84,21 +84,21 @@ class Branchy(nn.Module):
 
 def test_unsupported_op_names_op_and_way_out():
     with pytest.raises(volarray.UnsupportedOpError, match=r"cumsum.*sliding window"):
-        volarray.predict(CumSum(), VOL)
+        volarray.predict(CumSum().eval(), VOL)
     with pytest.raises(volarray.UnsupportedOpError, match=r"adaptive pooling to 2"):
-        volarray.predict(nn.Sequential(nn.Conv3d(1, 2, 1), nn.AdaptiveAvgPool3d(2)), VOL)
+        volarray.predict(nn.Sequential(nn.Conv3d(1, 2, 1), nn.AdaptiveAvgPool3d(2)).eval(), VOL)
     with pytest.raises(volarray.UnsupportedOpError, match=r"body\.1.*Flatten"):
-        volarray.predict(Flatten(), VOL)
+        volarray.predict(Flatten().eval(), VOL)
 
 
 def test_untraceable_model():
     with pytest.raises(volarray.TraceError, match="Branchy"):
-        volarray.predict(Branchy(), VOL)
+        volarray.predict(Branchy().eval(), VOL)
 
 
 def test_training_mode_batchnorm():
     m = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
-    with pytest.raises(volarray.UnsupportedOpError, match=r"model.eval\(\)"):
+    with pytest.raises(volarray.InputError, match=r"training mode.*'1'.*model.eval\(\)"):
         volarray.predict(m, VOL)
 
 

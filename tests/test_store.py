@@ -76,7 +76,8 @@ def test_scratch_removed_when_the_run_fails(tmp_path, model, volume, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):
         volarray.predict_to_zarr(model, volume, tmp_path / "out.zarr", chunks=16, scratch=True,
                                  scheduler="sync")
-    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]  # no scratch left behind
+    # no scratch left behind; no chunk was finished, so the fresh output held nothing
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volume, reference):
@@ -86,10 +87,17 @@ def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volu
     with pytest.raises(volarray.InputError, match="exists; pass overwrite=True"):
         volarray.predict_to_zarr(model, volume, target)
     assert (target / "precious.txt").read_text() == "keep me"
-    with pytest.raises(volarray.InputError, match="not written by this run"):
+    with pytest.raises(volarray.InputError, match="not a volarray output"):
         volarray.predict_to_zarr(model, volume, target, resume=True)
     assert (target / "precious.txt").exists()
-    out = volarray.predict_to_zarr(model, volume, target, overwrite=True, chunks=16)
+    with pytest.raises(volarray.InputError, match="volarray did not write"):
+        volarray.predict_to_zarr(model, volume, target, overwrite=True, chunks=16)
+    assert (target / "precious.txt").read_text() == "keep me"
+    out = volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=16)
+    with pytest.raises(volarray.InputError, match="written by another run"):
+        volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=8, resume=True)
+    out = volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=8,
+                                   overwrite=True)
     assert_volume_close(out[...], reference)
 
 

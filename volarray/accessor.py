@@ -7,9 +7,15 @@ from .errors import InputError
 
 
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
-                      channel_dim: str = "class", squeeze: bool = True, **kwargs) -> xr.DataArray:
+                      channel_dim: str = "class", squeeze: bool = True, **kwargs):
     """``volarray.predict`` on a DataArray: spatial coordinates and attributes carry
-    over; the result records the model, the mode and the volarray version."""
+    over; the result records the model, the mode and the volarray version.
+
+    The model sees the spatial dims in the DataArray's own order, or in the order
+    ``dims=`` names them; nothing else reorders them. A fourth dim is the channel
+    (the first dim when ``dims=`` is not given). Labels (``output="argmax"`` or
+    ``threshold=``) come back with the spatial dims only; ``ensemble=`` gives a
+    ``(mean, std)`` pair of DataArrays, as `predict` does."""
     from . import __version__
     from .api import predict
     if dims is None:
@@ -19,21 +25,30 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         dims = arr.dims[-3:]
     dims = tuple(dims)
     missing = [d for d in dims if d not in arr.dims]
-    if len(dims) != 3 or missing:
-        raise InputError(f"dims={dims!r} must name three dims of {arr.dims}")
+    if len(dims) != 3 or missing or len(set(dims)) != 3:
+        raise InputError(f"dims={dims!r} must name three different dims of {arr.dims}")
     rest = [d for d in arr.dims if d not in dims]
     if len(rest) > 1:
         raise InputError(f"DataArray {arr.name!r} has dims {arr.dims}: besides the spatial "
                          f"{dims}, only one channel dim may remain, not {rest}")
     arr = arr.transpose(*(rest + list(dims)))
     y = predict(model, arr.data, **kwargs)
-    coords = {d: arr.coords[d] for d in dims
-              if d in arr.coords and arr.sizes[d] == y.shape[1 + dims.index(d)]}
     attrs = dict(arr.attrs, volarray_model=type(model).__name__,
                  volarray_mode=kwargs.get("mode", "exact"), volarray_version=__version__)
-    if squeeze and y.shape[0] == 1:
-        return xr.DataArray(y[0], dims=dims, coords=coords, attrs=attrs, name=name)
-    return xr.DataArray(y, dims=(channel_dim,) + dims, coords=coords, attrs=attrs, name=name)
+
+    def wrap(a, suffix=""):
+        coords = {d: arr.coords[d] for d in dims
+                  if d in arr.coords and arr.sizes[d] == a.shape[a.ndim - 3 + dims.index(d)]}
+        label = None if name is None else f"{name}{suffix}"
+        if a.ndim == 3:  # labels
+            return xr.DataArray(a, dims=dims, coords=coords, attrs=attrs, name=label)
+        if squeeze and a.shape[0] == 1:
+            return xr.DataArray(a[0], dims=dims, coords=coords, attrs=attrs, name=label)
+        return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=attrs,
+                            name=label)
+    if isinstance(y, tuple):  # ensemble
+        return wrap(y[0], "_mean"), wrap(y[1], "_std")
+    return wrap(y)
 
 
 @xr.register_dataarray_accessor("volinfer")
@@ -41,9 +56,10 @@ class DataArrayAccessor:
     def __init__(self, obj: xr.DataArray):
         self._obj = obj
 
-    def predict(self, model, **kwargs) -> xr.DataArray:
-        """Lazy prediction as a DataArray; see `volarray.predict` for the arguments,
-        plus ``dims=`` (the three spatial dims when there are more)."""
+    def predict(self, model, **kwargs):
+        """Lazy prediction as a DataArray (a ``(mean, std)`` pair with ``ensemble=``);
+        see `volarray.predict` for the arguments, plus ``dims=`` (the three spatial
+        dims, in the order the model expects them)."""
         return predict_dataarray(self._obj, model, **kwargs)
 
 
@@ -53,10 +69,13 @@ class DatasetAccessor:
         self._obj = obj
 
     def predict(self, model, *, var: str, name: str = "prediction", **kwargs) -> xr.Dataset:
-        """The Dataset with a new lazy variable ``name``: the prediction of ``var``."""
+        """The Dataset with a new lazy variable ``name``: the prediction of ``var``
+        (two variables ``<name>_mean`` and ``<name>_std`` with ``ensemble=``)."""
         if var not in self._obj.data_vars:
             raise InputError(f"var={var!r} is not a variable of the Dataset; it has "
                              f"{list(self._obj.data_vars)}")
         kwargs.setdefault("channel_dim", f"{name}_class")
         out = predict_dataarray(self._obj[var], model, name=name, **kwargs)
+        if isinstance(out, tuple):
+            return self._obj.assign({a.name: a for a in out})
         return self._obj.assign({name: out})

@@ -46,36 +46,51 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
 
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
-         memory_limit=None, output: str = "probabilities") -> Plan:
+         memory_limit=None, output: str = "probabilities", pad: str | None = None) -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
-    return _plan(model, as_dask_volume(volume), chunks, mode, _device(device), memory_limit,
+    check_options(mode=mode, output=output, threshold=None, tta=None, ensemble=None, pad=pad)
+    check_model(model)
+    arr = as_dask_volume(volume)
+    if pad is not None:
+        from .padding import pad_volume, required_multiple
+        arr = pad_volume(arr, required_multiple(model, arr.shape[0], arr.shape[1:]) or 1, pad)
+    return _plan(model, arr, chunks, mode, _device(device), memory_limit,
                  argmax=output == "argmax")
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             memory_limit=None, window=None, overlap: float = 0.25, blend="gaussian",
             sigma_scale=0.125, tta=None, output: str = "probabilities",
-            coords: bool = False, ensemble: int | None = None, seed: int = 0,
-            dtype: str | None = None):
+            threshold: float | None = None, coords: bool = False,
+            ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
+            pad: str | None = None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
-    ``volume`` is a numpy, dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X).
+    ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
     ``chunks`` is the spatial chunk shape (int or (z, y, x)); None lets the planner
-    choose from ``memory_limit`` (bytes or '4GB', per task). ``device`` is 'cpu'
-    (default), 'cuda', 'cuda:N' or 'auto'. Nothing runs until the result is
-    computed or stored.
+    choose from ``memory_limit`` (bytes or '4GB', per task; a limit no task can fit is
+    refused, naming the smallest that works). ``device`` is 'cpu' (default), 'cuda',
+    'cuda:N' or 'auto'. Nothing runs until the result is computed or stored. The model
+    must be in ``eval()`` mode (only dropout may be left active, for ``ensemble=``).
 
     ``mode="window"``: classic sliding-window inference, equal to MONAI's
     ``sliding_window_inference`` with the same ``window`` (the patch size),
     ``overlap``, ``blend`` ("gaussian", "constant" or a callable shape -> weights)
     and ``sigma_scale``, aggregated per output chunk; the model is not traced.
 
+    ``pad="reflect"|"zeros"`` (exact mode): a volume whose sides are not multiples of
+    the network's downsampling is padded at the far end of each axis to the next
+    multiple, and the prediction cropped back, as users of torch's own whole-volume
+    call do.
+
     ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
     (nnU-Net's test-time mirroring), in either mode.
 
     ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
-    256 classes), reduced chunk by chunk. ``coords=True`` appends normalized global
-    coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
+    256 classes), reduced chunk by chunk; it needs two or more classes. For a
+    one-channel head, ``threshold=t`` gives labels ``y > t`` (uint8, (Z', Y', X')):
+    0.5 for a sigmoid output, 0.0 for logits. ``coords=True`` appends normalized
+    global coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
 
     ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
     (results stay float32 arrays).
@@ -86,54 +101,165 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     ever stored. In exact mode active dropout draws its masks from a hash of the
     seed and the voxel's global position.
     """
-    if ensemble is not None:
-        if not isinstance(ensemble, int) or ensemble < 2:
-            raise InputError(f"ensemble={ensemble!r} must be an int >= 2 (samples per voxel)")
-        if tta is not None or output != "probabilities":
-            raise InputError("ensemble= combines with neither tta= nor output='argmax'; "
-                             "reduce the returned mean yourself")
-        kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
-                  window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
-                  coords=coords)
-        if mode == "window":
-            arr = as_dask_volume(volume)
-            return _window(model, with_coordinates(arr) if coords else arr, chunks, device,
-                           window, overlap, blend, sigma_scale, ensemble, seed)
-        samples = da.stack([predict(model, volume, seed=seed + s, **kw) for s in range(ensemble)])
-        return samples.mean(axis=0), samples.std(axis=0)
-    if output not in ("probabilities", "argmax"):
-        raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'")
-    if coords:
-        volume = with_coordinates(as_dask_volume(volume))
-    if output == "argmax" and mode == "exact" and tta is None:
-        dev = _device(device)
-        arr = as_dask_volume(volume)
-        p = _plan(model, arr, chunks, mode, dev, memory_limit, argmax=True)
-        head = p.graph.nodes[p.graph.output].op
-        if isinstance(head, ArgmaxConv):  # the classifier runs in blocks of classes
-            labels_dtype = label_dtype(head.classes)
-            arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
-            labels = build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
-            return labels.map_blocks(lambda b: b[0].astype(labels_dtype), dtype=labels_dtype,
-                                     drop_axis=0)
-    if output == "argmax":
-        scores = predict(model, volume, chunks=chunks, mode=mode, device=device,
-                         memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
-                         sigma_scale=sigma_scale, tta=tta, seed=seed, dtype=dtype)
-        return scores.map_blocks(_argmax, dtype=label_dtype(scores.shape[0]), drop_axis=0)
-    if tta is not None:
-        if tta != "flips":
-            raise InputError(f"tta={tta!r} is not None or 'flips'")
-        kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
-                  window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale)
-        return mirrored_mean(model, as_dask_volume(volume), **kw)
-    dev = _device(device)
+    return _predict(model, volume, chunks=chunks, mode=mode, device=device,
+                    memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
+                    sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
+                    coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad)
+
+
+def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
+             window=None, overlap=0.25, blend="gaussian", sigma_scale=0.125, tta=None,
+             output="probabilities", threshold=None, coords=False, ensemble=None, seed=0,
+             dtype=None, pad=None, scratch=None, stochastic=False):
+    """`predict`, plus what `predict_to_zarr` needs: ``scratch`` (a ScratchSpace that
+    holds exact mode's kept tensors on disk) and ``stochastic`` (one sample of a model
+    with active dropout, as the members of an ensemble are)."""
+    check_options(mode=mode, output=output, threshold=threshold, tta=tta, ensemble=ensemble,
+                  pad=pad)
+    check_model(model, stochastic=stochastic or ensemble is not None)
     arr = as_dask_volume(volume)
+    kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
+              window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale, seed=seed,
+              dtype=dtype, scratch=scratch)
+    if coords:
+        arr = with_coordinates(arr)
+    if pad is not None:
+        return _padded(model, arr, pad, dict(kw, tta=tta, output=output, threshold=threshold,
+                                             ensemble=ensemble, stochastic=stochastic))
+    if ensemble is not None:
+        if mode == "window":
+            return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale,
+                           ensemble, seed)
+        samples = da.stack([_predict(model, arr, stochastic=True, **dict(kw, seed=seed + s))
+                            for s in range(ensemble)])
+        return samples.mean(axis=0), samples.std(axis=0)
+    if output == "argmax" and mode == "exact" and tta is None:
+        labels = _fused_argmax(model, arr, kw)
+        if labels is not None:
+            return labels
+    if output == "argmax" or threshold is not None:
+        scores = _predict(model, arr, tta=tta, stochastic=stochastic, **kw)
+        return to_labels(scores, output, threshold)
+    if tta is not None:
+        return mirrored_mean(model, arr, stochastic=stochastic, **kw)
     if mode == "window":
         return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale)
-    p = _plan(model, arr, chunks, mode, dev, memory_limit)
+    return _exact(model, arr, chunks, _device(device), memory_limit, seed, dtype, scratch)[1]
+
+
+def _exact(model, arr, chunks, dev, memory_limit, seed, dtype, scratch, argmax=False):
+    p = _plan(model, arr, chunks, "exact", dev, memory_limit, argmax=argmax)
+    if memory_limit is not None:
+        p.validate()  # a budget the user stated is one no task may exceed
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
-    return build_graph(p, arr, dev, seed=seed, autocast=_autocast(dtype))
+    paths = scratch.arrays_for(p) if scratch is not None else None
+    return p, build_graph(p, arr, dev, scratch=paths, seed=seed, autocast=_autocast(dtype))
+
+
+def _fused_argmax(model, arr, kw):
+    """Labels from a classifier conv fused with the argmax (run in blocks of classes),
+    or None where the head is not of that form."""
+    p, labels = _exact(model, arr, kw["chunks"], _device(kw["device"]), kw["memory_limit"],
+                       kw["seed"], kw["dtype"], kw["scratch"], argmax=True)
+    head = p.graph.nodes[p.graph.output].op
+    if not isinstance(head, ArgmaxConv):
+        return None
+    if head.classes < 2:
+        to_labels(labels, "argmax", None)  # refuses, with the same words as below
+    dt = label_dtype(head.classes)
+    return labels.map_blocks(lambda b: b[0].astype(dt), dtype=dt, drop_axis=0)
+
+
+def to_labels(scores: da.Array, output: str, threshold) -> da.Array:
+    """Per-voxel labels from class scores, chunk by chunk: the argmax over classes, or
+    ``scores > threshold`` for a one-channel head."""
+    classes = scores.shape[0]
+    if threshold is not None:
+        if classes != 1:
+            raise InputError(f"threshold={threshold!r} needs a one-channel model; this one "
+                             f"has {classes} output channels: pass output='argmax' for labels")
+        return scores.map_blocks(lambda b: (b[0] > threshold).astype(np.uint8),
+                                 dtype=np.uint8, drop_axis=0)
+    if classes < 2:
+        raise InputError("output='argmax' over a model with one output channel labels every "
+                         "voxel 0; pass threshold=0.5 for a sigmoid head (or threshold=0.0 "
+                         "for logits) to get labels y > threshold")
+    return scores.map_blocks(_argmax, dtype=label_dtype(classes), drop_axis=0)
+
+
+def _padded(model, arr: da.Array, pad: str, kw: dict):
+    """Pad to the next multiple the network needs, predict, crop back."""
+    from .padding import crop_output, pad_volume, padded_shape, required_multiple
+    if kw["mode"] != "exact":
+        raise InputError(f"pad={pad!r} applies to mode='exact'; window mode pads its windows "
+                         "itself (pass pad=None)")
+    shape = tuple(arr.shape[1:])
+    multiple = required_multiple(model, arr.shape[0], shape)
+    if multiple is None:  # the shape already suits the network
+        return _predict(model, arr, **kw)
+    padded = pad_volume(arr, multiple, pad)
+    y = _predict(model, padded, **kw)
+    crop = (lambda a: crop_output(a, shape, padded_shape(shape, multiple)))
+    if isinstance(y, tuple):
+        return tuple(crop(a) for a in y)
+    if y.ndim == 3:  # labels
+        return crop(y[None])[0]
+    return crop(y)
+
+
+TRAINING_SAFE = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                 torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def check_model(model, stochastic: bool = False) -> None:
+    """Refuse, before anything runs, a model that would not give its eval() answer:
+    modules in training mode (batch statistics, active dropout) or weights on the meta
+    device. With ``stochastic`` (an ensemble), active dropout is what is sampled."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
+    meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
+            if p.is_meta]
+    if meta:
+        raise InputError(f"the model's weights are on the meta device (e.g. {meta[0]!r}): they "
+                         "hold no values; load real weights (model.to_empty(device='cpu') and "
+                         "load_state_dict) before predicting")
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and not (stochastic and isinstance(m, TRAINING_SAFE))]
+    if training:
+        listed = ", ".join(repr(n) for n in training[:5])
+        more = f" and {len(training) - 5} more" if len(training) > 5 else ""
+        hint = ("; for an ensemble of samples leave only the dropout modules in train()"
+                if not stochastic else "")
+        count = f"{len(training)} module{'s' if len(training) > 1 else ''}"
+        raise InputError(f"the model is in training mode ({count}: {listed}"
+                         f"{more}), which uses batch statistics and active dropout; call "
+                         f"model.eval() before predicting{hint}")
+
+
+def check_options(*, mode, output, threshold, tta, ensemble, pad) -> None:
+    """The option values and combinations, refused before anything is traced."""
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is not one of {MODES}")
+    if output not in ("probabilities", "argmax"):
+        raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+                not np.isfinite(threshold):
+            raise InputError(f"threshold={threshold!r} is not a number; pass e.g. 0.5 for a "
+                             "sigmoid head or 0.0 for logits")
+        if output == "argmax":
+            raise InputError("output='argmax' and threshold= are two ways to make labels; pass "
+                             "one (threshold for a one-channel head, argmax for classes)")
+    if tta not in (None, "flips"):
+        raise InputError(f"tta={tta!r} is not None or 'flips'")
+    if ensemble is not None:
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 2:
+            raise InputError(f"ensemble={ensemble!r} must be an int >= 2 (samples per voxel)")
+        if tta is not None or output != "probabilities" or threshold is not None:
+            raise InputError("ensemble= combines with neither tta=, output='argmax' nor "
+                             "threshold=; reduce the returned mean yourself")
+    if pad not in (None, "reflect", "zeros"):
+        raise InputError(f"pad={pad!r} is not None, 'reflect' or 'zeros'")
 
 
 def _window(model, arr: da.Array, chunks, device, window, overlap, blend, sigma_scale,
@@ -162,7 +288,7 @@ def mirrored_mean(model, arr: da.Array, **kwargs) -> da.Array:
     total = None
     for flips in itertools.product((False, True), repeat=3):
         axes = tuple(1 + i for i, f in enumerate(flips) if f)
-        y = predict(model, da.flip(arr, axes) if axes else arr, **kwargs)
+        y = _predict(model, da.flip(arr, axes) if axes else arr, **kwargs)
         y = da.flip(y, axes) if axes else y
         total = y if total is None else total + y.rechunk(total.chunks)
     return total / 8

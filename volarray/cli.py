@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import resource
 import sys
 import time
@@ -45,27 +46,8 @@ def load_model(spec: str, weights: str | None):
         raise CLIError(f"--model {spec!r}: {attr}() returned a {type(model).__name__}, "
                        "not a torch.nn.Module")
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise CLIError(f"--weights {weights!r} does not exist")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                state = load_file(str(path))
-            else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except ImportError as e:
-            raise CLIError("reading .safetensors needs `pip install safetensors`") from e
-        except Exception as e:
-            raise CLIError(f"--weights {weights!r} is not a weights file torch can load safely "
-                           f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except Exception as e:
-            raise CLIError(f"--weights {weights!r} do not fit {spec}: "
-                           f"{str(e).splitlines()[0]} ...") from e
+        from volarray.weights import load_weights
+        load_weights(model, weights)  # one-line InputError naming the keys on a mismatch
     return model.eval()
 
 
@@ -91,7 +73,10 @@ def preview(volume, prediction, path: str):
         raise CLIError("--preview needs matplotlib: pip install matplotlib") from e
     import numpy as np
     vol = volume if volume.ndim == 3 else volume[0]
-    pred = prediction[0] if prediction.shape[0] == 1 else np.argmax(prediction[...], axis=0)
+    if prediction.ndim == 3:  # labels
+        pred = prediction
+    else:
+        pred = prediction[0] if prediction.shape[0] == 1 else np.argmax(prediction[...], axis=0)
     fig, axes = plt.subplots(2, 3, figsize=(11, 7))
     names = ("z", "y", "x")
     for row, (data, title, cmap) in enumerate(((vol, "input", "gray"),
@@ -109,13 +94,48 @@ def preview(volume, prediction, path: str):
     plt.close(fig)
 
 
+def check_preview_path(path: str | None) -> None:
+    """Before anything runs: a picture that cannot be written must not cost a run."""
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise CLIError("--preview needs matplotlib: pip install matplotlib") from e
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if p.suffix.lstrip(".").lower() not in formats:
+        raise CLIError(f"--preview {path!r}: the file name must end in one of "
+                       f"{', '.join('.' + f for f in sorted(formats))}, e.g. preview.png")
+    folder = p.resolve().parent
+    if not folder.is_dir():
+        raise CLIError(f"--preview {path!r}: the folder {str(folder)!r} does not exist; "
+                       "create it or pass another path")
+    if not os.access(folder, os.W_OK) or p.is_dir():
+        raise CLIError(f"--preview {path!r} cannot be written here; pass another path")
+
+
+def predict_options(args) -> dict:
+    """`predict`'s keyword arguments from the command line's flags."""
+    window = args.window
+    if window is not None:
+        window = window[0] if len(window) == 1 else tuple(window)
+    return dict(chunks=args.chunks, mode=args.mode, device=args.device,
+                memory_limit=args.memory_limit, window=window, overlap=args.overlap,
+                blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
+                output=args.output_kind, threshold=args.threshold, coords=args.coords,
+                ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad)
+
+
 def cmd_predict(args) -> int:
     import volarray
     from volarray.io import open_volume
+    from volarray.outputs import RunInterrupted
+    check_preview_path(args.preview)
     model = load_model(args.model, args.weights)
     scheduler, client = _scheduler(args.scheduler)
-    out = Path(args.output)
-    existed = out.exists()
+    out = args.output
     try:
         t0 = time.perf_counter()
         from tqdm.dask import TqdmCallback
@@ -123,24 +143,31 @@ def cmd_predict(args) -> int:
         bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
         with bar if client is None and not args.quiet else contextlib.nullcontext():
             result = volarray.predict_to_zarr(
-                model, args.input, out, name=args.name, var=args.var, chunks=args.chunks,
-                mode=args.mode, device=args.device, memory_limit=args.memory_limit,
-                overwrite=args.overwrite, resume=args.resume, scheduler=scheduler)
-        if not args.quiet:
-            print(f"wrote {out}/{args.name} {result.shape} in {time.perf_counter() - t0:.1f} s, "
-                  f"peak RSS {_peak_rss_gb():.2f} GB")
-        if args.preview:
-            preview(open_volume(args.input, args.var), result, args.preview)
-            if not args.quiet:
-                print(f"preview: {args.preview}")
-    except BaseException:
-        if not existed and not args.resume and out.exists():
-            import shutil  # never leave a half-written new output behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                model, args.input, args.output, name=args.name, var=args.var,
+                overwrite=args.overwrite, resume=args.resume, scheduler=scheduler,
+                scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch],
+                **predict_options(args))
+    except RunInterrupted as e:
+        print(f"volarray: {_cli_words(str(e))}", file=sys.stderr)
+        return e.exit_code
     finally:
         if client is not None:
             client.close()
+    results = result if isinstance(result, tuple) else (result,)
+    if not args.quiet:
+        for r in results:
+            print(f"wrote {out}/{r.basename} {r.shape} in {time.perf_counter() - t0:.1f} s, "
+                  f"peak RSS {_peak_rss_gb():.2f} GB")
+    if args.preview:
+        try:
+            preview(open_volume(args.input, args.var), results[0], args.preview)
+        except Exception as e:  # the run is finished and stays so
+            print(f"volarray: error: the output {str(out)!r} is complete, but the preview "
+                  f"{args.preview!r} could not be drawn ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"preview: {args.preview}")
     return 0
 
 
@@ -149,7 +176,7 @@ def cmd_plan(args) -> int:
     from volarray.io import open_volume
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
-                         mode=args.mode, memory_limit=args.memory_limit)
+                         mode=args.mode, memory_limit=args.memory_limit, pad=args.pad)
     print(plan)
     plan.validate()
     return 0
@@ -189,14 +216,53 @@ def cmd_demo(args) -> int:
     return 0 if diff <= 1e-5 else 1
 
 
+def _ints(text: str):
+    """'96' or '64,128,128' (for --chunks and --window)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
+    return values
+
+
 def _model_args(p):
     p.add_argument("input", help="zarr array, zarr group (with --var) or .npy")
     p.add_argument("--model", required=True, help="MODULE:CALLABLE returning a torch.nn.Module")
     p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
     p.add_argument("--var", help="array name inside a zarr group")
-    p.add_argument("--chunks", type=int, help="chunk side (default: planned)")
-    p.add_argument("--mode", default="exact", choices=["exact"])
+    p.add_argument("--chunks", type=_chunks, help="chunk side N or Z,Y,X (default: planned)")
+    p.add_argument("--mode", default="exact", choices=["exact", "window"],
+                   help="exact (the whole-volume answer) or window (sliding window)")
     p.add_argument("--memory-limit", help="per task, e.g. 4GB")
+    p.add_argument("--pad", choices=["reflect", "zeros"],
+                   help="exact mode: pad sides to the network's multiple, crop back")
+
+
+def _chunks(text: str):
+    values = _ints(text)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _predict_args(p):
+    w = p.add_argument_group("window mode")
+    w.add_argument("--window", type=_ints, help="window (patch) size: N or Z,Y,X")
+    w.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
+    w.add_argument("--blend", default="gaussian", choices=["gaussian", "constant"])
+    w.add_argument("--sigma-scale", type=float, default=0.125, help="gaussian sigma / window")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--output", dest="output_kind", default="probabilities",
+                   choices=["probabilities", "argmax"], help="argmax: uint8/uint16 class labels")
+    o.add_argument("--threshold", type=float,
+                   help="labels y > T for a one-channel head (0.5 sigmoid, 0.0 logits)")
+    o.add_argument("--tta", choices=["flips"], help="mean over the 8 mirrorings")
+    o.add_argument("--ensemble", type=int,
+                   help="N samples of a stochastic model: writes NAME_mean and NAME_std")
+    o.add_argument("--seed", type=int, default=0, help="seed of the ensemble's samples")
+    o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
+    o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="exact mode: run tiles under torch.autocast in this type")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -213,7 +279,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--preview", help="write a PNG of three slices of input and prediction")
+    p.add_argument("--scratch", default="auto", choices=["auto", "disk", "memory"],
+                   help="where exact mode keeps tensors between stages (auto: on disk beside "
+                        "the output when they exceed the memory limit)")
     p.add_argument("--quiet", action="store_true")
+    _predict_args(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("plan", help="print what predict would run, and check it fits")
     _model_args(p)
@@ -235,15 +305,31 @@ def main(argv=None) -> int:
     from volarray.errors import VolarrayError
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # before the run started writing: nothing to keep
+        if args.debug:
+            raise
+        print("volarray: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except (CLIError, VolarrayError) as e:
         if args.debug:
             raise
-        msg = str(e)
-        for api, flag in (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
-                          ("var=", "--var"), ("memory_limit", "--memory-limit")):
-            msg = msg.replace(api, flag)  # the command line's words for the same fix
-        print(f"volarray: error: {msg}", file=sys.stderr)
+        print(f"volarray: error: {_cli_words(str(e))}", file=sys.stderr)
         return 2
+
+
+API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
+             ("var=", "--var"), ("memory_limit", "--memory-limit"), ("threshold=", "--threshold "),
+             ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),
+             ("pad='zeros'", "--pad zeros"), ("mode='window'", "--mode window"),
+             ("mode='exact'", "--mode exact"), ("ensemble=", "--ensemble "), ("tta=", "--tta "),
+             ("window=", "--window "), ("chunks=", "--chunks "), ("weights=", "--weights "))
+
+
+def _cli_words(msg: str) -> str:
+    """The command line's words for the fixes an API message names."""
+    for api, flag in API_WORDS:
+        msg = msg.replace(api, flag)
+    return msg
 
 
 if __name__ == "__main__":

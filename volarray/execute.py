@@ -16,8 +16,8 @@ import torch.fx as fx
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from .errors import InputError
 from .geometry import Box, chunk_range, grid_boxes
+from .io import check_finite
 from .ops.local import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .plan import Plan
@@ -118,31 +118,30 @@ class ModelRunner(OnDevice):
             return prog.run(ctx, tensors, req).float()
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
-            global_values: dict | None = None) -> np.ndarray:
+            global_values: dict | None = None, origins: dict | None = None) -> np.ndarray:
         """One task: the stage's output over ``out_box``.
 
         Tiles run channels-last (NDHWC), which oneDNN convolves ~1.5x faster than
         NCDHW; kept intermediates stay in that layout between stages, and only the
         model's output is returned C-contiguous.
         """
-        self.check_input(sources)
+        self.check_input(sources, origins)
         with torch.inference_mode():
             y = self.tile(self.programs[stage], out_box, sources, global_values or {})
             y = y[0].detach().to("cpu").numpy()
         return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
 
-    def check_input(self, sources):
-        """NaN in the volume would spread through every layer: refuse it, saying where."""
+    def check_input(self, sources, origins=None):
+        """Non-finite input would spread through every layer: refuse it, naming the voxel."""
         a = sources.get(self.input_name)
-        if a is not None and np.isnan(a).any():
-            idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
-            raise InputError(f"the volume holds NaN (e.g. at channel {idx[0]}, offset {idx[1:]} "
-                             "of a tile); fill or mask it (np.nan_to_num) before predicting")
+        if a is not None:
+            check_finite(a, (origins or {}).get(self.input_name, (0, 0, 0)))
 
-    def stats(self, barrier: int, out_box: Box, sources, global_values) -> np.ndarray:
+    def stats(self, barrier: int, out_box: Box, sources, global_values,
+              origins=None) -> np.ndarray:
         """Partial statistics of a barrier's tensor over one chunk's own region."""
         prog = self.barriers[barrier]
-        self.check_input(sources)
+        self.check_input(sources, origins)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
         with torch.inference_mode():
             return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)
@@ -225,7 +224,7 @@ def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, 
              write_to=None):
     box = Box.from_bounds(*out_bounds)
     y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
-                   dict(zip(gnames, gvalues)))
+                   dict(zip(gnames, gvalues)), _origins(names, boxes))
     if write_to is None:
         return y
     open_scratch(write_to)[(slice(None),) + box.slices()] = y
@@ -236,7 +235,12 @@ def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scrat
                gvalues):
     return runner.stats(barrier, Box.from_bounds(*out_bounds),
                         _sources(names, boxes, channels, parts, scratch),
-                        dict(zip(gnames, gvalues)))
+                        dict(zip(gnames, gvalues)), _origins(names, boxes))
+
+
+def _origins(names, boxes) -> dict:
+    """Where each source's region starts in its whole tensor (for messages)."""
+    return {n: tuple(b[0]) for n, b in zip(names, boxes)}
 
 
 def combine_task(*parts):

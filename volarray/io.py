@@ -41,6 +41,9 @@ def open_volume(source, var: str | None = None):
 
 def as_dask_volume(volume) -> da.Array:
     """Canonical (C, Z, Y, X) float dask array; raises InputError naming the problem."""
+    volume = _from_torch(volume)
+    if _is_zarr_array(volume):
+        volume = CheckedReader(volume)
     if isinstance(volume, da.Array):
         arr = volume
     elif hasattr(volume, "shape") and hasattr(volume, "dtype"):
@@ -49,7 +52,9 @@ def as_dask_volume(volume) -> da.Array:
         if isinstance(data, da.Array):
             arr = data
         else:
-            arr = da.from_array(data, chunks=_natural_chunks(data), asarray=isinstance(data, np.ndarray) or None)
+            arr = da.from_array(data, chunks=_natural_chunks(data),
+                                asarray=isinstance(data, np.ndarray) or None,
+                                name=getattr(data, "dask_name", None))
     else:
         raise InputError(f"volume of type {type(volume).__name__} is not an array; pass a numpy, "
                          "dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X)")
@@ -64,6 +69,64 @@ def as_dask_volume(volume) -> da.Array:
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
     return arr
+
+
+def _from_torch(volume):
+    """A torch tensor (on any device, with or without grad) as a numpy array."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(volume, torch.Tensor):
+        return volume
+    t = volume.detach()
+    if t.is_meta:
+        raise InputError("volume is a tensor on the meta device: it holds no values")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _is_zarr_array(obj) -> bool:
+    return type(obj).__module__.startswith("zarr") and hasattr(obj, "chunks") and hasattr(
+        obj, "store")
+
+
+class CheckedReader:
+    """A zarr array whose unreadable chunks (truncated, corrupt) raise one line naming
+    the store and the chunk, instead of a codec traceback. A missing chunk still reads
+    as the fill value: that is zarr's design (chunks equal to it are not written)."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
+        self.ndim = len(self.shape)
+        path = getattr(array, "path", "") or ""
+        root = getattr(getattr(array, "store", None), "root", None)
+        self.where = f"{root}/{path}".rstrip("/") if root is not None else repr(array)
+        from dask.base import tokenize
+        self.dask_name = "zarr-" + tokenize(self.where, self.shape, str(self.dtype), self.chunks)
+
+    def __getitem__(self, index):
+        try:
+            return self.array[index]
+        except Exception as e:
+            lo = [s.start or 0 if isinstance(s, slice) else int(s) for s in index]
+            chunk = tuple(a // c for a, c in zip(lo, self.chunks))
+            detail = " ".join(str(e).split())[:160]
+            raise InputError(f"input {self.where!r}: chunk {chunk} (from voxel {tuple(lo)}) is "
+                             f"unreadable ({type(e).__name__}: {detail}); restore or rewrite "
+                             "that chunk of the store") from None
+
+
+def check_finite(block: np.ndarray, origin=(0, 0, 0)) -> None:
+    """NaN or Inf in the volume would spread through every layer: refuse it, saying
+    at which voxel of the whole volume."""
+    if np.isfinite(block).all():
+        return
+    c, z, y, x = (int(i) for i in np.argwhere(~np.isfinite(block))[0])
+    value = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}[str(block[c, z, y, x])]
+    pos = tuple(int(o) + d for o, d in zip(origin, (z, y, x)))
+    raise InputError(f"the volume holds {value} at channel {c}, voxel (z, y, x) = {pos}; fill "
+                     "or mask non-finite values (np.nan_to_num) before predicting")
 
 
 def _natural_chunks(data):

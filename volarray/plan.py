@@ -26,17 +26,31 @@ MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
 CPU_TARGET_TASK_BYTES = 200e6
 
 
-def parse_bytes(value) -> int:
+def parse_bytes(value) -> int | None:
+    """A memory budget in bytes from an int, a float or a string like '4GB'; None
+    stays None (the default). What cannot be a budget is refused."""
     if value is None:
         return None
-    if isinstance(value, (int, float)):
-        return int(value)
-    import dask.utils
-    try:
-        return int(dask.utils.parse_bytes(value))
-    except Exception:
+    if isinstance(value, bool):
+        n = None
+    elif isinstance(value, (int, float)):
+        n = value if math.isfinite(value) else None
+    else:
+        import dask.utils
+        try:
+            n = dask.utils.parse_bytes(str(value).strip().lstrip("+"))
+        except Exception:
+            n = None
+        if isinstance(value, str) and value.strip().startswith("-"):
+            n = -1
+    if n is None:
         raise InputError(f"memory_limit={value!r} is not a size; pass bytes or a string "
-                         "like '4GB'") from None
+                         "like '4GB'")
+    if n <= 0:
+        raise InputError(f"memory_limit={value!r} is not a budget: it must be positive, e.g. "
+                         f"'2GB'; omit it for the default ({_fmt_bytes(default_memory_limit())} "
+                         "per task here)")
+    return int(n)
 
 
 def default_memory_limit() -> int:

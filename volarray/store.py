@@ -1,27 +1,32 @@
 """Runs that write zarr: chunk by chunk, resumable, with kept tensors on disk.
 
-The output is a zarr group holding the prediction array and a small array of
+The output is a zarr group holding the prediction array(s) and a small array of
 completion marks, one per output chunk, each its own zarr chunk. A task writes its
-chunk, then its mark; a run that died leaves half-written chunks unmarked, and a
-resumed run computes exactly the unmarked ones.
+chunk (of every output array), then its mark; a run that died leaves half-written
+chunks unmarked, and a resumed run computes exactly the unmarked ones. What may be
+written or removed, and what a stopped run leaves, is decided in `outputs`.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
+import os
 from pathlib import Path
 
+import dask
 import numpy as np
+from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .api import _device, _plan
+from . import outputs
+from .api import _predict
 from .errors import InputError, VolarrayError
-from .execute import build_graph
-from .geometry import chunk_bounds
-from .io import as_dask_volume, open_volume, rechunk_to
+from .io import as_dask_volume, open_volume
+from .outputs import DONE, RunInterrupted
 
-DONE = "volarray_done"  # the completion marks, beside the prediction
+PREDICT_OPTIONS = ("chunks", "mode", "device", "memory_limit", "window", "overlap", "blend",
+                   "sigma_scale", "tta", "output", "threshold", "coords", "ensemble", "seed",
+                   "dtype", "pad")
 
 
 def _zarr():
@@ -29,12 +34,47 @@ def _zarr():
     return zarr
 
 
-def write_block(path: str, name: str, index, block: np.ndarray) -> int:
+class ScratchSpace:
+    """Where exact mode keeps the tensors passed between stages: on disk in a zarr
+    scratch folder beside the output (``mode=True``), in memory (False), or on disk
+    when they exceed the plan's memory limit ("auto"). The folder is made on first
+    use and removed by `remove`."""
+
+    def __init__(self, out: Path, mode="auto"):
+        if mode not in (True, False, "auto"):
+            raise InputError(f"scratch={mode!r} is not True, False or 'auto'")
+        self.out, self.mode, self.dir, self.count = out, mode, None, 0
+
+    def arrays_for(self, plan) -> dict | None:
+        if not (self.mode is True or (self.mode == "auto" and plan.kept_bytes > plan.memory_limit)):
+            return None
+        zarr = _zarr()
+        if self.dir is None:
+            self.dir = outputs.make_scratch(self.out)
+        self.count += 1
+        paths = {}
+        for stage in plan.stages[:-1]:
+            node = plan.graph.nodes[stage.output]
+            p = str(self.dir / f"plan{self.count}" / stage.output)
+            zarr.create_array(p, shape=(node.channels,) + node.shape, dtype="f4",
+                              chunks=(node.channels,) + stage.chunk_shape, compressors=None)
+            paths[stage.output] = p
+        return paths
+
+    def remove(self):
+        outputs.remove_scratch(self.dir)
+
+
+def write_block(path: str, names, index, *blocks) -> int:
+    """One output chunk of every output array, then its completion mark."""
     zarr = _zarr()
     group = zarr.open_group(path, mode="r+")
-    out = group[name]
-    lo = [i * c for i, c in zip(index, out.chunks[1:])]
-    out[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(lo, block.shape[1:]))] = block
+    for name, block in zip(names, blocks):
+        out = group[name]
+        spatial = out.chunks[-3:]
+        lo = [i * c for i, c in zip(index, spatial)]
+        lead = (slice(None),) * (block.ndim - 3)
+        out[lead + tuple(slice(a, a + n) for a, n in zip(lo, block.shape[-3:]))] = block
     group[DONE][tuple(index)] = 1  # only after the data: marks never lie
     return 1
 
@@ -44,89 +84,173 @@ def _count(*marks) -> int:
 
 
 def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str | None = None,
-                    chunks=None, mode: str = "exact", device=None, memory_limit=None,
                     overwrite: bool = False, resume: bool = False, scheduler=None,
-                    scratch="auto"):
+                    scratch="auto", **options):
     """Run ``predict`` and write the result into the zarr group ``store`` as array
-    ``name`` (zarr v3, dims channel, z, y, x). Returns the zarr array.
+    ``name`` (zarr v3, dims channel, z, y, x; labels z, y, x). Returns the zarr array,
+    or for ``ensemble=`` the pair of arrays ``<name>_mean`` and ``<name>_std``.
 
+    ``options`` are `predict`'s (mode, window, tta, output, threshold, ensemble, ...).
     ``volume``: an array, or a path (zarr array, zarr group with ``var``, .npy).
-    An existing ``store`` is an error unless ``overwrite=True`` (replace it) or
-    ``resume=True`` (finish a killed run: only unmarked chunks are computed).
+    An existing ``store`` is an error unless ``overwrite=True`` (replace it, only if
+    volarray wrote it) or ``resume=True`` (finish a stopped run: only unmarked chunks
+    are computed). The output can never be the input or a folder holding it.
     ``scratch``: keep the tensors passed between stages in a temporary zarr store
     beside the output (True), in memory (False), or on disk when they exceed the
-    memory limit ("auto"); the scratch store is removed when the run ends or fails.
+    memory limit ("auto"); it is removed however the run ends.
     ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client).
+    A run stopped by an error, Ctrl-C or SIGTERM keeps its finished chunks and says
+    how to resume; Ctrl-C and SIGTERM raise `RunInterrupted`.
     """
-    zarr = _zarr()
-    if overwrite and resume:
-        raise InputError("overwrite=True and resume=True contradict each other; pass one")
+    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
+    if unknown:
+        raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
+                         f"predict's options {list(PREDICT_OPTIONS)}")
+    out = Path(store) if str(store).strip() else None
     src = open_volume(volume, var)
-    arr = as_dask_volume(src)  # validates before anything is written
-    dev = _device(device)
-    plan = _plan(model, arr, chunks, mode, dev, memory_limit)
-    plan.validate()
-    out_path = Path(store)
-    if out_path.exists() and not (overwrite or resume):
-        raise InputError(f"output {str(out_path)!r} exists; pass overwrite=True to replace it "
-                         "or resume=True to finish an interrupted run into it")
-    fresh = not (resume and out_path.exists())
-    arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], plan.chunks)])
-    use_scratch = scratch is True or (scratch == "auto" and plan.kept_bytes > plan.memory_limit)
-    scratch_dir = (Path(tempfile.mkdtemp(prefix=f".{out_path.name}.scratch-",
-                                         dir=out_path.resolve().parent))
-                   if use_scratch else None)
+    action = outputs.check_target(store, [outputs.local_path(volume), outputs.local_path(src)],
+                                  overwrite=overwrite, resume=resume)
+    out = out.resolve()
+    as_dask_volume(src)  # validates before anything is traced or written
+    if action != "create":
+        outputs.remove_stale_scratch(out)  # of this output's runs killed with SIGKILL
+    space = ScratchSpace(out, scratch)
     try:
-        paths = {}
-        if scratch_dir is not None:
-            for stage in plan.stages[:-1]:
-                node = plan.graph.nodes[stage.output]
-                p = str(scratch_dir / stage.output)
-                zarr.create_array(p, shape=(node.channels,) + node.shape, dtype="f4",
-                                  chunks=(node.channels,) + stage.chunk_shape, compressors=None)
-                paths[stage.output] = p
-        y = build_graph(plan, arr, dev, scratch=paths)
-        out_chunks = (y.shape[0],) + plan.output_stage.chunk_shape
-        if resume and out_path.exists():
-            try:
-                group = zarr.open_group(str(out_path), mode="r+")
-            except Exception:
-                group = None
-            if group is None or group.attrs.get("volarray_run") != y.name or name not in group:
-                raise InputError(
-                    f"output {str(out_path)!r} was not written by this run (another model, "
-                    "volume, chunking or array name); pass overwrite=True to replace it")
+        result = _predict(model, src, scratch=space, **options)
+        arrays = _named_arrays(result, name)
+        run_id = _run_id(model, volume, var, arrays, options)
+        if action == "resume":
+            group = _open_for_resume(out, run_id, arrays)
         else:
-            if out_path.exists():
-                shutil.rmtree(out_path)
-            group = zarr.open_group(str(out_path), mode="w")
-            group.create_array(name, shape=y.shape, chunks=out_chunks, dtype="f4",
-                               dimension_names=("channel", "z", "y", "x"),
-                               attributes={"model": type(model).__name__, "mode": mode,
-                                           "volarray_version": _version()})
-            group.create_array(DONE, shape=y.numblocks[1:], chunks=(1, 1, 1), dtype="u1",
-                               fill_value=0)
-            group.attrs["volarray_run"] = y.name
-        done = group[DONE][...]
-        todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
-        wname = f"volarray-write-{y.name}"
-        dsk = {(wname, i): (write_block, str(out_path), name, idx, (y.name, 0) + idx)
-               for i, idx in enumerate(todo)}
-        dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
-        graph = HighLevelGraph.from_collections(wname, dsk, dependencies=[y])
-        written = Delayed(wname, graph).compute(scheduler=scheduler)
+            if action == "replace":
+                outputs.remove_output(out)
+            group = _create_output(out, run_id, arrays, model, options)
+        _write(out, group, arrays, scheduler, fresh=action != "resume")
+    finally:
+        space.remove()
+    zarr_arrays = tuple(group[n] for n in arrays)
+    return zarr_arrays if len(zarr_arrays) > 1 else zarr_arrays[0]
+
+
+def _named_arrays(result, name: str) -> dict:
+    if isinstance(result, tuple):  # ensemble
+        return {f"{name}_mean": result[0], f"{name}_std": result[1]}
+    return {name: result}
+
+
+def _run_id(model, volume, var, arrays: dict, options: dict) -> str:
+    """What makes a run the same run: the model's weights, the input (its path when it
+    has one, so that fixing a bad voxel in place keeps finished chunks valid), the
+    options and the output's chunking."""
+    from .window import _weights_token
+    source = (str(Path(volume).resolve()), var) if isinstance(volume, (str, os.PathLike)) \
+        else next(iter(arrays.values())).name
+    return tokenize(_weights_token(model), source, sorted((k, repr(v)) for k, v in options.items()),
+                    [(n, a.shape, a.chunks, str(a.dtype)) for n, a in arrays.items()])
+
+
+def _create_output(out: Path, run_id: str, arrays: dict, model, options: dict):
+    zarr = _zarr()
+    # "a" where a replaced output left a user's own files in its folder
+    group = zarr.open_group(str(out), mode="a" if out.exists() else "w-")
+    for n, a in arrays.items():
+        spatial_dims = ("z", "y", "x")
+        group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
+                           dtype=a.dtype, dimension_names=(
+                               spatial_dims if a.ndim == 3 else ("channel",) + spatial_dims),
+                           attributes={"model": type(model).__name__,
+                                       "mode": options.get("mode", "exact"),
+                                       "volarray_version": _version()})
+    first = next(iter(arrays.values()))
+    group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
+                       fill_value=0)
+    group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
+                                   "version": _version()}
+    return group
+
+
+def _open_for_resume(out: Path, run_id: str, arrays: dict):
+    zarr = _zarr()
+    group = zarr.open_group(str(out), mode="r+")
+    marker = outputs.read_marker(out) or {}
+    if marker.get("run") != run_id or any(n not in group for n in arrays):
+        raise InputError(f"output {str(out)!r} was written by another run (another model, "
+                         "volume, options, chunking or array name), so its chunks cannot be "
+                         "reused; pass overwrite=True to replace it")
+    return group
+
+
+def _write(out: Path, group, arrays: dict, scheduler, fresh: bool) -> None:
+    """Write every unmarked chunk; however the run stops, finished chunks stay."""
+    names = list(arrays)
+    first = arrays[names[0]]
+    # every array is written in the same spatial chunks, one task per chunk
+    ys = [a.rechunk(a.chunks[:-3] + first.chunks[-3:]) for a in arrays.values()]
+    done = group[DONE][...]
+    todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
+    wname = f"volarray-write-{tokenize(str(out), [y.name for y in ys])}"
+    lead = [(0,) * (y.ndim - 3) for y in ys]
+    dsk = {(wname, i): (write_block, str(out), names, idx) +
+           tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
+           for i, idx in enumerate(todo)}
+    dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
+    graph = HighLevelGraph.from_collections(wname, dsk, dependencies=ys)
+    try:
+        with outputs.sigterm_stops_run():
+            written = compute_stoppable(Delayed(wname, graph), scheduler)
         if written != len(todo):
             raise RuntimeError(f"volarray wrote {written} of {len(todo)} chunks")
-        return group[name]
-    except VolarrayError:
-        # bad input found mid-run (NaN): a fresh output would be half-written, remove it;
-        # other failures leave it for resume=True
-        if fresh and out_path.exists():
-            shutil.rmtree(out_path, ignore_errors=True)
+    except BaseException as e:
+        finished = int(group[DONE][...].sum())
+        total = int(done.size)
+        if fresh and finished == 0:
+            outputs.remove_output(out)  # it holds nothing: as if never started
+            where = f"nothing was written to {str(out)!r}"
+        else:
+            where = (f"{finished} of {total} chunks are finished and kept in {str(out)!r}; "
+                     "run again with resume=True to compute the rest")
+        if isinstance(e, KeyboardInterrupt):
+            sig, code = outputs.signal_name(e)
+            raise RunInterrupted(f"stopped by {sig}: {where}", code) from None
+        if isinstance(e, VolarrayError):
+            raise type(e)(f"{e}. {where[0].upper()}{where[1:]}") from None
         raise
+
+
+def compute_stoppable(collection, scheduler):
+    """``collection.compute(scheduler=...)``, where stopping (an error, Ctrl-C) also
+    stops the tasks in flight before returning: a distributed run is cancelled, and an
+    in-process thread pool is drained, so nothing writes after the caller cleans up."""
+    client = _client(scheduler)
+    if client is not None:
+        future = client.compute(collection)
+        try:
+            return future.result()
+        except BaseException:
+            client.cancel(future)
+            raise
+    name = scheduler or dask.config.get("scheduler", None) or "threads"
+    if name not in ("threads", "threading"):
+        return collection.compute(scheduler=scheduler)
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        return collection.compute(scheduler="threads", pool=pool)
     finally:
-        if scratch_dir is not None:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _client(scheduler):
+    try:
+        from distributed import Client, default_client
+    except ImportError:
+        return None
+    if isinstance(scheduler, Client):
+        return scheduler
+    if scheduler is None and dask.config.get("scheduler", None) in (None, "dask.distributed"):
+        with contextlib.suppress(ValueError):
+            return default_client()
+    return None
 
 
 def _version() -> str:

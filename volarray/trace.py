@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import TraceError, UnsupportedOpError
+from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .ops.fill import ZEROS, Fill
 from .ops.local import (ArgmaxConv, Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
@@ -553,9 +553,15 @@ class _Builder:
 
 
 def _meta_cat(tensors, dim=0, *, out=None):
-    # torch.cat on meta tensors imports torch._dynamo (~1 s) on first use
+    # torch.cat on meta tensors imports torch._dynamo (~1 s) on first use; same size check
     shape = list(tensors[0].shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
+    d = dim % len(shape)
+    for i, t in enumerate(tensors[1:], 1):
+        if t.dim() != len(shape) or any(a != b for k, (a, b) in enumerate(zip(t.shape, shape))
+                                        if k != d):
+            raise RuntimeError(f"Sizes of tensors must match except in dimension {d}: tensor 0 "
+                               f"has shape {tuple(shape)}, tensor {i} has {tuple(t.shape)}")
+    shape[d] = sum(t.shape[d] for t in tensors)
     return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
 
 
@@ -620,10 +626,30 @@ def trace(model: nn.Module, input_shape) -> Graph:
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
     gm = symbolic_trace(model)
+    try:
+        return _trace_graph(gm, input_shape, dtype)
+    except (TraceError, UnsupportedOpError) as e:
+        _raise_if_padding_helps(model, gm, input_shape, dtype, e)
+        raise
+
+
+def _trace_graph(gm: fx.GraphModule, input_shape, dtype) -> Graph:
     values = meta_values(gm, input_shape, dtype)
     b = _Builder(gm, values, input_shape[2:])
     inp, out = b.build(gm.graph)
     return Graph(gm, b.nodes, inp, out, dtype, b.globals)
+
+
+def _raise_if_padding_helps(model, gm, input_shape, dtype, error: Exception) -> None:
+    """On a failed trace only: if padding the volume's sides up to a multiple (as U-Nets
+    need) makes the trace succeed, raise an InputError that says so; else return."""
+    from .padding import padding_error
+    if len(input_shape) != 5:
+        return
+    message = padding_error(type(model).__name__, gm, input_shape[1], tuple(input_shape[2:]),
+                            lambda shape: _trace_graph(gm, (1, input_shape[1]) + shape, dtype))
+    if message is not None:
+        raise InputError(message) from error
 
 
 def fuse_argmax_head(graph: Graph, block: int = 32) -> bool:

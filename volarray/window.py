@@ -23,6 +23,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .errors import InputError
 from .execute import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
+from .io import check_finite
 
 
 def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -94,6 +95,7 @@ class WindowRunner(OnDevice):
 def run_window(runner, lo, hi, parts, samples=0, seed=0):
     # zeros outside the volume: MONAI's padding of volumes smaller than the window
     x = assemble((lo, hi), parts[0][1].shape[0], parts, fill=0.0)
+    check_finite(x, lo)
     return runner.run(x, samples, seed, lo)
 
 

@@ -1,0 +1,196 @@
+"""The rules for what volarray writes and removes, in one place.
+
+- A store is volarray's when its group metadata carries the ``volarray`` attribute
+  that `create_output` writes. Only such a store is ever removed or replaced, and then
+  only the entries volarray made in it.
+- The output can never be the input, a folder holding the input, a folder inside the
+  input, the current directory or a file system root.
+- A run that stops early (an error, Ctrl-C, SIGTERM) keeps every finished chunk with its
+  completion mark, removes its scratch store, and says how to resume. A fresh output in
+  which no chunk was finished holds nothing, so it is removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import InputError
+
+MARKER = "volarray"  # group attribute that identifies a volarray output
+DONE = "volarray_done"  # the completion marks, one per output chunk
+SCRATCH_MARKER = "volarray-scratch.json"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM; finished chunks are kept. ``exit_code`` is
+    the shell's convention (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the run stops as for Ctrl-C."""
+
+
+# -- where an output may go ---------------------------------------------------------------
+
+def local_path(source) -> Path | None:
+    """The local folder or file behind an input: a path, or a zarr array / group on a
+    local store. None for in-memory data."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).resolve()
+    store = getattr(source, "store", None)
+    root = getattr(store, "root", None) or getattr(store, "path", None)
+    if root is not None and not str(root).startswith(("s3:", "gs:", "http")):
+        return Path(str(root)).resolve()
+    filename = getattr(source, "filename", None)  # np.memmap
+    return Path(filename).resolve() if filename else None
+
+
+def is_volarray_output(path: Path) -> bool:
+    """True when ``path`` is a zarr group that volarray created."""
+    return read_marker(path) is not None
+
+
+def read_marker(path: Path) -> dict | None:
+    for meta_file, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        f = Path(path) / meta_file
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            attrs = meta.get(key, {}) if key else meta
+            marker = attrs.get(MARKER) if isinstance(attrs, dict) else None
+            return marker if isinstance(marker, dict) else None
+    return None
+
+
+def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = False) -> str:
+    """Decide, before anything is written, what happens to ``store``: "create",
+    "replace" (a volarray output, overwrite=True) or "resume". Raises InputError
+    for any target that could cost the user data."""
+    if overwrite and resume:
+        raise InputError("overwrite=True and resume=True contradict each other; pass one")
+    if store is None or str(store).strip() == "":
+        raise InputError(f"output {store!r} is empty; pass the path of a zarr store to "
+                         "create, e.g. 'prediction.zarr'")
+    out = Path(store).resolve()
+    if out == Path.cwd().resolve() or out == Path(out.anchor) or out == Path.home().resolve():
+        raise InputError(f"output {str(store)!r} is the folder {str(out)!r} itself; pass the "
+                         "path of a new zarr store inside it, e.g. 'prediction.zarr'")
+    for inp in inputs:
+        if inp is None:
+            continue
+        if out == inp:
+            raise InputError(f"output {str(store)!r} is the input; pass another path for the "
+                             "prediction")
+        if out in inp.parents:
+            raise InputError(f"output {str(store)!r} is a folder that holds the input "
+                             f"{str(inp)!r}; pass a path of its own for the prediction")
+        if inp in out.parents:
+            raise InputError(f"output {str(store)!r} lies inside the input {str(inp)!r}; pass "
+                             "a path outside it")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise InputError(f"output {str(store)!r}: the folder {str(out.parent)!r} does not "
+                             "exist; create it first")
+        return "create"
+    ours = is_volarray_output(out)
+    if resume:
+        if not ours:
+            raise InputError(f"output {str(store)!r} exists and is not a volarray output; "
+                             "resume=True only finishes a store volarray started")
+        return "resume"
+    if not overwrite:
+        raise InputError(f"output {str(store)!r} exists; pass overwrite=True to replace it "
+                         "or resume=True to finish an interrupted run into it")
+    if not ours:
+        kind = "file" if out.is_file() else "folder"
+        raise InputError(f"output {str(store)!r} is a {kind} that volarray did not write; "
+                         "overwrite=True only replaces volarray outputs, so pass another path "
+                         "or remove it yourself")
+    return "replace"
+
+
+def remove_output(path: Path) -> None:
+    """Remove what volarray wrote in its output ``path``: the arrays its marker lists,
+    the completion marks and the group metadata; the folder goes only if that leaves
+    it empty (anything else a user put there stays)."""
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is None:
+        raise InputError(f"{str(path)!r} is not a volarray output; it was left as it is")
+    for name in list(marker.get("arrays", [])) + [DONE]:
+        entry = path / name
+        if entry.is_dir() and entry.parent == path:
+            shutil.rmtree(entry)
+    for meta in ("zarr.json", ".zattrs", ".zgroup", ".zmetadata"):
+        with contextlib.suppress(FileNotFoundError):
+            (path / meta).unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+# -- scratch ---------------------------------------------------------------------------
+
+def make_scratch(out: Path) -> Path:
+    """A fresh scratch folder beside the output, marked as volarray's."""
+    out = Path(out).resolve()
+    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    (d / SCRATCH_MARKER).write_text(json.dumps({"output": str(out), "pid": os.getpid()}))
+    return d
+
+
+def remove_scratch(d: Path | None) -> None:
+    if d is not None and (Path(d) / SCRATCH_MARKER).exists():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def remove_stale_scratch(out: Path) -> None:
+    """Scratch left by a run killed with SIGKILL (nothing can catch that), found when
+    the same output is resumed or replaced."""
+    out = Path(out).resolve()
+    for d in out.parent.glob(f".{out.name}.scratch-*"):
+        try:
+            owner = json.loads((d / SCRATCH_MARKER).read_text()).get("output")
+        except (OSError, ValueError):
+            continue
+        if owner == str(out):
+            remove_scratch(d)
+
+
+# -- signals ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sigterm_stops_run():
+    """While a run writes, SIGTERM (what SLURM and Kubernetes send before killing)
+    stops it as Ctrl-C does, so that its cleanup runs. Later SIGTERMs, during the
+    cleanup, are ignored. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise _Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def signal_name(exc: BaseException) -> tuple[str, int]:
+    return ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT (Ctrl-C)", 130)
