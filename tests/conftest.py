@@ -31,4 +31,19 @@ def local_cluster():
             yield client
 
 
-__all__ = ["whole_volume", "random_volume", "seeded"]
+def slow_writes(seconds: float) -> str:
+    """Python source that slows every chunk write of volarray.store, so that a run in a
+    subprocess can be stopped mid-way."""
+    return f"""
+import time
+import volarray.store
+_write_block = volarray.store.write_block
+def _slow_write_block(*a):
+    n = _write_block(*a)
+    time.sleep({seconds})
+    return n
+volarray.store.write_block = _slow_write_block
+"""
+
+
+__all__ = ["whole_volume", "random_volume", "seeded", "slow_writes"]

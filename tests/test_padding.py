@@ -140,7 +140,6 @@ def test_bad_mode_and_short_sides():
     assert pad_volume(da.zeros((1, 8, 8, 3)), 8, "zeros").shape == (1, 8, 8, 8)
 
 
-@pytest.mark.xfail(reason="pad= wired into predict by the lead", strict=False)
 @pytest.mark.parametrize("mode,np_mode", [("reflect", "reflect"), ("zeros", "constant")])
 def test_predict_pad_keyword(model, mode, np_mode):
     vol = random_volume((20, 27, 30))

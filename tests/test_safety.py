@@ -19,7 +19,7 @@ from volarray.models import FaultSeg3D, MultiScaleNet, seeded
 from volarray.outputs import DONE
 from volarray.testing import assert_volume_close
 
-from conftest import random_volume, whole_volume
+from conftest import random_volume, slow_writes, whole_volume
 
 MODEL = "volarray.models:FaultSeg3D"
 
@@ -148,15 +148,9 @@ def test_cli_preview_failure_keeps_the_finished_output(project):
 
 # -- Ctrl-C and SIGTERM keep finished chunks, remove scratch, say how to resume ---------
 
-SLOW_RUN = """
-import sys, time
-import volarray.store, volarray.cli
-orig = volarray.store.write_block
-def slow(*a):
-    n = orig(*a)
-    time.sleep(0.3)  # slow enough to be stopped mid-run
-    return n
-volarray.store.write_block = slow
+SLOW_RUN = slow_writes(0.3) + """
+import sys
+import volarray.cli
 sys.exit(volarray.cli.main(sys.argv[1:]))
 """
 
@@ -169,8 +163,10 @@ def test_cli_signal_keeps_finished_chunks_and_resumes_bitwise(tmp_path, sig, cod
     torch.save(seeded(FaultSeg3D).state_dict(), tmp_path / "w.pt")
     args = ["predict", "v.npy", "o.zarr", "--model", MODEL, "--weights", "w.pt", "--chunks", "8",
             "--scratch", "disk", "--scheduler", "threads", "--quiet"]
+    # a shell's background jobs ignore SIGINT, and children inherit that: restore it
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, marked, saw_scratch = time.time() + 240, 0, False
     while time.time() < deadline and proc.poll() is None:
         saw_scratch |= any(p.name.startswith(".o.zarr.scratch-") for p in tmp_path.iterdir())
@@ -380,3 +376,83 @@ def test_cli_window_mode(project):
     ref = volarray.predict(seeded(MultiScaleNet), vol, mode="window", window=(8, 8, 16),
                            overlap=0.5).compute()
     np.testing.assert_array_equal(got, ref)
+
+
+# -- shapes the network cannot take, weights that do not fit ------------------------------
+
+def test_cli_side_not_a_multiple_says_so_and_pads(tmp_path):
+    vol = random_volume((12, 20, 16), seed=9)
+    np.save(tmp_path / "v.npy", vol)
+    torch.save(seeded(FaultSeg3D).state_dict(), tmp_path / "w.pt")
+    base = ["predict", "v.npy", "o.zarr", "--model", MODEL, "--weights", "w.pt", "--quiet"]
+    r = cli(*base, cwd=tmp_path)
+    line = one_line(r.stderr)
+    assert r.returncode == 2 and "not multiples of 8" in line and "--pad reflect" in line, line
+    r = cli(*base, "--pad", "zeros", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["prediction"][...]
+    padded = np.pad(vol, [(0, 4), (0, 4), (0, 0)])
+    assert_volume_close(got, whole_volume(seeded(FaultSeg3D), padded)[:, :12, :20, :16])
+
+
+def test_cli_weights_layouts_and_mistakes(tmp_path):
+    np.save(tmp_path / "v.npy", random_volume((8, 8, 8)))
+    model = seeded(FaultSeg3D)
+    sd = model.state_dict()
+    torch.save({"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3},
+               tmp_path / "lightning.ckpt")
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    torch.save(model, tmp_path / "whole.pt")
+    renamed = dict(sd)
+    renamed["head.w"] = renamed.pop("head.weight")
+    torch.save(renamed, tmp_path / "renamed.pt")
+    base = ["predict", "v.npy", "--model", MODEL, "--quiet", "--weights"]
+    for name in ("lightning.ckpt", "ddp.pt"):
+        r = cli(*base, name, f"{name}.zarr", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    r = cli(*base, "whole.pt", "o.zarr", cwd=tmp_path)
+    line = one_line(r.stderr)
+    assert r.returncode == 2 and "state_dict()" in line and "\x1b" not in r.stderr, line
+    r = cli(*base, "renamed.pt", "o.zarr", cwd=tmp_path)
+    line = one_line(r.stderr)
+    assert r.returncode == 2 and "head.weight" in line and "head.w" in line, line
+    assert not (tmp_path / "o.zarr").exists()
+
+
+# -- the caller's model is never changed ------------------------------------------------
+
+class AliasedNet(nn.Module):
+    """One submodule under two names, as MONAI's DynUNet and nnU-Net's networks have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.first = self.conv
+        self.norm = nn.BatchNorm3d(4)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.first(x))))
+
+
+def snapshot(model):
+    return {name: (t.device, t.dtype, t.requires_grad, t.detach().clone())
+            for name, t in list(model.named_parameters(remove_duplicate=False)) +
+            list(model.named_buffers(remove_duplicate=False))}
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "window", "window": 8}, {"tta": "flips"},
+                                {"output": "argmax"}, {"pad": "zeros"}])
+def test_no_mode_changes_the_callers_model(kw):
+    torch.manual_seed(0)
+    model = AliasedNet().eval()
+    before = snapshot(model)
+    vol = random_volume((8, 12, 8), seed=1)
+    ref = whole_volume(model, vol)
+    volarray.predict(model, vol, chunks=8, **kw).compute()
+    after = snapshot(model)
+    assert not model.training and after.keys() == before.keys()
+    for name, (device, dtype, grad, value) in before.items():
+        assert after[name][:3] == (device, dtype, grad), name
+        assert torch.equal(after[name][3], value), name
+    np.testing.assert_array_equal(whole_volume(model, vol), ref)

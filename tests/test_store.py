@@ -16,7 +16,7 @@ import volarray.store
 from volarray.models import FaultSeg3D, MultiScaleNet, seeded
 from volarray.testing import assert_volume_close
 
-from conftest import random_volume, whole_volume
+from conftest import random_volume, slow_writes, whole_volume
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +114,10 @@ def test_bad_input_writes_nothing(tmp_path, model, bad, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-KILLED_RUN = """
-import sys, time
-import numpy as np
-import volarray, volarray.store
+KILLED_RUN = slow_writes(0.15) + """
+import sys
+import volarray
 from volarray.models import FaultSeg3D, seeded
-orig = volarray.store.write_block
-def slow(*a):
-    n = orig(*a)
-    time.sleep(0.15)  # slow enough to be killed mid-run
-    return n
-volarray.store.write_block = slow
 volarray.predict_to_zarr(seeded(FaultSeg3D, width=8), sys.argv[1], sys.argv[2], chunks=8,
                          scheduler="sync", scratch=True)
 """

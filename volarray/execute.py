@@ -7,6 +7,7 @@ keeps it, instead of deserializing weights inside every task.
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import dask.array as da
@@ -48,8 +49,9 @@ class OnDevice:
     def on_device(self, module: torch.nn.Module) -> torch.nn.Module:
         if self._on_device is None:
             with self._lock:
-                if self._on_device is None:
-                    self._on_device = module.to(self.device) if self.device != "cpu" else module
+                if self._on_device is None:  # a copy: .to() would move the caller's model
+                    self._on_device = (module if self.device == "cpu"
+                                       else copy.deepcopy(module).to(self.device))
         return self._on_device
 
 

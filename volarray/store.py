@@ -9,6 +9,7 @@ written or removed, and what a stopped run leaves, is decided in `outputs`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -19,14 +20,14 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
-from .api import _predict
+from .api import _predict, predict
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
 from .outputs import DONE, RunInterrupted
 
-PREDICT_OPTIONS = ("chunks", "mode", "device", "memory_limit", "window", "overlap", "blend",
-                   "sigma_scale", "tta", "output", "threshold", "coords", "ensemble", "seed",
-                   "dtype", "pad")
+PREDICT_DEFAULTS = {name: p.default for name, p in inspect.signature(predict).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY}
+PREDICT_OPTIONS = tuple(PREDICT_DEFAULTS)
 
 
 def _zarr():
@@ -141,11 +142,15 @@ def _named_arrays(result, name: str) -> dict:
 def _run_id(model, volume, var, arrays: dict, options: dict) -> str:
     """What makes a run the same run: the model's weights, the input (its path when it
     has one, so that fixing a bad voxel in place keeps finished chunks valid), the
-    options and the output's chunking."""
+    options that change the numbers and the output's chunking (the memory limit and the
+    device only choose how it runs)."""
     from .window import _weights_token
     source = (str(Path(volume).resolve()), var) if isinstance(volume, (str, os.PathLike)) \
         else next(iter(arrays.values())).name
-    return tokenize(_weights_token(model), source, sorted((k, repr(v)) for k, v in options.items()),
+    given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
+    changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
+                     if k not in ("memory_limit", "device", "chunks"))
+    return tokenize(_weights_token(model), source, changes,
                     [(n, a.shape, a.chunks, str(a.dtype)) for n, a in arrays.items()])
 
 

@@ -7,6 +7,8 @@ tracing a 1024^3 volume costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
+
 import operator
 import warnings
 from dataclasses import dataclass
@@ -604,16 +606,38 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
             "make the branch static or mark the offending submodule as a leaf.") from e
 
 
+@contextlib.contextmanager
+def meta_weights(module: nn.Module):
+    """Within the block, every parameter and buffer of ``module`` is an empty tensor on
+    the meta device; afterwards each is exactly the object it was. (Unlike
+    torch.func.functional_call, this restores models in which one submodule has two
+    names, as MONAI's DynUNet and nnU-Net's networks have: each module object is
+    visited once.)"""
+    saved = []
+    try:
+        for m in module.modules():  # each module object once, however many names it has
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is None or t.is_meta:
+                        continue
+                    saved.append((store, name, t))
+                    empty = torch.empty_like(t, device="meta")
+                    store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(
+                        t, nn.Parameter) else empty
+        yield module
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
+
+
 def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
     """Every node's whole-volume value, computed on meta tensors (no memory, no time)."""
     rec = _Recorder(gm)
-    params = {f"gm.{k}": torch.empty_like(v, device="meta")
-              for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
     x = torch.empty(input_shape, dtype=dtype, device="meta")
     try:
-        with warnings.catch_warnings():  # torch's own advice, already shown by the model
-            warnings.simplefilter("ignore", UserWarning)
-            torch.func.functional_call(rec, params, (x,), strict=False)
+        with warnings.catch_warnings(), meta_weights(gm):
+            warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
+            rec(x)
     except Exception as e:
         raise TraceError(
             f"the model does not accept an input of shape {tuple(input_shape)}: "

@@ -360,18 +360,17 @@ def likely_cause(fit: Fit) -> str:
 def differing_prefix(missing, unexpected):
     """``("file", p)`` when a file key is a model key with ``p`` before it, ``("model", p)``
     for the reverse; None if no such pair."""
-    missing_set = set(missing)
-    for u in unexpected:
-        parts = u.split(".")
+    return _prefixed(unexpected, missing, "file") or _prefixed(missing, unexpected, "model")
+
+
+def _prefixed(keys, others, side: str):
+    """(side, p) for the first key that is one of ``others`` with ``p`` before it."""
+    others = set(others)
+    for key in keys:
+        parts = key.split(".")
         for i in range(1, len(parts)):
-            if ".".join(parts[i:]) in missing_set:
-                return "file", ".".join(parts[:i]) + "."
-    unexpected_set = set(unexpected)
-    for m in missing:
-        parts = m.split(".")
-        for i in range(1, len(parts)):
-            if ".".join(parts[i:]) in unexpected_set:
-                return "model", ".".join(parts[:i]) + "."
+            if ".".join(parts[i:]) in others:
+                return side, ".".join(parts[:i]) + "."
     return None
 
 

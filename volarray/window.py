@@ -11,6 +11,7 @@ tracing, so any model works.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -176,17 +177,17 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
 
 
 def _out_channels(model, c_in: int, roi, device) -> int:
-    """The model's output channels, from a forward on meta tensors (free), or on one
-    real window when the model does not run on meta tensors."""
-    params = {k: torch.empty_like(v, device="meta") for k, v in
-              list(model.named_parameters()) + list(model.named_buffers())}
+    """The model's output channels, from a forward on meta tensors (free, and the
+    model is left exactly as it was), or on one real window when the model does not
+    run on meta tensors."""
+    from .trace import meta_weights
     try:
-        with torch.inference_mode():
-            y = torch.func.functional_call(model, params, (torch.empty(
-                (1, c_in) + tuple(roi), device="meta"),), strict=False)
+        with meta_weights(model), torch.inference_mode():
+            y = model(torch.empty((1, c_in) + tuple(roi), device="meta"))
     except Exception:
+        on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
         with torch.inference_mode():
-            y = model.to(device)(torch.zeros((1, c_in) + tuple(roi), device=device))
+            y = on_device(torch.zeros((1, c_in) + tuple(roi), device=device))
     return int(y.shape[1])
 
 
