@@ -30,7 +30,7 @@ def _device(device) -> str:
 
 
 def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
-          argmax: bool = False) -> Plan:
+          argmax: bool = False, select=None) -> Plan:
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     if mode not in MODES:
@@ -38,7 +38,7 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
     if mode != "exact":
         raise InputError("volarray.plan describes exact mode; mode='window' runs one task "
                          "per window and one per output chunk, with nothing to plan")
-    graph = trace(model, (1,) + tuple(arr.shape))
+    graph = trace(model, (1,) + tuple(arr.shape), select)
     if argmax:  # where the head allows it; otherwise scores are reduced per chunk
         fuse_argmax_head(graph)
     return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
@@ -46,7 +46,8 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
 
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
-         memory_limit=None, output: str = "probabilities", pad: str | None = None) -> Plan:
+         memory_limit=None, output: str = "probabilities", pad: str | None = None,
+         select=None) -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
     check_options(mode=mode, output=output, threshold=None, tta=None, ensemble=None, pad=pad)
     check_model(model)
@@ -55,7 +56,7 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
         from .padding import pad_volume, required_multiple
         arr = pad_volume(arr, required_multiple(model, arr.shape[0], arr.shape[1:]) or 1, pad)
     return _plan(model, arr, chunks, mode, _device(device), memory_limit,
-                 argmax=output == "argmax")
+                 argmax=output == "argmax", select=select)
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
@@ -63,7 +64,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             sigma_scale=0.125, tta=None, output: str = "probabilities",
             threshold: float | None = None, coords: bool = False,
             ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
-            pad: str | None = None):
+            pad: str | None = None, select=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -82,6 +83,10 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     the network's downsampling is padded at the far end of each axis to the next
     multiple, and the prediction cropped back, as users of torch's own whole-volume
     call do.
+
+    ``select``: for a model returning several outputs, which one is the prediction: an
+    index of a list or tuple (default 0, the full-resolution head of nnU-Net's deep
+    supervision) or a key of a dict.
 
     ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
     (nnU-Net's test-time mirroring), in either mode.
@@ -104,13 +109,14 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     return _predict(model, volume, chunks=chunks, mode=mode, device=device,
                     memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                     sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
-                    coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad)
+                    coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad,
+                    select=select)
 
 
 def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
              window=None, overlap=0.25, blend="gaussian", sigma_scale=0.125, tta=None,
              output="probabilities", threshold=None, coords=False, ensemble=None, seed=0,
-             dtype=None, pad=None, scratch=None, stochastic=False):
+             dtype=None, pad=None, select=None, scratch=None, stochastic=False):
     """`predict`, plus what `predict_to_zarr` needs: ``scratch`` (a ScratchSpace that
     holds exact mode's kept tensors on disk) and ``stochastic`` (one sample of a model
     with active dropout, as the members of an ensemble are)."""
@@ -120,7 +126,7 @@ def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_li
     arr = as_dask_volume(volume)
     kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
               window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale, seed=seed,
-              dtype=dtype, scratch=scratch)
+              dtype=dtype, scratch=scratch, select=select)
     if coords:
         arr = with_coordinates(arr)
     if pad is not None:
@@ -129,7 +135,7 @@ def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_li
     if ensemble is not None:
         if mode == "window":
             return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale,
-                           ensemble, seed)
+                           select, ensemble, seed)
         samples = da.stack([_predict(model, arr, stochastic=True, **dict(kw, seed=seed + s))
                             for s in range(ensemble)])
         return samples.mean(axis=0), samples.std(axis=0)
@@ -143,12 +149,14 @@ def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_li
     if tta is not None:
         return mirrored_mean(model, arr, stochastic=stochastic, **kw)
     if mode == "window":
-        return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale)
-    return _exact(model, arr, chunks, _device(device), memory_limit, seed, dtype, scratch)[1]
+        return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale, select)
+    return _exact(model, arr, chunks, _device(device), memory_limit, seed, dtype, scratch,
+                  select=select)[1]
 
 
-def _exact(model, arr, chunks, dev, memory_limit, seed, dtype, scratch, argmax=False):
-    p = _plan(model, arr, chunks, "exact", dev, memory_limit, argmax=argmax)
+def _exact(model, arr, chunks, dev, memory_limit, seed, dtype, scratch, argmax=False,
+           select=None):
+    p = _plan(model, arr, chunks, "exact", dev, memory_limit, argmax=argmax, select=select)
     if memory_limit is not None:
         p.validate()  # a budget the user stated is one no task may exceed
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
@@ -160,7 +168,7 @@ def _fused_argmax(model, arr, kw):
     """Labels from a classifier conv fused with the argmax (run in blocks of classes),
     or None where the head is not of that form."""
     p, labels = _exact(model, arr, kw["chunks"], _device(kw["device"]), kw["memory_limit"],
-                       kw["seed"], kw["dtype"], kw["scratch"], argmax=True)
+                       kw["seed"], kw["dtype"], kw["scratch"], argmax=True, select=kw["select"])
     head = p.graph.nodes[p.graph.output].op
     if not isinstance(head, ArgmaxConv):
         return None
@@ -263,14 +271,14 @@ def check_options(*, mode, output, threshold, tta, ensemble, pad) -> None:
 
 
 def _window(model, arr: da.Array, chunks, device, window, overlap, blend, sigma_scale,
-            ensemble: int = 0, seed: int = 0):
+            select=None, ensemble: int = 0, seed: int = 0):
     from .window import predict_window
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
                           overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                           chunks=coerce_chunks(chunks, arr.shape[1:]), device=_device(device),
-                          ensemble=ensemble, seed=seed)
+                          select=select, ensemble=ensemble, seed=seed)
 
 
 def _autocast(dtype):

@@ -125,7 +125,8 @@ def predict_options(args) -> dict:
                 memory_limit=args.memory_limit, window=window, overlap=args.overlap,
                 blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
-                ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad)
+                ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
+                select=args.select)
 
 
 def cmd_predict(args) -> int:
@@ -176,7 +177,8 @@ def cmd_plan(args) -> int:
     from volarray.io import open_volume
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
-                         mode=args.mode, memory_limit=args.memory_limit, pad=args.pad)
+                         mode=args.mode, memory_limit=args.memory_limit, pad=args.pad,
+                         select=args.select)
     print(plan)
     plan.validate()
     return 0
@@ -238,6 +240,13 @@ def _model_args(p):
     p.add_argument("--memory-limit", help="per task, e.g. 4GB")
     p.add_argument("--pad", choices=["reflect", "zeros"],
                    help="exact mode: pad sides to the network's multiple, crop back")
+    p.add_argument("--select", type=_index_or_key,
+                   help="of several model outputs, which is the prediction: an index (default "
+                        "0, nnU-Net's full-resolution head) or a dict key")
+
+
+def _index_or_key(text: str):
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _chunks(text: str):
@@ -319,6 +328,7 @@ def main(argv=None) -> int:
 
 API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
              ("var=", "--var"), ("memory_limit", "--memory-limit"), ("threshold=", "--threshold "),
+             ("select=", "--select "),
              ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),
              ("pad='zeros'", "--pad zeros"), ("mode='window'", "--mode window"),
              ("mode='exact'", "--mode exact"), ("ensemble=", "--ensemble "), ("tta=", "--tta "),

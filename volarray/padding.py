@@ -94,11 +94,10 @@ def _runs(gm, model, input_shape, dtype) -> bool:
             return True
         except TraceError:
             return False
-    params = {k: torch.empty_like(v, device="meta")
-              for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    from .trace import meta_weights
     try:
-        torch.func.functional_call(model, params,
-                                   (torch.empty(input_shape, dtype=dtype, device="meta"),))
+        with meta_weights(model), torch.inference_mode():
+            model(torch.empty(input_shape, dtype=dtype, device="meta"))
         return True
     except Exception:  # any failure of the forward: this shape does not run
         return False

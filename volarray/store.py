@@ -112,14 +112,14 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     action = outputs.check_target(store, [outputs.local_path(volume), outputs.local_path(src)],
                                   overwrite=overwrite, resume=resume)
     out = out.resolve()
-    as_dask_volume(src)  # validates before anything is traced or written
+    source = as_dask_volume(src)  # validates before anything is traced or written
     if action != "create":
         outputs.remove_stale_scratch(out)  # of this output's runs killed with SIGKILL
     space = ScratchSpace(out, scratch)
     try:
         result = _predict(model, src, scratch=space, **options)
         arrays = _named_arrays(result, name)
-        run_id = _run_id(model, volume, var, arrays, options)
+        run_id = _run_id(model, volume, var, source.name, arrays, options)
         if action == "resume":
             group = _open_for_resume(out, run_id, arrays)
         else:
@@ -139,22 +139,24 @@ def _named_arrays(result, name: str) -> dict:
     return {name: result}
 
 
-def _run_id(model, volume, var, arrays: dict, options: dict) -> str:
-    """What makes a run the same run: the model's weights, the input (its path when it
-    has one, so that fixing a bad voxel in place keeps finished chunks valid), the
-    options that change the numbers and the output's chunking (the memory limit and the
-    device only choose how it runs)."""
+def _run_id(model, volume, var, source_name: str, arrays: dict, options: dict) -> dict:
+    """What makes a run the same run, part by part: the model's weights, the input (its
+    path when it has one, so that fixing a bad voxel in place keeps finished chunks
+    valid), the options that change the numbers, and the output's arrays and chunking
+    (the memory limit and the device only choose how it runs)."""
     from .window import _weights_token
     source = (str(Path(volume).resolve()), var) if isinstance(volume, (str, os.PathLike)) \
-        else next(iter(arrays.values())).name
+        else source_name
     given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
                      if k not in ("memory_limit", "device", "chunks"))
-    return tokenize(_weights_token(model), source, changes,
-                    [(n, a.shape, a.chunks, str(a.dtype)) for n, a in arrays.items()])
+    return {"model weights": tokenize(_weights_token(model)), "input": tokenize(source),
+            "options": tokenize(changes),
+            "arrays and chunks": tokenize([(n, a.shape, a.chunks, str(a.dtype))
+                                           for n, a in arrays.items()])}
 
 
-def _create_output(out: Path, run_id: str, arrays: dict, model, options: dict):
+def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict):
     zarr = _zarr()
     # "a" where a replaced output left a user's own files in its folder
     group = zarr.open_group(str(out), mode="a" if out.exists() else "w-")
@@ -174,14 +176,17 @@ def _create_output(out: Path, run_id: str, arrays: dict, model, options: dict):
     return group
 
 
-def _open_for_resume(out: Path, run_id: str, arrays: dict):
+def _open_for_resume(out: Path, run_id: dict, arrays: dict):
     zarr = _zarr()
     group = zarr.open_group(str(out), mode="r+")
     marker = outputs.read_marker(out) or {}
-    if marker.get("run") != run_id or any(n not in group for n in arrays):
-        raise InputError(f"output {str(out)!r} was written by another run (another model, "
-                         "volume, options, chunking or array name), so its chunks cannot be "
-                         "reused; pass overwrite=True to replace it")
+    before = marker.get("run")
+    differs = [part for part, token in run_id.items()
+               if not isinstance(before, dict) or before.get(part) != token]
+    if differs or any(n not in group for n in arrays):
+        raise InputError(f"output {str(out)!r} was written by another run (its "
+                         f"{', '.join(differs or ['array names'])} differ), so its chunks "
+                         "cannot be reused; pass overwrite=True to replace it")
     return group
 
 

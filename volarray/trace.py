@@ -8,6 +8,7 @@ tracing a 1024^3 volume costs nothing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import operator
 import warnings
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
+from .selfcheck import check_capture
 from .ops.fill import ZEROS, Fill
 from .ops.local import (ArgmaxConv, Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
                         PositionalDropout, Resample, SpatialArg, _triple, resample_indices)
@@ -597,13 +599,52 @@ class _Recorder(nn.Module):
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
+    constants = forward_defaults(model)
     try:
-        return fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=constants or None)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
-            "exact mode needs a traceable forward (no Python control flow on tensor values); "
-            "make the branch static or mark the offending submodule as a leaf.") from e
+            "exact mode needs a forward without Python control flow on tensor values; make "
+            "the branch static, or run mode='window', which calls the model as it is") from e
+    return _drop_constant_inputs(gm, constants) if constants else gm
+
+
+def forward_defaults(model: nn.Module) -> dict:
+    """The arguments of ``forward`` after the volume, at their defaults (torchseis'
+    ``forward(x, rank=0)``, ``forward(x, prompt=None)``): constants of the capture, as
+    they are of ``model(volume)``. An argument without a default is refused."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    constants = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward takes a second input {p.name!r} without a "
+                "default; volarray passes only the volume. Wrap the model so that forward(x) "
+                f"calls it with the {p.name!r} you want")
+        constants[p.name] = p.default
+    return constants
+
+
+def _drop_constant_inputs(gm: fx.GraphModule, constants: dict) -> fx.GraphModule:
+    """fx keeps specialized arguments as placeholders guarded by asserts; remove both,
+    so that the graph takes the volume alone."""
+    graph = gm.graph
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    guards = {torch._assert, fx._symbolic_trace._assert_is_none}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in guards:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for node in extra:
+        if node.users:
+            raise TraceError(f"the forward uses its argument {node.target!r} as a value; wrap "
+                             "the model so that forward(x) takes the volume alone")
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 @contextlib.contextmanager
@@ -645,16 +686,56 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
     return rec.values
 
 
-def trace(model: nn.Module, input_shape) -> Graph:
-    """Trace ``model`` for an input of shape (1, C, Z, Y, X)."""
+def pick_output(y, select=None, what: str = "the model"):
+    """The prediction among a model's outputs: the tensor itself; element ``select`` of
+    a list or tuple (by default the first: nnU-Net's deep-supervision convention, the
+    full-resolution head); entry ``select`` of a dict, which must be named."""
+    if isinstance(y, (list, tuple)) and y:
+        index = 0 if select is None else select
+        if not isinstance(index, int) or isinstance(index, bool) or not -len(y) <= index < len(y):
+            raise InputError(f"select={select!r}: {what} returns a {type(y).__name__} of "
+                             f"{len(y)} outputs; pass select= an index from 0 to {len(y) - 1}")
+        return y[index]
+    if isinstance(y, dict):
+        if select not in y:
+            raise InputError(f"select={select!r}: {what} returns a dict with keys {list(y)}; "
+                             "pass select= the key of the prediction")
+        return y[select]
+    if select not in (None, 0):
+        raise InputError(f"select={select!r}: {what} returns one output; pass select=None")
+    return y
+
+
+def select_output(gm: fx.GraphModule, select=None) -> fx.GraphModule:
+    """The capture reduced to the one output ``select`` picks (see `pick_output`)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    res = out.args[0]
+    if isinstance(res, fx.Node):
+        pick_output(res, select)  # refuses a select= that a single output has no use for
+        return gm
+    if not isinstance(res, (list, tuple, dict)):
+        return gm
+    out.args = (pick_output(res, select),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def trace(model: nn.Module, input_shape, select=None) -> Graph:
+    """Trace ``model`` for an input of shape (1, C, Z, Y, X); of several outputs, the
+    one ``select`` picks."""
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
-    gm = symbolic_trace(model)
+    gm = select_output(symbolic_trace(model), select)
     try:
-        return _trace_graph(gm, input_shape, dtype)
+        graph = _trace_graph(gm, input_shape, dtype)
     except (TraceError, UnsupportedOpError) as e:
         _raise_if_padding_helps(model, gm, input_shape, dtype, e)
         raise
+    from .plan import alignment
+    check_capture(model, gm, input_shape[1], tuple(input_shape[2:]), alignment(graph), dtype,
+                  lambda y: pick_output(y, select))
+    return graph
 
 
 def _trace_graph(gm: fx.GraphModule, input_shape, dtype) -> Graph:

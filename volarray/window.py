@@ -25,6 +25,7 @@ from .errors import InputError
 from .execute import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .io import check_finite
+from .trace import pick_output
 
 
 def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -62,8 +63,8 @@ def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
 class WindowRunner(OnDevice):
     """Worker-side: the model on its device, called on one window at a time."""
 
-    def __init__(self, model, device: str, weights: np.ndarray):
-        self.model, self.device, self.weights = model, device, weights
+    def __init__(self, model, device: str, weights: np.ndarray, select=None):
+        self.model, self.device, self.weights, self.select = model, device, weights, select
         self._init_cache()
 
     def run(self, x: np.ndarray, samples: int = 0, seed: int = 0, lo=()) -> np.ndarray:
@@ -84,9 +85,8 @@ class WindowRunner(OnDevice):
         with torch.inference_mode():
             return self._forward(model, t) * self.weights
 
-    @staticmethod
-    def _forward(model, t: torch.Tensor) -> np.ndarray:
-        y = model(t)[0]
+    def _forward(self, model, t: torch.Tensor) -> np.ndarray:
+        y = pick_output(model(t), self.select)[0]
         if tuple(y.shape[1:]) != tuple(t.shape[2:]):
             raise InputError(f"window mode needs an output of the window's size; the model "
                              f"returned {tuple(y.shape[1:])} for a window of {tuple(t.shape[2:])}")
@@ -121,8 +121,8 @@ def blend_chunk(weights, lo, hi, windows):
 
 
 def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussian",
-                   sigma_scale=0.125, chunks=None, device="cpu", ensemble: int = 0,
-                   seed: int = 0):
+                   sigma_scale=0.125, chunks=None, device="cpu", select=None,
+                   ensemble: int = 0, seed: int = 0):
     """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array; with
     ``ensemble=N``, the (mean, std) over N seeded samples."""
     shape = tuple(arr.shape[1:])
@@ -138,12 +138,12 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
     pad = tuple((i - s) // 2 for i, s in zip(image, shape))  # volumes smaller than the window
     starts = [scan_starts(i, r, overlap) for i, r in zip(image, roi)]
     weights = importance_map(roi, blend, sigma_scale)
-    runner = WindowRunner(model, device, weights)
+    runner = WindowRunner(model, device, weights, select)
     chunks = roi if chunks is None else chunks
     out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
     in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
     token = tokenize(arr.name, roi, overlap, blend if not callable(blend) else weights,
-                     sigma_scale, chunks, device, ensemble, seed, _weights_token(model))
+                     sigma_scale, chunks, device, select, ensemble, seed, _weights_token(model))
     model_key = f"volarray-window-model-{token}"
     wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
     dsk = {model_key: runner}
@@ -165,7 +165,7 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
                 if not box.intersect(Box.from_bounds(lo, hi)).empty]
         lead = (0, 0) if ensemble else (0,)  # ensemble blocks: (mean|std, C, z, y, x)
         dsk[(oname,) + lead + idx] = (blend_chunk, weights, box.lo, box.hi, hits)
-    c_out = _out_channels(model, arr.shape[0], roi, device)
+    c_out = _out_channels(model, arr.shape[0], roi, device, select)
     graph = HighLevelGraph.from_collections(oname, dsk, dependencies=[arr])
     spatial = tuple(tuple(int(x) for x in np.diff(b)) for b in out_bounds)
     if ensemble:
@@ -176,7 +176,7 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
                     meta=np.empty((0,) * 4, np.float32))
 
 
-def _out_channels(model, c_in: int, roi, device) -> int:
+def _out_channels(model, c_in: int, roi, device, select=None) -> int:
     """The model's output channels, from a forward on meta tensors (free, and the
     model is left exactly as it was), or on one real window when the model does not
     run on meta tensors."""
@@ -188,7 +188,7 @@ def _out_channels(model, c_in: int, roi, device) -> int:
         on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
         with torch.inference_mode():
             y = on_device(torch.zeros((1, c_in) + tuple(roi), device=device))
-    return int(y.shape[1])
+    return int(pick_output(y, select).shape[1])
 
 
 def _weights_token(model) -> str:

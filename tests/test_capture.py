@@ -1,0 +1,125 @@
+"""The captured graph is the model: a probe self-check refuses any capture that
+differs from the model's own forward; forward arguments after the volume take their
+defaults; several outputs are picked by select=."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import volarray
+from volarray.selfcheck import probe_shape
+from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+
+class IsinstanceGuard(nn.Module):
+    """A residual add behind isinstance(): fx sees a Proxy there and drops the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 4, 3, padding=1)
+        self.b = nn.Conv3d(4, 4, 3, padding=1)
+        self.c = nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        skip, out = self.b(h), self.c(h)
+        if isinstance(skip, torch.Tensor):
+            out = out + skip
+        return out
+
+
+class GuardedModuleCall(IsinstanceGuard):
+    def forward(self, x):
+        h = self.a(x)
+        if isinstance(h, torch.Tensor):
+            h = self.b(h)
+        return self.c(h)
+
+
+def test_isinstance_guard_is_refused_never_wrong():
+    torch.manual_seed(0)
+    model, vol = IsinstanceGuard().eval(), random_volume((12, 20, 9))
+    with pytest.raises(volarray.TraceError, match=r"after module 'c'.*mode='window'"):
+        volarray.predict(model, vol)
+    # window mode calls the model as it is: with the whole volume as the window, exact
+    y = volarray.predict(model, vol, mode="window", window=vol.shape).compute()
+    assert_volume_close(y, whole_volume(model, vol))
+    torch.manual_seed(0)
+    with pytest.raises(volarray.TraceError, match="calls module 'c' where the forward calls 'b'"):
+        volarray.predict(GuardedModuleCall().eval(), vol)
+
+
+class TorchseisStyle(nn.Module):
+    """torchseis' networks take forward(x, rank=0); GEM forward(x, prompt=None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool3d(2)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x, rank=0, prompt=None):
+        if rank == 0 and prompt is None:
+            return torch.sigmoid(self.up(self.pool(self.conv(x))))
+        return x
+
+
+def test_forward_arguments_take_their_defaults():
+    torch.manual_seed(1)
+    model, vol = TorchseisStyle().eval(), random_volume((12, 18, 10))
+    y = volarray.predict(model, vol, chunks=(6, 8, 4)).compute()
+    assert_volume_close(y, whole_volume(model, vol))
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+    with pytest.raises(volarray.TraceError, match="second input 'mask'"):
+        volarray.predict(TwoInputs().eval(), vol)
+
+
+class DeepSupervision(nn.Module):
+    """nnU-Net's convention: a list of outputs, full resolution first."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.enc = nn.Conv3d(1, 4, 3, padding=1)
+        self.down = nn.Conv3d(4, 4, 3, stride=2, padding=1)
+        self.full = nn.Conv3d(4, 3, 1)
+        self.coarse = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        outs = [self.full(h), self.coarse(torch.relu(self.down(h)))]
+        return {"seg": outs[0], "aux": outs[1]} if self.as_dict else outs
+
+
+@pytest.mark.parametrize("mode", ["exact", "window"])
+def test_several_outputs_select_one(mode):
+    torch.manual_seed(2)
+    vol = random_volume((12, 16, 10), seed=3)
+    kw = {"mode": mode, "chunks": (6, 8, 10)}
+    if mode == "window":
+        kw["window"] = vol.shape
+    model = DeepSupervision().eval()
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(vol)[None, None])[0][0].numpy()
+    assert_volume_close(volarray.predict(model, vol, **kw).compute(), ref)  # first: default
+    assert_volume_close(volarray.predict(model, vol, select=0, **kw).compute(), ref)
+    with pytest.raises(volarray.InputError, match="index from 0 to 1"):
+        volarray.predict(model, vol, select=5, **kw)
+    named = DeepSupervision(as_dict=True).eval()
+    named.load_state_dict(model.state_dict(), strict=False)
+    with pytest.raises(volarray.InputError, match=r"keys \['seg', 'aux'\]"):
+        volarray.predict(named, vol, **kw)
+    y = volarray.predict(named, vol, select="seg", **kw).compute()
+    assert_volume_close(y, ref)
+
+
+def test_probe_is_congruent_to_the_volume():
+    assert probe_shape((100, 37, 8), (8, 4, 1)) == (20, 17, 8)
+    for side, a in ((100, 8), (37, 4), (5, 2), (64, 16)):
+        p = probe_shape((side,), (a,))[0]
+        assert p % a == side % a and p <= side

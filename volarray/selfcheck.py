@@ -1,0 +1,111 @@
+"""The captured graph must be the model: a check on a small probe input, always on.
+
+torch.fx records one path through ``forward``; Python control flow that looks at a
+traced value (``isinstance(skip, torch.Tensor)`` on what fx sees as a Proxy) can take
+another branch than the real forward does, and the graph would silently compute
+something else. So before anything is planned, the captured graph and the model run
+on the same small input, congruent to the volume's shape modulo the network's
+downsampling, and must agree; otherwise `TraceError` names the first module whose
+output differs, or the module after which they part.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .errors import TraceError
+
+PROBE_MIN_SIDE = 16
+TOLERANCE = 2e-5  # times max(1, max |y|)
+_checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def probe_shape(shape, align) -> tuple[int, ...]:
+    """Per axis, the smallest side >= PROBE_MIN_SIDE (or the side itself, when
+    smaller) that is congruent to it modulo the axis' downsampling."""
+    out = []
+    for side, a in zip(shape, align):
+        a = max(int(a), 1)
+        p = side % a
+        while p < min(PROBE_MIN_SIDE, side) or p == 0:
+            p += a
+        out.append(min(p, side))
+    return tuple(out)
+
+
+def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
+                  pick=lambda y: y) -> None:
+    """Raise TraceError when ``gm`` (the capture of ``model``) computes something
+    else than ``pick(model(x))`` on a probe input. Each model is checked once per probe
+    shape and capture."""
+    probe = (1, in_channels) + probe_shape(shape, align)
+    key = (probe, gm.code)
+    done = _checked.setdefault(model, set())
+    if key in done:
+        return
+    x = torch.randn(probe, generator=torch.Generator().manual_seed(0)).to(dtype)
+    # the modules fx calls as wholes (its leaves), recorded in both runs
+    tracer = torch.fx.Tracer()
+    leaves = {m for name, m in model.named_modules() if tracer.is_leaf_module(m, name)}
+    want, want_modules = _run_recording(model, model, x, leaves)
+    want = pick(want)
+    got, got_modules = _run_recording(model, gm, x, leaves)
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return  # several outputs: the graph builder says what it supports
+    scale = max(1.0, float(want.abs().max()))
+    diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
+    if diff <= TOLERANCE * scale:
+        done.add(key)
+        return
+    raise TraceError(
+        f"the graph torch.fx captured from {type(model).__name__} differs from its own forward "
+        f"on a {tuple(probe[2:])} probe input (max difference {diff:.3g}, max |y| "
+        f"{scale:.3g}): {_where(want_modules, got_modules)}. Python control flow in forward "
+        "that looks at a tensor (isinstance(..., torch.Tensor), a branch on a value) is "
+        "resolved once at capture; make it static, or run mode='window', which calls the "
+        "model as it is")
+
+
+def _run_recording(model: nn.Module, runner, x, leaves):
+    """``runner(x)`` with the output of every module in ``leaves`` recorded, in call
+    order, as (module path, output); the same seed for any random draws in both runs."""
+    names = {}
+    for name, m in model.named_modules():
+        if m in leaves:
+            names.setdefault(m, name or type(model).__name__)
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            calls.append((names[module], output.detach().clone()))
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(0)
+            y = runner(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return y, calls
+
+
+def _where(want_modules, got_modules) -> str:
+    """The first module whose output differs between the two runs, or the last one
+    on which they agree."""
+    last_same = None
+    for (wn, wv), (gn, gv) in zip(want_modules, got_modules):
+        if wn != gn:
+            return (f"the capture calls module '{gn}' where the forward calls '{wn}' (after "
+                    f"module '{last_same}')" if last_same else
+                    f"the capture calls module '{gn}' first, the forward '{wn}'")
+        if wv.shape != gv.shape or float((wv - gv).abs().max()) > TOLERANCE * max(
+                1.0, float(wv.abs().max())):
+            return f"the output of module '{wn}' differs first"
+        last_same = wn
+    if len(want_modules) != len(got_modules):
+        return (f"the forward calls {len(want_modules)} modules, the capture "
+                f"{len(got_modules)}, agreeing up to module '{last_same}'")
+    where = f"after module '{last_same}'" if last_same else "before any module"
+    return f"every module agrees; a function or tensor method {where} does not"
