@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import traceback
 
 import operator
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from fractions import Fraction
 
 import torch
@@ -497,6 +500,14 @@ class _Builder:
             self.unsupported(node, "no tile kernel is known for this function")
 
         if node.op == "call_method":
+            if node.target == "repeat":  # channels repeated (VNet's input transition)
+                reps = [self.static(node, r, "repeats") for r in node.args[1:]]
+                reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple)) \
+                    else reps
+                if len(reps) != 5 or reps[0] != 1 or any(r != 1 for r in reps[2:]):
+                    self.unsupported(node, f"it repeats {tuple(reps)}; only the channel dim "
+                                     "may be repeated")
+                return pointwise(_call_method("repeat"), 0)
             if node.target in ("softmax", "log_softmax"):
                 channel_dim_only(_arg(node, 1, "dim"))
                 return pointwise(_call_method(node.target), 4)
@@ -603,11 +614,26 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         gm = fx.symbolic_trace(model, concrete_args=constants or None)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
-            "exact mode needs a forward without Python control flow on tensor values; make "
-            "the branch static, or run mode='window', which calls the model as it is") from e
+            f"torch.fx could not capture {type(model).__name__}{user_frame(e)}: "
+            f"{type(e).__name__}: {first}. exact mode needs a forward without Python control "
+            "flow on tensor values or conversions of them (torch.as_tensor, numpy); make that "
+            "line static, or run mode='window', which calls the model as it is") from e
     return _drop_constant_inputs(gm, constants) if constants else gm
+
+
+def user_frame(exc: BaseException) -> str:
+    """' at FILE:LINE in FUNCTION (`source`)' for the innermost frame of the traceback
+    that is not torch's own: the model's line at fault."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename
+              and f"{os.sep}volarray{os.sep}" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    where = os.sep.join(Path(f.filename).parts[-3:])
+    return f" at {where}:{f.lineno} in {f.name} (`{(f.line or '').strip()}`)"
 
 
 def forward_defaults(model: nn.Module) -> dict:
@@ -731,6 +757,7 @@ def trace(model: nn.Module, input_shape, select=None) -> Graph:
         graph = _trace_graph(gm, input_shape, dtype)
     except (TraceError, UnsupportedOpError) as e:
         _raise_if_padding_helps(model, gm, input_shape, dtype, e)
+        _raise_if_forward_runs(model, input_shape, dtype, e)
         raise
     from .plan import alignment
     check_capture(model, gm, input_shape[1], tuple(input_shape[2:]), alignment(graph), dtype,
@@ -743,6 +770,26 @@ def _trace_graph(gm: fx.GraphModule, input_shape, dtype) -> Graph:
     b = _Builder(gm, values, input_shape[2:])
     inp, out = b.build(gm.graph)
     return Graph(gm, b.nodes, inp, out, dtype, b.globals)
+
+
+def _raise_if_forward_runs(model, input_shape, dtype, error: Exception) -> None:
+    """The capture fails on meta tensors where the model's own forward runs: the capture
+    took another path through forward than the model does (an isinstance() guard on a
+    traced value, as in MONAI's BasicUNet): say so, instead of the symptom."""
+    if not isinstance(error, TraceError) or "does not accept an input" not in str(error):
+        return
+    try:
+        with meta_weights(model), torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model(torch.empty(input_shape, dtype=dtype, device="meta"))
+    except Exception:
+        return  # the model itself fails too: the original message stands
+    raise TraceError(
+        f"the graph torch.fx captured from {type(model).__name__} fails on an input of shape "
+        f"{tuple(input_shape)} where the model's own forward runs ({str(error).split(': ', 1)[-1][:200]}): "
+        "the capture took another path through forward, as Python control flow that looks "
+        "at a tensor (isinstance(..., torch.Tensor), a branch on a value) does at capture; "
+        "make it static, or run mode='window', which calls the model as it is") from error
 
 
 def _raise_if_padding_helps(model, gm, input_shape, dtype, error: Exception) -> None:

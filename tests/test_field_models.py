@@ -1,0 +1,84 @@
+"""Networks nobody here wrote: MONAI's fully convolutional 3-D nets and nnU-Net's
+(dynamic-network-architectures), random weights, a non-cubic volume with uneven
+chunks. Each is exact (within 2e-5 x max(1, max |y|) of its own whole-volume forward)
+or refused with a message naming the construct at fault: never wrong."""
+import numpy as np
+import pytest
+import torch
+
+import volarray
+from volarray.trace import pick_output
+
+nets = pytest.importorskip("monai.networks.nets")
+
+
+def _monai():
+    return {
+        "UNet": (lambda: nets.UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1,
+                                   norm="instance"), (32, 48, 40)),
+        "SegResNet": (lambda: nets.SegResNet(3, 8, 1, 2), (32, 48, 40)),
+        "DynUNet": (lambda: nets.DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2],
+                                         filters=[8, 16, 32]), (32, 48, 40)),
+        "AttentionUnet": (lambda: nets.AttentionUnet(3, 1, 2, (8, 16, 32), (2, 2)), (32, 48, 40)),
+        "VNet": (lambda: nets.VNet(3, 1, 2), (32, 48, 32)),
+    }
+
+
+def _nnunet():
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    kw = dict(input_channels=1, n_stages=3, features_per_stage=(8, 16, 32),
+              conv_op=torch.nn.Conv3d, kernel_sizes=3, strides=(1, 2, 2), num_classes=2,
+              norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+              nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+              n_conv_per_stage_decoder=2)
+    return {
+        "PlainConvUNet": lambda ds: unet.PlainConvUNet(**kw, n_conv_per_stage=2,
+                                                       deep_supervision=ds),
+        "ResidualEncoderUNet": lambda ds: unet.ResidualEncoderUNet(**kw, n_blocks_per_stage=2,
+                                                                   deep_supervision=ds),
+    }
+
+
+def check_exact(model, shape, scheduler="threads", client=None):
+    vol = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    chunks = tuple(s // 2 + 3 for s in shape)  # uneven
+    y = volarray.predict(model, vol, chunks=chunks)
+    y = client.compute(y).result() if client is not None else y.compute(scheduler=scheduler)
+    with torch.inference_mode():
+        ref = pick_output(model(torch.from_numpy(vol)[None, None]))[0].numpy()
+    diff = float(np.abs(y - ref).max())
+    assert diff <= 2e-5 * max(1.0, float(np.abs(ref).max())), diff
+
+
+@pytest.mark.parametrize("name", list(_monai()))
+def test_monai_nets_exact(name):
+    make, shape = _monai()[name]
+    torch.manual_seed(0)
+    check_exact(make().eval(), shape)
+
+
+@pytest.mark.parametrize("name", ["PlainConvUNet", "ResidualEncoderUNet"])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_nnunet_nets_exact(name, deep_supervision):
+    torch.manual_seed(0)
+    check_exact(_nnunet()[name](deep_supervision).eval(), (32, 48, 40))
+
+
+def test_on_a_local_cluster(local_cluster):
+    torch.manual_seed(0)
+    check_exact(_monai()["DynUNet"][0]().eval(), (32, 48, 40), client=local_cluster)
+    torch.manual_seed(0)
+    check_exact(_nnunet()["PlainConvUNet"](True).eval(), (32, 48, 40), client=local_cluster)
+
+
+@pytest.mark.parametrize("make,needle", [
+    # isinstance() guards in the up-sampling blocks: the capture takes another path
+    (lambda: nets.BasicUNet(3, 1, 2, features=(8, 8, 16, 16, 32, 8)), "another path"),
+    (lambda: nets.HighResNet(3, 1, 2), r"highresnet.py:\d+ in forward \(`.*torch.as_tensor"),
+    (lambda: nets.SegResNetDS(3, 8, 1, 2, blocks_down=(1, 1, 1)), r"segresnet_ds.py:\d+"),
+])
+def test_refused_naming_the_construct(make, needle):
+    torch.manual_seed(0)
+    vol = np.random.default_rng(0).standard_normal((32, 48, 32)).astype(np.float32)
+    with pytest.raises(volarray.TraceError, match=needle):
+        volarray.predict(make().eval(), vol)
