@@ -123,3 +123,36 @@ def test_probe_is_congruent_to_the_volume():
     for side, a in ((100, 8), (37, 4), (5, 2), (64, 16)):
         p = probe_shape((side,), (a,))[0]
         assert p % a == side % a and p <= side
+
+
+def test_probe_grows_when_the_model_needs_more():
+    """InstanceNorm after downsampling by 16 fails on one voxel; the probe grows, the
+    volume is fine."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.MaxPool3d(16),
+                          nn.InstanceNorm3d(2), nn.Upsample(scale_factor=16)).eval()
+    vol = random_volume((48, 32, 32), seed=4)
+    y = volarray.predict(model, vol, chunks=(16, 32, 16)).compute()
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
+
+
+class BroadcastFirst(nn.Module):
+    """A global mean broadcast back as the first op of a stage (Bi21RGT3d's attention
+    gates): it used to fail inside volarray with an UnboundLocalError."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 4, 3, padding=1)
+        self.b = nn.Conv3d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        s = h.mean((2, 3, 4), keepdim=True)
+        return self.b(torch.cat([s.expand_as(h), h], 1))
+
+
+def test_broadcast_global_value_first_in_a_stage():
+    torch.manual_seed(0)
+    model, vol = BroadcastFirst().eval(), random_volume((12, 14, 10), seed=6)
+    y = volarray.predict(model, vol, chunks=(6, 7, 5)).compute()
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)

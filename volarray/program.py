@@ -97,7 +97,7 @@ class TileProgram:
             if box.empty:
                 continue
             node = self.nodes[name]
-            ins = []
+            ins, extra = [], {}
             for j, p in enumerate(node.inputs):
                 t, have = env.get(p, (None, None))
                 src = self.nodes[p]

@@ -10,6 +10,7 @@ output differs, or the module after which they part.
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 from .errors import TraceError
 
 PROBE_MIN_SIDE = 16
+PROBE_MAX_VOXELS = 128 ** 3  # a probe grows (when the model fails on it) up to this
 TOLERANCE = 2e-5  # times max(1, max |y|)
 _checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
@@ -40,18 +42,34 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     """Raise TraceError when ``gm`` (the capture of ``model``) computes something
     else than ``pick(model(x))`` on a probe input. Each model is checked once per probe
     shape and capture."""
-    probe = (1, in_channels) + probe_shape(shape, align)
-    key = (probe, gm.code)
+    spatial = probe_shape(shape, align)
+    key = ((1, in_channels) + spatial, gm.code)
     done = _checked.setdefault(model, set())
     if key in done:
         return
-    x = torch.randn(probe, generator=torch.Generator().manual_seed(0)).to(dtype)
     # the modules fx calls as wholes (its leaves), recorded in both runs
     tracer = torch.fx.Tracer()
     leaves = {m for name, m in model.named_modules() if tracer.is_leaf_module(m, name)}
-    want, want_modules = _run_recording(model, model, x, leaves)
+    while True:  # a probe too small for the model itself (a norm over 1 voxel) grows
+        probe = (1, in_channels) + spatial
+        x = torch.randn(probe, generator=torch.Generator().manual_seed(0)).to(dtype)
+        try:
+            want, want_modules = _run_recording(model, model, x, leaves)
+            break
+        except Exception as e:
+            grown = tuple(min(p + max(int(a), 1), s) for p, s, a in zip(spatial, shape, align))
+            if grown == spatial or math.prod(grown) > PROBE_MAX_VOXELS:
+                raise TraceError(f"{type(model).__name__}'s own forward fails on a probe input "
+                                 f"of shape {probe}: {type(e).__name__}: {e}") from e
+            spatial = grown
     want = pick(want)
-    got, got_modules = _run_recording(model, gm, x, leaves)
+    try:
+        got, got_modules = _run_recording(model, gm, x, leaves)
+    except Exception as e:
+        raise TraceError(f"the graph torch.fx captured from {type(model).__name__} fails on a "
+                         f"probe input of shape {probe} where the model's own forward runs "
+                         f"({type(e).__name__}: {e}); the capture took another path through "
+                         "forward: run mode='window', which calls the model as it is") from e
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
         return  # several outputs: the graph builder says what it supports
     scale = max(1.0, float(want.abs().max()))
