@@ -208,23 +208,30 @@ def test_non_finite_input_is_refused_naming_the_voxel(value):
 
 def test_bad_input_mid_run_keeps_finished_chunks(tmp_path):
     vol = random_volume((8, 8, 80), seed=2)
-    vol[4, 4, 40] = np.inf  # mid-volume: chunks on either side finish first
+    vol[4, 4, 56] = np.inf  # mid-volume: chunks on either side finish first
     np.save(tmp_path / "v.npy", vol)
     torch.manual_seed(0)  # a network without downsampling: chunks finish one by one
     model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 1, 3, padding=1))
     model.eval()
-    with pytest.raises(volarray.InputError, match=r"Inf at .*\(4, 4, 40\).*resume=True") as e:
+    with pytest.raises(volarray.InputError, match=r"Inf at .*\(4, 4, 56\).*resume=True") as e:
         volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
                                  scheduler="sync")
     assert "chunks are finished and kept" in str(e.value)
     marks = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")[DONE][...]
     assert 0 < marks.sum() < marks.size
     # fixed in place, the same run finishes: only the missing chunks are computed
-    vol[4, 4, 40] = 0.0
+    vol[4, 4, 56] = 0.0
     np.save(tmp_path / "v.npy", vol)
     out = volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
                                    resume=True, scheduler="sync")
     assert_volume_close(out[...], whole_volume(model, vol))
+    # another volume saved at the same path is another input: no silent mix of the two
+    np.save(tmp_path / "v.npy", vol * 3 + 1)
+    with pytest.raises(volarray.InputError, match=r"another run \(its input differ"):
+        volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
+                                 resume=True)
+    with pytest.raises(volarray.InputError, match=r"pass chunks=\(8, 8, 8\)"):
+        volarray.predict_to_zarr(model, vol, tmp_path / "o.zarr", chunks=4, resume=True)
 
 
 def test_cli_inf_input(tmp_path):
@@ -456,3 +463,72 @@ def test_no_mode_changes_the_callers_model(kw):
         assert after[name][:3] == (device, dtype, grad), name
         assert torch.equal(after[name][3], value), name
     np.testing.assert_array_equal(whole_volume(model, vol), ref)
+
+
+# -- found by a review as a new user -------------------------------------------------------
+
+def test_overwrite_refuses_an_input_read_lazily_from_the_output(tmp_path):
+    import dask.array as da
+    model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
+    out = tmp_path / "pred.zarr"
+    first = volarray.predict_to_zarr(model, vol, out, chunks=8)[...]
+    lazy = [da.from_zarr(str(out), component="prediction")[0],
+            xr.open_zarr(str(out), consolidated=False)["prediction"][0]]
+    for source in lazy:
+        with pytest.raises(volarray.InputError, match="is the input"):
+            volarray.predict_to_zarr(model, source, out, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_group(str(out))["prediction"][...], first)
+
+
+def test_a_failed_overwrite_leaves_the_old_output_whole(tmp_path):
+    model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
+    out = tmp_path / "good.zarr"
+    good = volarray.predict_to_zarr(model, vol, out, chunks=8)[...]
+    (out / "notes.txt").write_text("mine")
+    bad = vol.copy()
+    bad[3, 3, 3] = np.nan
+    with pytest.raises(volarray.InputError, match="existing output .* was left as it was"):
+        volarray.predict_to_zarr(model, bad, out, overwrite=True, chunks=8)
+    np.testing.assert_array_equal(zarr.open_group(str(out))["prediction"][...], good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.zarr"]  # no staging left
+    new = volarray.predict_to_zarr(model, vol * 2, out, overwrite=True, chunks=8)
+    assert_volume_close(new[...], whole_volume(model, vol * 2))
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(volarray.InputError, match="did not write"):
+        volarray.predict_to_zarr(model, vol, out, overwrite=True, name="notes.txt")
+
+
+def test_output_inside_the_store_of_an_array_path_input(tmp_path):
+    g = zarr.open_group(str(tmp_path / "survey.zarr"), mode="w")
+    g.create_array("amplitude", data=random_volume((8, 8, 8)), chunks=(8, 8, 8))
+    with pytest.raises(volarray.InputError, match="lies inside the input"):
+        volarray.predict_to_zarr(seeded(FaultSeg3D, width=4), tmp_path / "survey.zarr/amplitude",
+                                 tmp_path / "survey.zarr/pred.zarr")
+    assert sorted(zarr.open_group(str(tmp_path / "survey.zarr")).array_keys()) == ["amplitude"]
+
+
+@pytest.mark.parametrize("name", [DONE, "", ".", "../x", "a/b"])
+def test_bad_array_names_are_refused_before_writing(tmp_path, name):
+    with pytest.raises(volarray.InputError, match="not an array name"):
+        volarray.predict_to_zarr(seeded(FaultSeg3D, width=4), random_volume((8, 8, 8)),
+                                 tmp_path / "o.zarr", name=name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_would_be_silently_wrong_are_refused():
+    model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
+    with pytest.raises(volarray.InputError, match="sigma_scale=0 must be positive"):
+        volarray.predict(model, vol, mode="window", window=8, sigma_scale=0)
+    with pytest.raises(volarray.InputError, match="dtype='float16' applies to mode='exact'"):
+        volarray.predict(model, vol, mode="window", window=8, dtype="float16")
+    ds = xr.Dataset({"amp": (("z", "y", "x"), vol)})
+    with pytest.raises(volarray.InputError, match="already has"):
+        ds.volinfer.predict(model, var="amp", name="amp")
+    with pytest.raises(volarray.InputError, match="not multiples of 8"):
+        volarray.predict(model, random_volume((30, 31, 29)))
+
+
+def test_big_endian_input():
+    model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
+    y = volarray.predict(model, vol.astype(">f4"), chunks=8).compute()
+    assert_volume_close(y, whole_volume(model, vol))

@@ -75,6 +75,10 @@ class DatasetAccessor:
             raise InputError(f"var={var!r} is not a variable of the Dataset; it has "
                              f"{list(self._obj.data_vars)}")
         kwargs.setdefault("channel_dim", f"{name}_class")
+        taken = [n for n in (name, f"{name}_mean", f"{name}_std") if n in self._obj.variables]
+        if taken:
+            raise InputError(f"name={name!r}: the Dataset already has {taken}; pass a new name "
+                             "for the prediction (the input stays as it is)")
         out = predict_dataarray(self._obj[var], model, name=name, **kwargs)
         if isinstance(out, tuple):
             return self._obj.assign({a.name: a for a in out})

@@ -122,6 +122,10 @@ def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_li
     with active dropout, as the members of an ensemble are)."""
     check_options(mode=mode, output=output, threshold=threshold, tta=tta, ensemble=ensemble,
                   pad=pad)
+    if mode == "window" and dtype not in (None, "float32", torch.float32):
+        raise InputError(f"dtype={dtype!r} applies to mode='exact' (its tiles run under "
+                         "autocast); window mode calls the model as it is, so cast the model "
+                         "itself or pass dtype=None")
     check_model(model, stochastic=stochastic or ensemble is not None)
     arr = as_dask_volume(volume)
     kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,

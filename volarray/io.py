@@ -21,7 +21,11 @@ def open_volume(source, var: str | None = None):
         raise InputError(f"input {str(path)!r} does not exist; pass the path of a zarr array, "
                          "a zarr group (with var=) or a .npy file")
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise InputError(f"input {str(path)!r} is not a readable .npy file ({e}); it may be "
+                             "truncated: write it again") from None
     import zarr
     try:
         node = zarr.open(str(path), mode="r")
@@ -66,6 +70,8 @@ def as_dask_volume(volume) -> da.Array:
     if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"volume has dtype {arr.dtype}; pass floating-point data "
                          "(e.g. volume.astype('float32')) scaled as the model was trained")
+    if not arr.dtype.isnative:  # big-endian floats (SEG-Y conversions): torch needs native
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
     return arr

@@ -42,17 +42,66 @@ class _Terminated(KeyboardInterrupt):
 
 # -- where an output may go ---------------------------------------------------------------
 
-def local_path(source) -> Path | None:
-    """The local folder or file behind an input: a path, or a zarr array / group on a
-    local store. None for in-memory data."""
-    if isinstance(source, (str, os.PathLike)):
-        return Path(source).resolve()
-    store = getattr(source, "store", None)
+def input_paths(source) -> list[Path]:
+    """The local folders or files an input reads: a path; a zarr array or group on a
+    local store; a memory-mapped .npy; an xarray object opened from a file; or any of
+    these inside a dask array's graph. A zarr path is widened to the root of the store
+    that holds it, so that an output can be placed neither in it nor around it."""
+    found = []
+    for obj in _sources(source):
+        p = _path_of(obj)
+        if p is not None:
+            found.append(_store_root(p))
+    return found
+
+
+def _sources(source):
+    yield source
+    encoding = getattr(source, "encoding", None)  # xarray: the file it was opened from
+    if isinstance(encoding, dict) and encoding.get("source"):
+        yield encoding["source"]
+    data = getattr(source, "data", None) if type(source).__name__ == "DataArray" else source
+    graph = getattr(data, "__dask_graph__", None)
+    if graph is not None:  # what the tasks read (from_zarr, from_array of a memmap, ...)
+        for task in dict(graph()).values():
+            yield from _objects_in(task)
+
+
+def _objects_in(task, depth=0):
+    if depth > 8:
+        return
+    if isinstance(task, (tuple, list)):
+        for t in task:
+            yield from _objects_in(t, depth + 1)
+    elif isinstance(task, dict):
+        for t in task.values():
+            yield from _objects_in(t, depth + 1)
+    else:
+        yield task
+        # wrappers (xarray's lazy indexing adapters hold the zarr array), dask Task objects
+        for attr in ("array", "_array", "args", "kwargs"):
+            inner = getattr(task, attr, None)
+            if inner is not None and inner is not task and not isinstance(inner, str):
+                yield from _objects_in(inner, depth + 1)
+
+
+def _path_of(obj) -> Path | None:
+    if isinstance(obj, (str, os.PathLike)):
+        text = str(obj)
+        return None if "://" in text or not text.strip() else Path(text).resolve()
+    store = getattr(obj, "store", None)
     root = getattr(store, "root", None) or getattr(store, "path", None)
-    if root is not None and not str(root).startswith(("s3:", "gs:", "http")):
-        return Path(str(root)).resolve()
-    filename = getattr(source, "filename", None)  # np.memmap
-    return Path(filename).resolve() if filename else None
+    if isinstance(root, (str, os.PathLike)) and "://" not in str(root):
+        return (Path(str(root)) / (getattr(obj, "path", "") or "")).resolve()
+    filename = getattr(obj, "filename", None)  # np.memmap
+    return Path(filename).resolve() if isinstance(filename, (str, os.PathLike)) else None
+
+
+def _store_root(p: Path) -> Path:
+    """The outermost zarr group folder above ``p`` (``p`` when it is in none)."""
+    while any((p.parent / meta).is_file() for meta in ("zarr.json", ".zgroup")):
+        p = p.parent
+    return p
 
 
 def is_volarray_output(path: Path) -> bool:
@@ -88,8 +137,6 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
         raise InputError(f"output {str(store)!r} is the folder {str(out)!r} itself; pass the "
                          "path of a new zarr store inside it, e.g. 'prediction.zarr'")
     for inp in inputs:
-        if inp is None:
-            continue
         if out == inp:
             raise InputError(f"output {str(store)!r} is the input; pass another path for the "
                              "prediction")
@@ -121,13 +168,18 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
     return "replace"
 
 
-def remove_output(path: Path) -> None:
+def remove_output(path: Path, missing_ok: bool = False) -> None:
     """Remove what volarray wrote in its output ``path``: the arrays its marker lists,
     the completion marks and the group metadata; the folder goes only if that leaves
     it empty (anything else a user put there stays)."""
     path = Path(path)
+    if missing_ok and not path.exists():
+        return
     marker = read_marker(path)
     if marker is None:
+        if missing_ok and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            return
         raise InputError(f"{str(path)!r} is not a volarray output; it was left as it is")
     for name in list(marker.get("arrays", [])) + [DONE]:
         entry = path / name
@@ -138,6 +190,51 @@ def remove_output(path: Path) -> None:
             (path / meta).unlink()
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+def finished_chunks(path: Path) -> int:
+    """How many chunks of the output carry their completion mark (0 if none can be read)."""
+    try:
+        import zarr
+        return int(zarr.open_array(str(Path(path) / DONE), mode="r")[...].sum())
+    except Exception:
+        return 0
+
+
+def total_chunks(path: Path) -> int:
+    try:
+        import zarr
+        return int(zarr.open_array(str(Path(path) / DONE), mode="r").size)
+    except Exception:
+        return 0
+
+
+def check_replaceable(out: Path, names) -> None:
+    """Before a replacing run: its arrays must not take the names of a user's own
+    entries in the output folder."""
+    ours = set((read_marker(out) or {}).get("arrays", [])) | {DONE}
+    taken = [n for n in names if (Path(out) / n).exists() and n not in ours]
+    if taken:
+        raise InputError(f"output {str(out)!r} holds {taken} that volarray did not write; "
+                         "pass another name= for the prediction")
+
+
+def make_staging(out: Path) -> Path:
+    """Where a replacing run writes until it is complete: beside the output."""
+    out = Path(out).resolve()
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.replacing-", dir=out.parent))
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """The complete new output takes the old one's place: volarray's entries of the
+    old one are removed, the user's stay, the new entries move in."""
+    remove_output(out, missing_ok=True)
+    if not Path(out).exists():
+        os.replace(staging, out)
+        return
+    for entry in Path(staging).iterdir():
+        os.replace(entry, Path(out) / entry.name)
+    Path(staging).rmdir()
 
 
 # -- scratch ---------------------------------------------------------------------------
@@ -166,6 +263,9 @@ def remove_stale_scratch(out: Path) -> None:
             continue
         if owner == str(out):
             remove_scratch(d)
+    for d in out.parent.glob(f".{out.name}.replacing-*"):  # a killed replacing run's store
+        if is_volarray_output(d) or (d.is_dir() and not any(d.iterdir())):
+            remove_output(d, missing_ok=True)
 
 
 # -- signals ---------------------------------------------------------------------------

@@ -120,7 +120,9 @@ def required_multiple(model, in_channels: int, shape) -> tuple[int, int, int] | 
         return None
     for m in MULTIPLES:
         target = padded_shape(shape, m)
-        if target != shape and runs(target):
+        # the next multiple must run too: 32 runs for a network that needs 8 because it
+        # is a multiple of 8, not of 4
+        if target != shape and runs(target) and runs(tuple(t + m for t in target)):
             break
     else:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 from pathlib import Path
 
 import dask
@@ -107,9 +108,10 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     if unknown:
         raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
                          f"predict's options {list(PREDICT_OPTIONS)}")
+    check_name(name)
     out = Path(store) if str(store).strip() else None
     src = open_volume(volume, var)
-    action = outputs.check_target(store, [outputs.local_path(volume), outputs.local_path(src)],
+    action = outputs.check_target(store, outputs.input_paths(volume) + outputs.input_paths(src),
                                   overwrite=overwrite, resume=resume)
     out = out.resolve()
     source = as_dask_volume(src)  # validates before anything is traced or written
@@ -119,18 +121,33 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     try:
         result = _predict(model, src, scratch=space, **options)
         arrays = _named_arrays(result, name)
-        run_id = _run_id(model, volume, var, source.name, arrays, options)
+        run_id = _run_id(model, volume, var, source, arrays, options)
         if action == "resume":
             group = _open_for_resume(out, run_id, arrays)
-        else:
-            if action == "replace":
-                outputs.remove_output(out)
-            group = _create_output(out, run_id, arrays, model, options)
-        _write(out, group, arrays, scheduler, fresh=action != "resume")
+            _write(out, group, arrays, scheduler, lambda: None)
+        elif action == "create":
+            _write(out, None, arrays, scheduler,
+                   lambda: _create_output(out, run_id, arrays, model, options))
+        else:  # replace: the old output stays whole until the new one is complete
+            outputs.check_replaceable(out, list(arrays))
+            staging = outputs.make_staging(out)
+            _write(staging, None, arrays, scheduler,
+                   lambda: _create_output(staging, run_id, arrays, model, options),
+                   replacing=out)
+            outputs.swap_in(staging, out)
     finally:
         space.remove()
+    group = _zarr().open_group(str(out), mode="r")
     zarr_arrays = tuple(group[n] for n in arrays)
     return zarr_arrays if len(zarr_arrays) > 1 else zarr_arrays[0]
+
+
+def check_name(name) -> None:
+    """An array name that is one plain entry of the output group."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) \
+            or name == DONE:
+        raise InputError(f"name={name!r} is not an array name for the output: use letters, "
+                         f"digits, '_', '-' or '.', not starting with '.' and not {DONE!r}")
 
 
 def _named_arrays(result, name: str) -> dict:
@@ -139,14 +156,43 @@ def _named_arrays(result, name: str) -> dict:
     return {name: result}
 
 
-def _run_id(model, volume, var, source_name: str, arrays: dict, options: dict) -> dict:
+def input_sample(arr) -> str:
+    """A token of the input's shape, type and three small boxes of its values (a corner,
+    the centre, the far corner): a file replaced at the same path is not the same input,
+    while a voxel fixed in place elsewhere (a NaN found mid-run) still is."""
+    boxes = []
+    for where in ("lo", "mid", "hi"):
+        index = [slice(None)]
+        for n in arr.shape[1:]:
+            side = min(n, 16)
+            start = {"lo": 0, "mid": (n - side) // 2, "hi": n - side}[where]
+            index.append(slice(start, start + side))
+        boxes.append(arr[tuple(index)])
+    with _without_progress_bars():
+        values = dask.compute(*boxes, scheduler="sync")
+    return tokenize(arr.shape, str(arr.dtype), [np.asarray(v) for v in values])
+
+
+@contextlib.contextmanager
+def _without_progress_bars():
+    """A small read of the input is not the run: keep it out of a progress bar."""
+    from dask.callbacks import Callback
+    saved = set(Callback.active)
+    Callback.active.clear()
+    try:
+        yield
+    finally:
+        Callback.active.update(saved)
+
+
+def _run_id(model, volume, var, source_array, arrays: dict, options: dict) -> dict:
     """What makes a run the same run, part by part: the model's weights, the input (its
     path when it has one, so that fixing a bad voxel in place keeps finished chunks
     valid), the options that change the numbers, and the output's arrays and chunking
     (the memory limit and the device only choose how it runs)."""
     from .window import _weights_token
-    source = (str(Path(volume).resolve()), var) if isinstance(volume, (str, os.PathLike)) \
-        else source_name
+    source = ((str(Path(volume).resolve()), var, input_sample(source_array))
+              if isinstance(volume, (str, os.PathLike)) else source_array.name)
     given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
                      if k not in ("memory_limit", "device", "chunks"))
@@ -157,9 +203,15 @@ def _run_id(model, volume, var, source_name: str, arrays: dict, options: dict) -
 
 
 def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict):
+    """A new output group; its volarray mark comes first, so that a run stopped while
+    creating it leaves a store volarray recognises (and may remove)."""
     zarr = _zarr()
-    # "a" where a replaced output left a user's own files in its folder
-    group = zarr.open_group(str(out), mode="a" if out.exists() else "w-")
+    group = zarr.open_group(str(out), mode="w-")
+    group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
+                                   "version": _version()}
+    first = next(iter(arrays.values()))
+    group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
+                       fill_value=0, dimension_names=("z_chunk", "y_chunk", "x_chunk"))
     for n, a in arrays.items():
         spatial_dims = ("z", "y", "x")
         group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
@@ -168,11 +220,6 @@ def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict):
                            attributes={"model": type(model).__name__,
                                        "mode": options.get("mode", "exact"),
                                        "volarray_version": _version()})
-    first = next(iter(arrays.values()))
-    group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
-                       fill_value=0)
-    group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
-                                   "version": _version()}
     return group
 
 
@@ -184,47 +231,68 @@ def _open_for_resume(out: Path, run_id: dict, arrays: dict):
     differs = [part for part, token in run_id.items()
                if not isinstance(before, dict) or before.get(part) != token]
     if differs or any(n not in group for n in arrays):
+        hint = ""
+        if "arrays and chunks" in differs and set(arrays) <= set(group.array_keys()):
+            was = group[next(iter(arrays))].chunks[-3:]
+            hint = f"; the first run wrote chunks of {was}: pass chunks={was} as it did"
         raise InputError(f"output {str(out)!r} was written by another run (its "
-                         f"{', '.join(differs or ['array names'])} differ), so its chunks "
-                         "cannot be reused; pass overwrite=True to replace it")
+                         f"{', '.join(differs or ['array names'])} differ){hint}; its chunks "
+                         "cannot be reused otherwise, and overwrite=True would replace them")
     return group
 
 
-def _write(out: Path, group, arrays: dict, scheduler, fresh: bool) -> None:
-    """Write every unmarked chunk; however the run stops, finished chunks stay."""
-    names = list(arrays)
-    first = arrays[names[0]]
-    # every array is written in the same spatial chunks, one task per chunk
-    ys = [a.rechunk(a.chunks[:-3] + first.chunks[-3:]) for a in arrays.values()]
-    done = group[DONE][...]
-    todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
-    wname = f"volarray-write-{tokenize(str(out), [y.name for y in ys])}"
-    lead = [(0,) * (y.ndim - 3) for y in ys]
-    dsk = {(wname, i): (write_block, str(out), names, idx) +
-           tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
-           for i, idx in enumerate(todo)}
-    dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
-    graph = HighLevelGraph.from_collections(wname, dsk, dependencies=ys)
+def _write(out: Path, group, arrays: dict, scheduler, create, replacing: Path | None = None):
+    """Create the output (``create()``, for a new one) and write every unmarked chunk.
+    However the run stops, finished chunks stay, except in a store that replaces
+    another (``replacing``): that one is removed and the old output left as it was."""
+    fresh = group is None
     try:
         with outputs.sigterm_stops_run():
-            written = compute_stoppable(Delayed(wname, graph), scheduler)
+            if fresh:
+                group = create()
+            done = group[DONE][...]
+            todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
+            written = compute_stoppable(_write_graph(out, arrays, todo), scheduler)
         if written != len(todo):
             raise RuntimeError(f"volarray wrote {written} of {len(todo)} chunks")
     except BaseException as e:
-        finished = int(group[DONE][...].sum())
-        total = int(done.size)
-        if fresh and finished == 0:
-            outputs.remove_output(out)  # it holds nothing: as if never started
-            where = f"nothing was written to {str(out)!r}"
-        else:
-            where = (f"{finished} of {total} chunks are finished and kept in {str(out)!r}; "
-                     "run again with resume=True to compute the rest")
+        where = _after_stop(out, fresh, replacing)
         if isinstance(e, KeyboardInterrupt):
             sig, code = outputs.signal_name(e)
             raise RunInterrupted(f"stopped by {sig}: {where}", code) from None
         if isinstance(e, VolarrayError):
             raise type(e)(f"{e}. {where[0].upper()}{where[1:]}") from None
         raise
+
+
+def _after_stop(out: Path, fresh: bool, replacing: Path | None) -> str:
+    """Tidy a stopped run's output by the rules of `outputs`; say what is left."""
+    if replacing is not None:
+        outputs.remove_output(out, missing_ok=True)
+        return (f"the existing output {str(replacing)!r} was left as it was; run again with "
+                "overwrite=True to replace it")
+    finished = outputs.finished_chunks(out)
+    if fresh and not finished:
+        outputs.remove_output(out, missing_ok=True)  # it holds nothing: as if never started
+        return f"nothing was written to {str(out)!r}"
+    total = outputs.total_chunks(out)
+    return (f"{finished} of {total} chunks are finished and kept in {str(out)!r}; run again "
+            "with resume=True to compute the rest")
+
+
+def _write_graph(out: Path, arrays: dict, todo) -> Delayed:
+    """One task per unmarked chunk, writing it in every output array, then its mark."""
+    names = list(arrays)
+    first = arrays[names[0]]
+    # every array is written in the same spatial chunks
+    ys = [a.rechunk(a.chunks[:-3] + first.chunks[-3:]) for a in arrays.values()]
+    wname = f"volarray-write-{tokenize(str(out), [y.name for y in ys])}"
+    lead = [(0,) * (y.ndim - 3) for y in ys]
+    dsk = {(wname, i): (write_block, str(out), names, idx) +
+           tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
+           for i, idx in enumerate(todo)}
+    dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
+    return Delayed(wname, HighLevelGraph.from_collections(wname, dsk, dependencies=ys))
 
 
 def compute_stoppable(collection, scheduler):

@@ -706,9 +706,17 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
             warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
             rec(x)
     except Exception as e:
+        first_conv = next((m for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if first_conv is not None and first_conv.in_channels != input_shape[1]:
+            raise TraceError(
+                f"the model's first convolution takes {first_conv.in_channels} input "
+                f"channel(s); the volume has {input_shape[1]} (shape {tuple(input_shape[1:])}): "
+                "pass a (C, Z, Y, X) volume with the channels the model was trained on") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(
             f"the model does not accept an input of shape {tuple(input_shape)}: "
-            f"{type(e).__name__}: {e}. Check the volume's shape and channel count.") from e
+            f"{type(e).__name__}: {first_line}. Check the volume's shape and channel "
+            "count.") from e
     return rec.values
 
 

@@ -51,6 +51,9 @@ def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
         raise InputError(f"blend={blend!r} is not 'gaussian', 'constant' or a callable "
                          "window_shape -> weights")
     scales = sigma_scale if isinstance(sigma_scale, (tuple, list)) else (sigma_scale,) * 3
+    if len(scales) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise InputError(f"sigma_scale={sigma_scale!r} must be positive (one number or three); "
+                         "the gaussian's sigma is sigma_scale x the window, 0.125 by default")
     w = None
     for size, s in zip(roi, scales):
         x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
