@@ -223,7 +223,7 @@ def test_bad_input_mid_run_keeps_finished_chunks(tmp_path):
     vol[4, 4, 56] = 0.0
     np.save(tmp_path / "v.npy", vol)
     out = volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
-                                   resume=True, scheduler="sync")
+                                   resume=True, scheduler="sync", seed=5)  # seeds: ensembles only
     assert_volume_close(out[...], whole_volume(model, vol))
     # another volume saved at the same path is another input: no silent mix of the two
     np.save(tmp_path / "v.npy", vol * 3 + 1)

@@ -194,8 +194,10 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict) -> di
     source = ((str(Path(volume).resolve()), var, input_sample(source_array))
               if isinstance(volume, (str, os.PathLike)) else source_array.name)
     given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
+    ignored = {"memory_limit", "device", "chunks"} | ({"seed"} if given["ensemble"] is None
+                                                     else set())  # seeds draw ensembles only
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
-                     if k not in ("memory_limit", "device", "chunks"))
+                     if k not in ignored)
     return {"model weights": tokenize(_weights_token(model)), "input": tokenize(source),
             "options": tokenize(changes),
             "arrays and chunks": tokenize([(n, a.shape, a.chunks, str(a.dtype))
