@@ -156,3 +156,35 @@ def test_broadcast_global_value_first_in_a_stage():
     model, vol = BroadcastFirst().eval(), random_volume((12, 14, 10), seed=6)
     y = volarray.predict(model, vol, chunks=(6, 7, 5)).compute()
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7^3 conv, then channels last: LayerNorm, Linear, GELU, Linear, layer
+    scale, and channels first again (ConvNeXt, MedNeXt)."""
+
+    def __init__(self, c=4, reduce_z=False):
+        super().__init__()
+        self.reduce_z = reduce_z
+        self.dw = nn.Conv3d(c, c, 7, padding=3, groups=c)
+        self.ln = nn.LayerNorm(c)
+        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 4, 1)
+        h = self.gamma * self.pw2(self.act(self.pw1(self.ln(h))))
+        if self.reduce_z:  # not per voxel: a mean over z, with channels last
+            h = h - h.mean(1, keepdim=True)
+        return x + h.permute(0, 4, 1, 2, 3)
+
+
+def test_channels_last_blocks_and_prelu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.PReLU(4), ConvNeXtBlock(),
+                          nn.Conv3d(4, 2, 1)).eval()
+    vol = random_volume((10, 12, 9), seed=2)
+    y = volarray.predict(model, vol, chunks=(5, 7, 4)).compute()
+    assert_volume_close(y, whole_volume(model, vol))
+    odd = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), ConvNeXtBlock(reduce_z=True)).eval()
+    with pytest.raises(volarray.UnsupportedOpError, match="permute"):
+        volarray.predict(odd, vol)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
+from .layout import ChannelsLastBlock, fuse_channels_last
 from .selfcheck import check_capture
 from .ops.fill import ZEROS, Fill
 from .ops.local import (ArgmaxConv, Attr, Conv, ConvTranspose, LocalOp, Pad, Pointwise, Pool,
@@ -432,6 +433,8 @@ class _Builder:
                 return pointwise(_call_module(node.target), 0)
             if isinstance(m, _ACTIVATION_MODULES):
                 return pointwise(_call_module(node.target))
+            if isinstance(m, ChannelsLastBlock):  # per-voxel ops over channels (ConvNeXt)
+                return pointwise(_call_module(node.target), 2 * c_in)
             if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
                 channel_dim_only(m.dim)
                 return pointwise(_call_module(node.target), 4)
@@ -760,7 +763,7 @@ def trace(model: nn.Module, input_shape, select=None) -> Graph:
     one ``select`` picks."""
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
-    gm = select_output(symbolic_trace(model), select)
+    gm = select_output(fuse_channels_last(symbolic_trace(model)), select)
     try:
         graph = _trace_graph(gm, input_shape, dtype)
     except (TraceError, UnsupportedOpError) as e:
