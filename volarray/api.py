@@ -31,8 +31,6 @@ def _device(device) -> str:
 
 def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
           argmax: bool = False, select=None) -> Plan:
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}")
     if mode != "exact":
@@ -54,7 +52,9 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
     arr = as_dask_volume(volume)
     if pad is not None:
         from .padding import pad_volume, required_multiple
-        arr = pad_volume(arr, required_multiple(model, arr.shape[0], arr.shape[1:]) or 1, pad)
+        multiple = required_multiple(model, arr.shape[0], arr.shape[1:])
+        if multiple is not None:
+            arr = pad_volume(arr, multiple, pad)
     return _plan(model, arr, chunks, mode, _device(device), memory_limit,
                  argmax=output == "argmax", select=select)
 
@@ -154,32 +154,39 @@ def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_li
         return mirrored_mean(model, arr, stochastic=stochastic, **kw)
     if mode == "window":
         return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale, select)
-    return _exact(model, arr, chunks, _device(device), memory_limit, seed, dtype, scratch,
-                  select=select)[1]
+    dev = _device(device)
+    p = _plan(model, arr, chunks, "exact", dev, memory_limit, select=select)
+    return _build(p, arr, dev, memory_limit, seed, dtype, scratch)
 
 
-def _exact(model, arr, chunks, dev, memory_limit, seed, dtype, scratch, argmax=False,
-           select=None):
-    p = _plan(model, arr, chunks, "exact", dev, memory_limit, argmax=argmax, select=select)
+def _build(p: Plan, arr, dev, memory_limit, seed, dtype, scratch) -> da.Array:
+    """The dask graph of plan ``p`` over ``arr``."""
     if memory_limit is not None:
         p.validate()  # a budget the user stated is one no task may exceed
     arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
     paths = scratch.arrays_for(p) if scratch is not None else None
-    return p, build_graph(p, arr, dev, scratch=paths, seed=seed, autocast=_autocast(dtype))
+    return build_graph(p, arr, dev, scratch=paths, seed=seed, autocast=_autocast(dtype))
 
 
 def _fused_argmax(model, arr, kw):
     """Labels from a classifier conv fused with the argmax (run in blocks of classes),
     or None where the head is not of that form."""
-    p, labels = _exact(model, arr, kw["chunks"], _device(kw["device"]), kw["memory_limit"],
-                       kw["seed"], kw["dtype"], kw["scratch"], argmax=True, select=kw["select"])
+    dev = _device(kw["device"])
+    p = _plan(model, arr, kw["chunks"], "exact", dev, kw["memory_limit"], argmax=True,
+              select=kw["select"])
     head = p.graph.nodes[p.graph.output].op
     if not isinstance(head, ArgmaxConv):
         return None
     if head.classes < 2:
-        to_labels(labels, "argmax", None)  # refuses, with the same words as below
+        raise InputError(ONE_CHANNEL_ARGMAX)
+    labels = _build(p, arr, dev, kw["memory_limit"], kw["seed"], kw["dtype"], kw["scratch"])
     dt = label_dtype(head.classes)
     return labels.map_blocks(lambda b: b[0].astype(dt), dtype=dt, drop_axis=0)
+
+
+ONE_CHANNEL_ARGMAX = ("output='argmax' over a model with one output channel labels every voxel "
+                      "0; pass threshold=0.5 for a sigmoid head (or threshold=0.0 for logits) "
+                      "to get labels y > threshold")
 
 
 def to_labels(scores: da.Array, output: str, threshold) -> da.Array:
@@ -193,9 +200,7 @@ def to_labels(scores: da.Array, output: str, threshold) -> da.Array:
         return scores.map_blocks(lambda b: (b[0] > threshold).astype(np.uint8),
                                  dtype=np.uint8, drop_axis=0)
     if classes < 2:
-        raise InputError("output='argmax' over a model with one output channel labels every "
-                         "voxel 0; pass threshold=0.5 for a sigmoid head (or threshold=0.0 "
-                         "for logits) to get labels y > threshold")
+        raise InputError(ONE_CHANNEL_ARGMAX)
     return scores.map_blocks(_argmax, dtype=label_dtype(classes), drop_axis=0)
 
 
@@ -277,8 +282,6 @@ def check_options(*, mode, output, threshold, tta, ensemble, pad) -> None:
 def _window(model, arr: da.Array, chunks, device, window, overlap, blend, sigma_scale,
             select=None, ensemble: int = 0, seed: int = 0):
     from .window import predict_window
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module")
     return predict_window(model, arr.astype("float32").rechunk({0: -1}), window=window,
                           overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                           chunks=coerce_chunks(chunks, arr.shape[1:]), device=_device(device),
