@@ -118,11 +118,8 @@ def check_preview_path(path: str | None) -> None:
 
 def predict_options(args) -> dict:
     """`predict`'s keyword arguments from the command line's flags."""
-    window = args.window
-    if window is not None:
-        window = window[0] if len(window) == 1 else tuple(window)
     return dict(chunks=args.chunks, mode=args.mode, device=args.device,
-                memory_limit=args.memory_limit, window=window, overlap=args.overlap,
+                memory_limit=args.memory_limit, window=args.window, overlap=args.overlap,
                 blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
                 ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
@@ -218,15 +215,15 @@ def cmd_demo(args) -> int:
     return 0 if diff <= 1e-5 else 1
 
 
-def _ints(text: str):
-    """'96' or '64,128,128' (for --chunks and --window)."""
+def _sides(text: str):
+    """'96' -> 96, '64,128,128' -> (64, 128, 128) (for --chunks and --window)."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X") from None
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
-    return values
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _model_args(p):
@@ -234,7 +231,7 @@ def _model_args(p):
     p.add_argument("--model", required=True, help="MODULE:CALLABLE returning a torch.nn.Module")
     p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
     p.add_argument("--var", help="array name inside a zarr group")
-    p.add_argument("--chunks", type=_chunks, help="chunk side N or Z,Y,X (default: planned)")
+    p.add_argument("--chunks", type=_sides, help="chunk side N or Z,Y,X (default: planned)")
     p.add_argument("--mode", default="exact", choices=["exact", "window"],
                    help="exact (the whole-volume answer) or window (sliding window)")
     p.add_argument("--memory-limit", help="per task, e.g. 4GB")
@@ -249,14 +246,9 @@ def _index_or_key(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def _chunks(text: str):
-    values = _ints(text)
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 def _predict_args(p):
     w = p.add_argument_group("window mode")
-    w.add_argument("--window", type=_ints, help="window (patch) size: N or Z,Y,X")
+    w.add_argument("--window", type=_sides, help="window (patch) size: N or Z,Y,X")
     w.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
     w.add_argument("--blend", default="gaussian", choices=["gaussian", "constant"])
     w.add_argument("--sigma-scale", type=float, default=0.125, help="gaussian sigma / window")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import torch
 
 from .errors import InputError
 
@@ -79,9 +80,7 @@ def as_dask_volume(volume) -> da.Array:
 
 def _from_torch(volume):
     """A torch tensor (on any device, with or without grad) as a numpy array."""
-    import sys
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(volume, torch.Tensor):
+    if not isinstance(volume, torch.Tensor):
         return volume
     t = volume.detach()
     if t.is_meta:

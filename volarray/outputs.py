@@ -192,21 +192,15 @@ def remove_output(path: Path, missing_ok: bool = False) -> None:
         path.rmdir()
 
 
-def finished_chunks(path: Path) -> int:
-    """How many chunks of the output carry their completion mark (0 if none can be read)."""
+def chunk_counts(path: Path) -> tuple[int, int]:
+    """(finished, total) chunks of the output by its completion marks; (0, 0) when they
+    cannot be read."""
     try:
         import zarr
-        return int(zarr.open_array(str(Path(path) / DONE), mode="r")[...].sum())
+        marks = zarr.open_array(str(Path(path) / DONE), mode="r")[...]
     except Exception:
-        return 0
-
-
-def total_chunks(path: Path) -> int:
-    try:
-        import zarr
-        return int(zarr.open_array(str(Path(path) / DONE), mode="r").size)
-    except Exception:
-        return 0
+        return 0, 0
+    return int(marks.sum()), int(marks.size)
 
 
 def check_replaceable(out: Path, names) -> None:
@@ -252,9 +246,9 @@ def remove_scratch(d: Path | None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def remove_stale_scratch(out: Path) -> None:
-    """Scratch left by a run killed with SIGKILL (nothing can catch that), found when
-    the same output is resumed or replaced."""
+def remove_leftovers(out: Path) -> None:
+    """Scratch and half-made replacements left by runs killed with SIGKILL (nothing can
+    catch that), found when the same output is resumed or replaced."""
     out = Path(out).resolve()
     for d in out.parent.glob(f".{out.name}.scratch-*"):
         try:

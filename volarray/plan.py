@@ -38,11 +38,9 @@ def parse_bytes(value) -> int | None:
     else:
         import dask.utils
         try:
-            n = dask.utils.parse_bytes(str(value).strip().lstrip("+"))
+            n = dask.utils.parse_bytes(str(value).strip().lstrip("+"))  # "-1GB" is negative
         except Exception:
             n = None
-        if isinstance(value, str) and value.strip().startswith("-"):
-            n = -1
     if n is None:
         raise InputError(f"memory_limit={value!r} is not a size; pass bytes or a string "
                          "like '4GB'")

@@ -109,22 +109,20 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
         raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
                          f"predict's options {list(PREDICT_OPTIONS)}")
     check_name(name)
-    out = Path(store) if str(store).strip() else None
     src = open_volume(volume, var)
     action = outputs.check_target(store, outputs.input_paths(volume) + outputs.input_paths(src),
                                   overwrite=overwrite, resume=resume)
-    out = out.resolve()
+    out = Path(store).resolve()
     source = as_dask_volume(src)  # validates before anything is traced or written
     if action != "create":
-        outputs.remove_stale_scratch(out)  # of this output's runs killed with SIGKILL
+        outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
     space = ScratchSpace(out, scratch)
     try:
-        result = _predict(model, src, scratch=space, **options)
+        result = _predict(model, source, scratch=space, **options)
         arrays = _named_arrays(result, name)
         run_id = _run_id(model, volume, var, source, arrays, options)
         if action == "resume":
-            group = _open_for_resume(out, run_id, arrays)
-            _write(out, group, arrays, scheduler, lambda: None)
+            _write(out, _open_for_resume(out, run_id, arrays), arrays, scheduler)
         elif action == "create":
             _write(out, None, arrays, scheduler,
                    lambda: _create_output(out, run_id, arrays, model, options))
@@ -168,21 +166,9 @@ def input_sample(arr) -> str:
             start = {"lo": 0, "mid": (n - side) // 2, "hi": n - side}[where]
             index.append(slice(start, start + side))
         boxes.append(arr[tuple(index)])
-    with _without_progress_bars():
-        values = dask.compute(*boxes, scheduler="sync")
+    # callbacks=[]: a small read of the input is not the run, so no progress bar shows it
+    values = dask.compute(*boxes, scheduler="sync", callbacks=[])
     return tokenize(arr.shape, str(arr.dtype), [np.asarray(v) for v in values])
-
-
-@contextlib.contextmanager
-def _without_progress_bars():
-    """A small read of the input is not the run: keep it out of a progress bar."""
-    from dask.callbacks import Callback
-    saved = set(Callback.active)
-    Callback.active.clear()
-    try:
-        yield
-    finally:
-        Callback.active.update(saved)
 
 
 def _run_id(model, volume, var, source_array, arrays: dict, options: dict) -> dict:
@@ -243,7 +229,8 @@ def _open_for_resume(out: Path, run_id: dict, arrays: dict):
     return group
 
 
-def _write(out: Path, group, arrays: dict, scheduler, create, replacing: Path | None = None):
+def _write(out: Path, group, arrays: dict, scheduler, create=None,
+           replacing: Path | None = None):
     """Create the output (``create()``, for a new one) and write every unmarked chunk.
     However the run stops, finished chunks stay, except in a store that replaces
     another (``replacing``): that one is removed and the old output left as it was."""
@@ -273,11 +260,10 @@ def _after_stop(out: Path, fresh: bool, replacing: Path | None) -> str:
         outputs.remove_output(out, missing_ok=True)
         return (f"the existing output {str(replacing)!r} was left as it was; run again with "
                 "overwrite=True to replace it")
-    finished = outputs.finished_chunks(out)
+    finished, total = outputs.chunk_counts(out)
     if fresh and not finished:
         outputs.remove_output(out, missing_ok=True)  # it holds nothing: as if never started
         return f"nothing was written to {str(out)!r}"
-    total = outputs.total_chunks(out)
     return (f"{finished} of {total} chunks are finished and kept in {str(out)!r}; run again "
             "with resume=True to compute the rest")
 
