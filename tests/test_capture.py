@@ -1,7 +1,6 @@
 """The captured graph is the model: a probe self-check refuses any capture that
 differs from the model's own forward; forward arguments after the volume take their
 defaults; several outputs are picked by select=."""
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

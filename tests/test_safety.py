@@ -1,6 +1,5 @@
 """Nothing lost, nothing silently wrong: every front door (CLI, predict_to_zarr,
 predict, accessors) on real zarr stores in folders that hold other files."""
-import os
 import signal
 import subprocess
 import sys

@@ -100,10 +100,9 @@ def check_preview_path(path: str | None) -> None:
         return
     p = Path(path)
     try:
-        import matplotlib
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as e:
         raise CLIError("--preview needs matplotlib: pip install matplotlib") from e
-    from matplotlib.backend_bases import FigureCanvasBase
     formats = FigureCanvasBase.get_supported_filetypes()
     if p.suffix.lstrip(".").lower() not in formats:
         raise CLIError(f"--preview {path!r}: the file name must end in one of "

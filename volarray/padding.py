@@ -18,7 +18,6 @@ import math
 from fractions import Fraction
 
 import dask.array as da
-import torch
 
 from .errors import InputError, TraceError, VolarrayError
 
@@ -68,10 +67,9 @@ def padded_shape(shape, multiple) -> tuple[int, ...]:
 def _meta_forward(model, in_channels: int):
     """A memoized predicate: does ``model``'s forward run on meta tensors of a
     (Z, Y, X) shape? Free at any size, as trace.py's meta run."""
-    from .trace import symbolic_trace
+    from .trace import model_dtype, symbolic_trace
 
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else torch.float32
+    dtype = model_dtype(model)
     try:
         gm = symbolic_trace(model)
     except TraceError:  # untraceable: run the module itself on meta tensors
@@ -94,10 +92,9 @@ def _runs(gm, model, input_shape, dtype) -> bool:
             return True
         except TraceError:
             return False
-    from .trace import meta_weights
+    from .trace import meta_forward
     try:
-        with meta_weights(model), torch.inference_mode():
-            model(torch.empty(input_shape, dtype=dtype, device="meta"))
+        meta_forward(model, input_shape, dtype)
         return True
     except Exception:  # any failure of the forward: this shape does not run
         return False

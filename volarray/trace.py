@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import os
 import traceback
-
-import operator
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -617,13 +616,18 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         gm = fx.symbolic_trace(model, concrete_args=constants or None)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(
             f"torch.fx could not capture {type(model).__name__}{user_frame(e)}: "
-            f"{type(e).__name__}: {first}. exact mode needs a forward without Python control "
+            f"{type(e).__name__}: {first_line(e)}. exact mode needs a forward without Python control "
             "flow on tensor values or conversions of them (torch.as_tensor, numpy); make that "
             "line static, or run mode='window', which calls the model as it is") from e
     return _drop_constant_inputs(gm, constants) if constants else gm
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message without torch.fx's multi-line context."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def user_frame(exc: BaseException) -> str:
@@ -676,6 +680,24 @@ def _drop_constant_inputs(gm: fx.GraphModule, constants: dict) -> fx.GraphModule
     return gm
 
 
+class MetaRunError(TraceError):
+    """The captured graph fails on meta tensors of the whole volume's shape."""
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's weights (float32 when it has none)."""
+    params = list(model.parameters())
+    return params[0].dtype if params else torch.float32
+
+
+def meta_forward(model: nn.Module, input_shape, dtype=torch.float32):
+    """``model`` itself (not a capture) on an empty meta tensor: its output, at no cost,
+    with the model left exactly as it was. Raises what the forward raises."""
+    with meta_weights(model), torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
+        return model(torch.empty(input_shape, dtype=dtype, device="meta"))
+
+
 @contextlib.contextmanager
 def meta_weights(module: nn.Module):
     """Within the block, every parameter and buffer of ``module`` is an empty tensor on
@@ -715,10 +737,9 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
                 f"the model's first convolution takes {first_conv.in_channels} input "
                 f"channel(s); the volume has {input_shape[1]} (shape {tuple(input_shape[1:])}): "
                 "pass a (C, Z, Y, X) volume with the channels the model was trained on") from e
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise TraceError(
+        raise MetaRunError(
             f"the model does not accept an input of shape {tuple(input_shape)}: "
-            f"{type(e).__name__}: {first_line}. Check the volume's shape and channel "
+            f"{type(e).__name__}: {first_line(e)}. Check the volume's shape and channel "
             "count.") from e
     return rec.values
 
@@ -761,8 +782,7 @@ def select_output(gm: fx.GraphModule, select=None) -> fx.GraphModule:
 def trace(model: nn.Module, input_shape, select=None) -> Graph:
     """Trace ``model`` for an input of shape (1, C, Z, Y, X); of several outputs, the
     one ``select`` picks."""
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else torch.float32
+    dtype = model_dtype(model)
     gm = select_output(fuse_channels_last(symbolic_trace(model)), select)
     try:
         graph = _trace_graph(gm, input_shape, dtype)
@@ -787,12 +807,10 @@ def _raise_if_forward_runs(model, input_shape, dtype, error: Exception) -> None:
     """The capture fails on meta tensors where the model's own forward runs: the capture
     took another path through forward than the model does (an isinstance() guard on a
     traced value, as in MONAI's BasicUNet): say so, instead of the symptom."""
-    if not isinstance(error, TraceError) or "does not accept an input" not in str(error):
+    if not isinstance(error, MetaRunError):
         return
     try:
-        with meta_weights(model), torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            model(torch.empty(input_shape, dtype=dtype, device="meta"))
+        meta_forward(model, input_shape, dtype)
     except Exception:
         return  # the model itself fails too: the original message stands
     raise TraceError(

@@ -25,7 +25,7 @@ from .errors import InputError
 from .execute import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .io import check_finite
-from .trace import pick_output
+from .trace import meta_forward, pick_output
 
 
 def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -183,10 +183,8 @@ def _out_channels(model, c_in: int, roi, device, select=None) -> int:
     """The model's output channels, from a forward on meta tensors (free, and the
     model is left exactly as it was), or on one real window when the model does not
     run on meta tensors."""
-    from .trace import meta_weights
     try:
-        with meta_weights(model), torch.inference_mode():
-            y = model(torch.empty((1, c_in) + tuple(roi), device="meta"))
+        y = meta_forward(model, (1, c_in) + tuple(roi))
     except Exception:
         on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
         with torch.inference_mode():
