@@ -4,6 +4,7 @@ defaults; several outputs are picked by select=."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import volarray
 from volarray.selfcheck import probe_shape
@@ -37,17 +38,74 @@ class GuardedModuleCall(IsinstanceGuard):
         return self.c(h)
 
 
-def test_isinstance_guard_is_refused_never_wrong():
+def test_isinstance_guard_is_exact_never_wrong():
+    """torch.export runs the forward's Python as it is: the guard takes the branch the
+    real forward takes. torch.fx (the fallback capture) takes the other one, and its
+    self-check refuses it, naming the module after which the two part."""
+    from volarray.trace import _trace_fx
     torch.manual_seed(0)
-    model, vol = IsinstanceGuard().eval(), random_volume((12, 20, 9))
+    vol = random_volume((12, 20, 9))
+    for model in (IsinstanceGuard().eval(), GuardedModuleCall().eval()):
+        y = volarray.predict(model, vol, chunks=(6, 8, 5)).compute()
+        assert_volume_close(y, whole_volume(model, vol))
+    shape = (1, 1) + vol.shape
     with pytest.raises(volarray.TraceError, match=r"after module 'c'.*mode='window'"):
-        volarray.predict(model, vol)
-    # window mode calls the model as it is: with the whole volume as the window, exact
-    y = volarray.predict(model, vol, mode="window", window=vol.shape).compute()
-    assert_volume_close(y, whole_volume(model, vol))
-    torch.manual_seed(0)
+        _trace_fx(IsinstanceGuard().eval(), shape, None, torch.float32)
     with pytest.raises(volarray.TraceError, match="calls module 'c' where the forward calls 'b'"):
-        volarray.predict(GuardedModuleCall().eval(), vol)
+        _trace_fx(GuardedModuleCall().eval(), shape, None, torch.float32)
+
+
+class SizeBranch(nn.Module):
+    """A branch on the input's size that a small probe does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 2, 3, padding=1)
+        self.big = nn.Conv3d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[2] > 40:
+            h = self.big(h)
+        return h
+
+
+def test_a_branch_the_probe_cannot_check_is_refused():
+    vol = random_volume((48, 10, 9))
+    with pytest.raises(volarray.TraceError, match="other ops at the volume's shape.*'big'"):
+        volarray.predict(SizeBranch().eval(), vol)
+
+
+class StaticShapeOps(nn.Module):
+    """What fx cannot capture: a branch on a static shape, tuple(x.shape), round(),
+    a crop by slicing, channel padding (HighResNet's residuals)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 3, 3, padding=1)
+        self.down = nn.Conv3d(3, 3, 3, stride=2, padding=1)
+        self.b = nn.Conv3d(5, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        size = tuple(h.shape[2:])
+        d = self.down(h)
+        if d.shape[2] % 2:
+            d = F.pad(d, (0, 0, 0, 0, 0, 1))
+        up = F.interpolate(d, size=tuple(round(s) for s in size), mode="trilinear")
+        h = torch.cat([h, up[:, :2]], 1)
+        h = self.b(h)[:, :, 1:-1, 2:]
+        return F.pad(h, (0, 0, 0, 0, 0, 0, 1, 0))
+
+
+def test_static_shapes_crops_and_channel_padding():
+    torch.manual_seed(5)
+    model = StaticShapeOps().eval()
+    for shape, chunks in (((13, 18, 11), (5, 7, 4)), ((14, 17, 12), (6, 8, 5))):
+        vol = random_volume(shape)
+        y = volarray.predict(model, vol, chunks=chunks).compute()
+        assert y.shape[1:] == (shape[0] - 2, shape[1] - 2, shape[2])
+        assert_volume_close(y, whole_volume(model, vol))
 
 
 class TorchseisStyle(nn.Module):

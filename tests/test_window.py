@@ -95,6 +95,27 @@ def test_window_errors(model):
         volarray.predict(model, vol, mode="window", window=8, blend="fancy")
 
 
+def test_window_placement_callable(model):
+    """Another tool's tile starts (volarray.nnunet passes nnU-Net's), checked to cover."""
+    import dask.array as da
+
+    from volarray.window import predict_window, scan_starts
+    vol = da.from_array(random_volume((1, 30, 26, 20), seed=2), chunks=(1, 11, 13, 20))
+    same = predict_window(model, vol, window=12, chunks=(10, 10, 10),
+                          placement=lambda n, r: scan_starts(n, r, 0.25))
+    assert_volume_close(same.compute(),
+                        predict_window(model, vol, window=12, chunks=(10, 10, 10)).compute(),
+                        atol=0)
+    halves = predict_window(model, vol, window=12, placement=lambda n, r: range(0, n - r + 1, 6)
+                            if (n - r) % 6 == 0 else list(range(0, n - r, 6)) + [n - r])
+    assert_volume_close(halves.compute(), monai(model, vol[0].compute(), 12, 0.5, "gaussian"),
+                        atol=1e-5)
+    with pytest.raises(volarray.InputError, match=r"window starts \[0\] .* cover the axis"):
+        predict_window(model, vol, window=12, placement=lambda n, r: [0])
+    with pytest.raises(volarray.InputError, match="placement='nnunet'"):
+        predict_window(model, vol, window=12, placement="nnunet")
+
+
 @pytest.mark.parametrize("mode", ["exact", "window"])
 def test_tta_flips_equals_mean_of_flipped_forwards(model, mode):
     import itertools

@@ -125,12 +125,76 @@ def predict_options(args) -> dict:
                 select=args.select)
 
 
-def cmd_predict(args) -> int:
+# flags of a plain model's run that an nnU-Net model folder sets itself, and back
+NOT_NNUNET = ("weights", "mode", "memory_limit", "pad", "select", "window", "overlap", "blend",
+              "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype", "scratch")
+NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
+               "no_crop", "trust_checkpoint")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_flags(args, defaults) -> None:
+    """Flags that mean nothing for the kind of model given are refused, not ignored."""
+    if args.nnunet:
+        given = [d for d in NOT_NNUNET if getattr(args, d) != defaults[d]]
+        if given:
+            raise CLIError(f"{', '.join(_flag(d) for d in given)}: not for --nnunet runs, "
+                           "whose model folder sets nnU-Net's network, patch, gaussian, "
+                           "mirroring and normalization; leave it out")
+        return
+    given = [d for d in NNUNET_ONLY if getattr(args, d) != defaults[d]]
+    if given:
+        raise CLIError(f"{', '.join(_flag(d) for d in given)}: only for --nnunet "
+                       "MODEL_FOLDER runs; leave it out with --model")
+    if args.output_kind == "logits":
+        raise CLIError("--output logits applies to --nnunet models; a --model's output is "
+                       "what its forward returns (--output probabilities)")
+
+
+def _model_writer(args):
+    """The run of a MODULE:CALLABLE model: predict_to_zarr with predict's options."""
     import volarray
+    model = load_model(args.model, args.weights)
+    options = predict_options(args)
+    if options["output"] == "labels":
+        options["output"] = "argmax"
+
+    def write(scheduler):
+        return volarray.predict_to_zarr(
+            model, args.input, args.output, name=args.name, var=args.var,
+            overwrite=args.overwrite, resume=args.resume, scheduler=scheduler,
+            scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch], **options)
+    return write
+
+
+def _nnunet_writer(args):
+    """The run of an nnU-Net v2 model folder (volarray.nnunet): the plans'
+    normalization, nnU-Net's tiles, gaussian, mirroring and folds, then probabilities,
+    labels or logits."""
+    from volarray.nnunet import load_nnunet, predict_nnunet_to_zarr
+    model = load_nnunet(args.nnunet, folds=args.folds, configuration=args.configuration,
+                        checkpoint=args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    output = {"argmax": "labels"}.get(args.output_kind, args.output_kind)
+
+    def write(scheduler):
+        return predict_nnunet_to_zarr(
+            model, args.input, args.output, name=args.name, var=args.var,
+            overwrite=args.overwrite, resume=args.resume, scheduler=scheduler, output=output,
+            tile_step_size=args.step, mirror=not args.no_mirror,
+            normalize=not args.no_normalize, crop_nonzero=not args.no_crop,
+            chunks=args.chunks, device=args.device)
+    return write
+
+
+def cmd_predict(args) -> int:
     from volarray.io import open_volume
     from volarray.outputs import RunInterrupted
+    check_flags(args, args.defaults)
     check_preview_path(args.preview)
-    model = load_model(args.model, args.weights)
+    write = _nnunet_writer(args) if args.nnunet else _model_writer(args)
     scheduler, client = _scheduler(args.scheduler)
     out = args.output
     try:
@@ -139,11 +203,7 @@ def cmd_predict(args) -> int:
         # tasks done, rate and time left (on a cluster, its dashboard shows the same)
         bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
         with bar if client is None and not args.quiet else contextlib.nullcontext():
-            result = volarray.predict_to_zarr(
-                model, args.input, args.output, name=args.name, var=args.var,
-                overwrite=args.overwrite, resume=args.resume, scheduler=scheduler,
-                scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch],
-                **predict_options(args))
+            result = write(scheduler)
     except RunInterrupted as e:
         print(f"volarray: {_cli_words(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -225,9 +285,20 @@ def _sides(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _model_args(p):
+def _model_args(p, nnunet: bool = False):
     p.add_argument("input", help="zarr array, zarr group (with --var) or .npy")
-    p.add_argument("--model", required=True, help="MODULE:CALLABLE returning a torch.nn.Module")
+    model_help = "MODULE:CALLABLE returning a torch.nn.Module"
+    if nnunet:
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--model", help=model_help)
+        which.add_argument("--nnunet", metavar="MODEL_FOLDER",
+                           help="a trained nnU-Net v2 model folder (plans.json, dataset.json, "
+                                "fold_N/checkpoint_final.pth). The input must already be at the "
+                                "model's target spacing, in nnU-Net's axis order: volarray does "
+                                "not resample. The plans' intensity normalization is applied "
+                                "with whole-image statistics")
+    else:
+        p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
     p.add_argument("--var", help="array name inside a zarr group")
     p.add_argument("--chunks", type=_sides, help="chunk side N or Z,Y,X (default: planned)")
@@ -253,7 +324,8 @@ def _predict_args(p):
     w.add_argument("--sigma-scale", type=float, default=0.125, help="gaussian sigma / window")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", dest="output_kind", default="probabilities",
-                   choices=["probabilities", "argmax"], help="argmax: uint8/uint16 class labels")
+                   choices=["probabilities", "argmax", "labels", "logits"],
+                   help="argmax (or labels): uint8/uint16 class labels; logits: --nnunet only")
     o.add_argument("--threshold", type=float,
                    help="labels y > T for a one-channel head (0.5 sigmoid, 0.0 logits)")
     o.add_argument("--tta", choices=["flips"], help="mean over the 8 mirrorings")
@@ -263,14 +335,31 @@ def _predict_args(p):
     o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
     o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="exact mode: run tiles under torch.autocast in this type")
+    n = p.add_argument_group("nnU-Net models (with --nnunet MODEL_FOLDER)")
+    n.add_argument("--folds", nargs="+", default=["0"],
+                   help="folds whose predictions are averaged, e.g. 0 1 2 3 4, or all (0)")
+    n.add_argument("--configuration", help="e.g. 3d_fullres; checked against the checkpoints'")
+    n.add_argument("--checkpoint", default="checkpoint_final.pth",
+                   help="file in each fold_N (checkpoint_final.pth; or checkpoint_best.pth)")
+    n.add_argument("--step", type=float, default=0.5,
+                   help="tile step as a fraction of the patch (nnU-Net's tile_step_size, 0.5)")
+    n.add_argument("--no-mirror", action="store_true", help="skip the test-time mirroring")
+    n.add_argument("--no-normalize", action="store_true",
+                   help="the input is normalized already (skip the plans' normalization)")
+    n.add_argument("--no-crop", action="store_true",
+                   help="skip nnU-Net's crop to the bounding box of nonzero voxels")
+    n.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle any object in the checkpoints, as nnU-Net does (only for "
+                        "files you trust); by default only tensors, numbers and numpy arrays")
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="volarray", description=__doc__)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="run a model over a volume into a zarr store")
-    _model_args(p)
+    p = sub.add_parser("predict", help="run a model (or an nnU-Net v2 model folder) over a "
+                                       "volume into a zarr store")
+    _model_args(p, nnunet=True)
     p.add_argument("output", help="zarr store to write (a group holding --name)")
     p.add_argument("--name", default="prediction", help="output array name")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
@@ -285,6 +374,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _predict_args(p)
     p.set_defaults(func=cmd_predict)
+    p.set_defaults(defaults={d: p.get_default(d) for d in NOT_NNUNET + NNUNET_ONLY})
     p = sub.add_parser("plan", help="print what predict would run, and check it fits")
     _model_args(p)
     p.set_defaults(func=cmd_plan)
@@ -318,6 +408,9 @@ def main(argv=None) -> int:
 
 
 API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
+             ("trust_checkpoint=True", "--trust-checkpoint"), ("normalize=False", "--no-normalize"),
+             ("folds=", "--folds "), ("checkpoint=", "--checkpoint "),
+             ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
              ("var=", "--var"), ("memory_limit", "--memory-limit"), ("threshold=", "--threshold "),
              ("select=", "--select "),
              ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),

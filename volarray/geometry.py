@@ -167,8 +167,14 @@ def nominal_scale(n: int, n_in: int) -> Fraction:
     """A node's grid ratio to the input, snapped to a power of two when close
     (odd sizes halved by a stride still count as 1/2). It only aligns chunks:
     tiles are exact for any partition."""
+    for k in range(13):  # n_in halved k times, rounding either way (2 from 40: 1/16)
+        m = 2 ** k
+        if n in (n_in // m, -(-n_in // m)):
+            return Fraction(1, m)
+        if n == n_in * m:
+            return Fraction(m)
     r = n / n_in
     k = round(np.log2(r))
     if abs(np.log2(r) - k) < 0.3:
         return Fraction(2) ** k
-    return Fraction(n, n_in).limit_denominator(8)
+    return max(Fraction(n, n_in).limit_denominator(8), Fraction(1, n_in))

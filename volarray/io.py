@@ -44,8 +44,10 @@ def open_volume(source, var: str | None = None):
     return node
 
 
-def as_dask_volume(volume) -> da.Array:
-    """Canonical (C, Z, Y, X) float dask array; raises InputError naming the problem."""
+def as_dask_volume(volume, integers: bool = False) -> da.Array:
+    """Canonical (C, Z, Y, X) float dask array; raises InputError naming the problem.
+    ``integers=True`` also takes integer volumes as they are, for a caller that
+    normalizes them itself (nnU-Net's pipeline casts to float32 first, as nnU-Net does)."""
     volume = _from_torch(volume)
     if _is_zarr_array(volume):
         volume = CheckedReader(volume)
@@ -68,10 +70,11 @@ def as_dask_volume(volume) -> da.Array:
     if arr.ndim != 4:
         raise InputError(f"volume has shape {tuple(arr.shape)} ({arr.ndim} dims); volarray needs "
                          "(Z, Y, X) for one channel or (C, Z, Y, X)")
-    if not np.issubdtype(arr.dtype, np.floating):
+    if not (np.issubdtype(arr.dtype, np.floating) or
+            (integers and np.issubdtype(arr.dtype, np.integer))):
         raise InputError(f"volume has dtype {arr.dtype}; pass floating-point data "
                          "(e.g. volume.astype('float32')) scaled as the model was trained")
-    if not arr.dtype.isnative:  # big-endian floats (SEG-Y conversions): torch needs native
+    if not arr.dtype.isnative:  # big-endian numbers (SEG-Y conversions): torch needs native
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")

@@ -65,39 +65,23 @@ def padded_shape(shape, multiple) -> tuple[int, ...]:
 
 
 def _meta_forward(model, in_channels: int):
-    """A memoized predicate: does ``model``'s forward run on meta tensors of a
-    (Z, Y, X) shape? Free at any size, as trace.py's meta run."""
-    from .trace import model_dtype, symbolic_trace
+    """A memoized predicate: does ``model``'s own forward run on meta tensors of a
+    (Z, Y, X) shape? Free at any size."""
+    from .trace import meta_forward, model_dtype
 
     dtype = model_dtype(model)
-    try:
-        gm = symbolic_trace(model)
-    except TraceError:  # untraceable: run the module itself on meta tensors
-        gm = None
     seen: dict[tuple, bool] = {}
 
     def runs(shape) -> bool:
         shape = tuple(shape)
         if shape not in seen:
-            seen[shape] = _runs(gm, model, (1, in_channels) + shape, dtype)
+            try:
+                meta_forward(model, (1, in_channels) + shape, dtype)
+                seen[shape] = True
+            except Exception:  # any failure of the forward: this shape does not run
+                seen[shape] = False
         return seen[shape]
     return runs
-
-
-def _runs(gm, model, input_shape, dtype) -> bool:
-    from .trace import meta_values
-    if gm is not None:
-        try:
-            meta_values(gm, input_shape, dtype)
-            return True
-        except TraceError:
-            return False
-    from .trace import meta_forward
-    try:
-        meta_forward(model, input_shape, dtype)
-        return True
-    except Exception:  # any failure of the forward: this shape does not run
-        return False
 
 
 def required_multiple(model, in_channels: int, shape) -> tuple[int, int, int] | None:

@@ -84,7 +84,9 @@ class TileProgram:
         per_axis = [self.requirements_1d(a, iv) for a, iv in enumerate(out.axes)]
         names = set().union(*(p[0] for p in per_axis))
         edges = set().union(*(p[1] for p in per_axis))
-        node = {n: tuple(p[0].get(n, EMPTY) for p in per_axis) for n in names}
+        # a source may be read by none of the tile's voxels (a tile of padding)
+        node = {n: tuple(p[0].get(n, EMPTY) for p in per_axis)
+                for n in names | set(self.sources)}
         edge = {e: tuple(p[1].get(e, EMPTY) for p in per_axis) for e in edges}
         return Requirements(node, edge)
 

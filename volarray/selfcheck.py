@@ -38,10 +38,14 @@ def probe_shape(shape, align) -> tuple[int, ...]:
 
 
 def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
-                  pick=lambda y: y) -> None:
+                  pick=lambda y: y, recapture=None) -> None:
     """Raise TraceError when ``gm`` (the capture of ``model``) computes something
     else than ``pick(model(x))`` on a probe input. Each model is checked once per probe
-    shape and capture."""
+    shape and capture.
+
+    ``recapture(input_shape)``, for captures specialized to one shape (torch.export):
+    the model is captured again at the probe shape; that capture must call the same
+    ops as ``gm`` and agree with the model on the probe."""
     spatial = probe_shape(shape, align)
     key = ((1, in_channels) + spatial, gm.code)
     done = _checked.setdefault(model, set())
@@ -63,8 +67,14 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
                                  f"of shape {probe}: {type(e).__name__}: {e}") from e
             spatial = grown
     want = pick(want)
+    if recapture is not None:
+        probe_gm = recapture(probe)
+        _same_ops(model, gm, probe_gm, probe)
+        gm = probe_gm
     try:
         got, got_modules = _run_recording(model, gm, x, leaves)
+        if recapture is not None:
+            got_modules = _outputs_by_module(gm, x)
     except Exception as e:
         raise TraceError(f"the graph torch.fx captured from {type(model).__name__} fails on a "
                          f"probe input of shape {probe} where the model's own forward runs "
@@ -84,6 +94,46 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
         "that looks at a tensor (isinstance(..., torch.Tensor), a branch on a value) is "
         "resolved once at capture; make it static, or run mode='window', which calls the "
         "model as it is")
+
+
+def _same_ops(model, gm, probe_gm, probe) -> None:
+    from .capture import op_sequence
+    ops, probe_ops = op_sequence(gm), op_sequence(probe_gm)
+    if ops == probe_ops:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(ops, probe_ops)) if a != b),
+             min(len(ops), len(probe_ops)))
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    where = _module_path(nodes[i]) if i < len(nodes) else "the end"
+    raise TraceError(
+        f"{type(model).__name__} calls other ops at the volume's shape than at a congruent "
+        f"{tuple(probe[2:])} probe (op {i}: {ops[i] if i < len(ops) else 'none'} against "
+        f"{probe_ops[i] if i < len(probe_ops) else 'none'}, in '{where}'): its forward "
+        "branches on the input's size in a way the probe cannot check; run mode='window', "
+        "which calls the model as it is")
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _outputs_by_module(gm, x):
+    """For an exported capture (no module calls left): each module path's output, as
+    the value of the last node recorded inside it, in order of first appearance."""
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            path = _module_path(n)
+            if path and isinstance(v, torch.Tensor):
+                values[path] = v.detach().clone()
+            return v
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(0)
+        Recorder(gm).run(x)
+    return values
 
 
 def _run_recording(model: nn.Module, runner, x, leaves):
@@ -111,8 +161,20 @@ def _run_recording(model: nn.Module, runner, x, leaves):
 
 def _where(want_modules, got_modules) -> str:
     """The first module whose output differs between the two runs, or the last one
-    on which they agree."""
+    on which they agree. ``got_modules``: a list in call order, or a dict by module path
+    (an exported capture, which has no module calls)."""
     last_same = None
+    if isinstance(got_modules, dict):
+        for wn, wv in want_modules:
+            gv = got_modules.get(wn)
+            if gv is None:
+                continue
+            if gv.shape != wv.shape or float((wv - gv).abs().max()) > TOLERANCE * max(
+                    1.0, float(wv.abs().max())):
+                return f"the output of module '{wn}' differs first"
+            last_same = wn
+        where = f"after module '{last_same}'" if last_same else "before any module"
+        return f"every module agrees; an op {where} does not"
     for (wn, wv), (gn, gv) in zip(want_modules, got_modules):
         if wn != gn:
             return (f"the capture calls module '{gn}' where the forward calls '{wn}' (after "

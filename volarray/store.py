@@ -87,7 +87,7 @@ def _count(*marks) -> int:
 
 def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str | None = None,
                     overwrite: bool = False, resume: bool = False, scheduler=None,
-                    scratch="auto", **options):
+                    scratch="auto", predictor=None, **options):
     """Run ``predict`` and write the result into the zarr group ``store`` as array
     ``name`` (zarr v3, dims channel, z, y, x; labels z, y, x). Returns the zarr array,
     or for ``ensemble=`` the pair of arrays ``<name>_mean`` and ``<name>_std``.
@@ -103,7 +103,15 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client).
     A run stopped by an error, Ctrl-C or SIGTERM keeps its finished chunks and says
     how to resume; Ctrl-C and SIGTERM raise `RunInterrupted`.
+    ``predictor`` (for pipelines such as `volarray.nnunet`'s): a callable that takes the
+    validated input, a (C, Z, Y, X) dask array (integer volumes included), and returns
+    the lazy result in place of ``predict(model, ...)``; its ``token`` (settings that
+    change the numbers) joins the run's identity and its ``attrs`` the arrays'
+    attributes. ``model`` then stands for the weights; ``options`` must be empty.
     """
+    if predictor is not None and options:
+        raise InputError(f"predict_to_zarr got predict options {sorted(options)} and a "
+                         "predictor; the predictor sets its own")
     unknown = sorted(set(options) - set(PREDICT_OPTIONS))
     if unknown:
         raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
@@ -113,24 +121,27 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     action = outputs.check_target(store, outputs.input_paths(volume) + outputs.input_paths(src),
                                   overwrite=overwrite, resume=resume)
     out = Path(store).resolve()
-    source = as_dask_volume(src)  # validates before anything is traced or written
+    # validates before anything is traced or written
+    source = as_dask_volume(src, integers=predictor is not None)
     if action != "create":
         outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
     space = ScratchSpace(out, scratch)
     try:
-        result = _predict(model, source, scratch=space, **options)
+        result = (predictor(source) if predictor is not None
+                  else _predict(model, source, scratch=space, **options))
         arrays = _named_arrays(result, name)
-        run_id = _run_id(model, volume, var, source, arrays, options)
+        run_id = _run_id(model, volume, var, source, arrays, options,
+                         getattr(predictor, "token", None))
         if action == "resume":
             _write(out, _open_for_resume(out, run_id, arrays), arrays, scheduler)
         elif action == "create":
             _write(out, None, arrays, scheduler,
-                   lambda: _create_output(out, run_id, arrays, model, options))
+                   lambda: _create_output(out, run_id, arrays, model, options, predictor))
         else:  # replace: the old output stays whole until the new one is complete
             outputs.check_replaceable(out, list(arrays))
             staging = outputs.make_staging(out)
             _write(staging, None, arrays, scheduler,
-                   lambda: _create_output(staging, run_id, arrays, model, options),
+                   lambda: _create_output(staging, run_id, arrays, model, options, predictor),
                    replacing=out)
             outputs.swap_in(staging, out)
     finally:
@@ -171,7 +182,8 @@ def input_sample(arr) -> str:
     return tokenize(arr.shape, str(arr.dtype), [np.asarray(v) for v in values])
 
 
-def _run_id(model, volume, var, source_array, arrays: dict, options: dict) -> dict:
+def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
+            predictor_token=None) -> dict:
     """What makes a run the same run, part by part: the model's weights, the input (its
     path when it has one, so that fixing a bad voxel in place keeps finished chunks
     valid), the options that change the numbers, and the output's arrays and chunking
@@ -185,12 +197,14 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict) -> di
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
                      if k not in ignored)
     return {"model weights": tokenize(_weights_token(model)), "input": tokenize(source),
-            "options": tokenize(changes),
+            "options": tokenize(changes) if predictor_token is None
+            else tokenize(changes, predictor_token),
             "arrays and chunks": tokenize([(n, a.shape, a.chunks, str(a.dtype))
                                            for n, a in arrays.items()])}
 
 
-def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict):
+def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict,
+                   predictor=None):
     """A new output group; its volarray mark comes first, so that a run stopped while
     creating it leaves a store volarray recognises (and may remove)."""
     zarr = _zarr()
@@ -207,7 +221,8 @@ def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict):
                                spatial_dims if a.ndim == 3 else ("channel",) + spatial_dims),
                            attributes={"model": type(model).__name__,
                                        "mode": options.get("mode", "exact"),
-                                       "volarray_version": _version()})
+                                       "volarray_version": _version(),
+                                       **getattr(predictor, "attrs", {})})
     return group
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import operator
 import os
+import re
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import AtenCall, export_graph, op_sequence
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .layout import ChannelsLastBlock, fuse_channels_last
@@ -88,6 +92,10 @@ _POINTWISE_METHODS = {
 }
 _CHANNEL_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.softmax, F.softmax,
                       torch.log_softmax, F.log_softmax}
+aten = torch.ops.aten
+# ATen ops that pass values through (copies, dtype casts): placed as per-voxel ops
+_ATEN_IDENTITY = {aten.clone.default, aten.contiguous.default, aten.alias.default,
+                  aten.detach.default, aten.to.dtype, aten._to_copy.default, aten.lift_fresh_copy.default}
 _FILL_BY_PAD_MODE = {"zeros": ZEROS, "constant": ZEROS, "reflect": Fill("reflect"),
                      "replicate": Fill("replicate"), "circular": Fill("circular")}
 
@@ -97,6 +105,8 @@ def _call_module(target):
 
 
 def _call_function(fn):
+    if isinstance(fn, torch._ops.OpOverload):
+        fn = AtenCall(fn)  # OpOverloads do not pickle; workers may be other processes
     return lambda ctx, *a, **k: fn(*a, **k)
 
 
@@ -133,7 +143,8 @@ def _is_monotone(node: fx.Node, modules) -> bool:
     is unchanged by it."""
     if node.op == "call_module":
         return type(modules[node.target]).__name__ in _MONOTONE
-    return getattr(node.target, "__name__", str(node.target)) in _MONOTONE
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0] in _MONOTONE  # ATen overloads: "sigmoid.default"
 
 
 class _Builder:
@@ -154,9 +165,11 @@ class _Builder:
         if node.op == "call_module":
             return f"module '{node.target}' ({type(self.modules[node.target]).__name__})"
         stack = node.meta.get("nn_module_stack")
-        path = list(stack.values())[-1][0] if stack else ""
+        path, cls = list(stack.values())[-1][:2] if stack else ("", "")
+        cls = getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
         fn = getattr(node.target, "__name__", str(node.target))
-        return f"{node.op} '{fn}' (node '{node.name}'{', in ' + path if path else ''})"
+        inside = f", in {path} ({cls})" if path else ""
+        return f"{node.op} '{fn}' (node '{node.name}'{inside})"
 
     def unsupported(self, node, why: str):
         raise UnsupportedOpError(
@@ -272,6 +285,7 @@ class _Builder:
             size = m.output_size if m is not None else self.static(node, _arg(node, 1, "output_size"), "output_size")
             is_mean = _triple(size) == (1, 1, 1)
             if not is_mean:
+                size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
                 self.unsupported(node, f"adaptive pooling to {size} (only to 1, a global mean, "
                                  "is exact)")
         elif fn is torch.mean or (node.op == "call_method" and node.target == "mean"):
@@ -454,6 +468,37 @@ class _Builder:
                             kernel=kernel, stride=stride, dilation=dilation,
                             pad_lo=_conv_pad_lo(padding, kernel, dilation), groups=groups,
                             macs=c_out * c_in / groups * kernel[0] * kernel[1] * kernel[2])
+            if fn is F.conv_transpose3d:
+                args, kwargs = self.template(node, spatial)
+                w_val = self.values[node.args[1].name]
+                kernel = tuple(w_val.shape[2:])
+                names = ["stride", "padding", "output_padding", "groups", "dilation"]
+                defaults = [1, 0, 0, 1, 1]
+                kw = {n: self.static(node, _arg(node, 3 + i, n, d), n)
+                      for i, (n, d) in enumerate(zip(names, defaults))}
+                groups = kw["groups"]
+                stride = _triple(kw["stride"])
+                return ConvTranspose(weight=args[1], bias=args[2] if len(args) > 2 else None,
+                                     kernel=kernel, stride=stride,
+                                     dilation=_triple(kw["dilation"]),
+                                     padding=_triple(kw["padding"]), groups=groups,
+                                     macs=c_out * c_in / groups * float(
+                                         kernel[0] * kernel[1] * kernel[2])
+                                     / float(stride[0] * stride[1] * stride[2]))
+            if fn is F.instance_norm:  # reaching here: running statistics, pointwise
+                return pointwise(_call_function(fn), 2)
+            if fn is aten.slice.Tensor:
+                return self.slice(node, spatial, value_shape=out_shape)
+            if fn in (aten.repeat.default,):
+                reps = list(self.static(node, _arg(node, 1, "repeats"), "repeats"))
+                if len(reps) != 5 or reps[0] != 1 or any(r != 1 for r in reps[2:]):
+                    self.unsupported(node, f"it repeats {tuple(reps)}; only the channel dim "
+                                     "may be repeated")
+                return pointwise(_call_function(fn), 0)
+            if fn in _ATEN_IDENTITY:
+                return pointwise(_call_function(fn), 0)
+            if isinstance(fn, torch._ops.OpOverload) and torch.Tag.pointwise in fn.tags:
+                return pointwise(_call_function(fn))
             if fn in (F.max_pool3d, F.avg_pool3d, torch.max_pool3d):
                 self.template(node, spatial)
                 names = (["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
@@ -477,6 +522,12 @@ class _Builder:
                     self.static(node, _arg(node, 5, "recompute_scale_factor"), "recompute_scale_factor"),
                     in_shape, out_shape)
             if fn is F.pad:
+                pads = list(self.static(node, _arg(node, 1, "pad"), "pad"))
+                if any(pads[6:]):  # channels padded (HighResNet's residuals): per voxel
+                    if any(pads[:6]) or any(pads[8:]):
+                        self.unsupported(node, f"it pads {pads}: channel padding together "
+                                         "with spatial or batch padding")
+                    return pointwise(_call_function(fn), 0)
                 self.template(node, spatial)
                 return self.pad(node, self.static(node, _arg(node, 1, "pad"), "pad"),
                                 self.static(node, _arg(node, 2, "mode", "constant"), "mode"),
@@ -518,6 +569,30 @@ class _Builder:
             self.unsupported(node, "no tile kernel is known for this method")
         self.unsupported(node, f"fx op kind {node.op!r} is not expected here")
 
+    def slice(self, node, spatial, value_shape):
+        """``x[:, :, a:b]``: on a spatial axis a crop (a region shift), on the channel
+        axis a per-voxel selection."""
+        dim = self.static(node, _arg(node, 1, "dim", 0), "dim") % 5
+        start = self.static(node, _arg(node, 2, "start"), "start") or 0
+        step = self.static(node, _arg(node, 4, "step", 1), "step")
+        if step != 1:
+            self.unsupported(node, f"it slices with step {step}")
+        if dim == 1:
+            return self.pointwise_call(node, spatial, aten.slice.Tensor, 0)
+        if dim == 0:
+            return self.pointwise_call(node, spatial, aten.slice.Tensor, 0)
+        self.template(node, spatial)
+        src = self.values[node.args[0].name].shape[dim]
+        start = start + src if start < 0 else min(start, src)
+        lo = [0, 0, 0]
+        lo[dim - 2] = -start
+        return Pad(pad_lo=tuple(lo))
+
+    def pointwise_call(self, node, spatial, fn, macs):
+        args, kwargs = self.template(node, spatial)
+        return Pointwise(n_inputs=len(spatial), call=_call_function(fn), args=args,
+                         kwargs=kwargs, macs=macs, monotone=False)
+
     def dropout(self, p, channelwise, out_shape):
         self.n_dropout = getattr(self, "n_dropout", 0) + 1
         return PositionalDropout(p=float(p), channelwise=channelwise, layer=self.n_dropout,
@@ -527,7 +602,7 @@ class _Builder:
         if getattr(m, "return_indices", False):
             self.unsupported(node, "return_indices=True")
         kernel = _triple(m.kernel_size)
-        stride = _triple(m.stride if m.stride is not None else m.kernel_size)
+        stride = _triple(m.stride or m.kernel_size)  # None, or ATen's [] for "the kernel"
         padding = _triple(m.padding)
         kind = "max" if isinstance(m, nn.MaxPool3d) else "avg"
         return Pool(kind=kind, kernel=kernel, stride=stride,
@@ -569,22 +644,6 @@ class _Builder:
         return Pad(pad_lo=lo, fill=fill)
 
 
-def _meta_cat(tensors, dim=0, *, out=None):
-    # torch.cat on meta tensors imports torch._dynamo (~1 s) on first use; same size check
-    shape = list(tensors[0].shape)
-    d = dim % len(shape)
-    for i, t in enumerate(tensors[1:], 1):
-        if t.dim() != len(shape) or any(a != b for k, (a, b) in enumerate(zip(t.shape, shape))
-                                        if k != d):
-            raise RuntimeError(f"Sizes of tensors must match except in dimension {d}: tensor 0 "
-                               f"has shape {tuple(shape)}, tensor {i} has {tuple(t.shape)}")
-    shape[d] = sum(t.shape[d] for t in tensors)
-    return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
-
-
-_META_SHORTCUTS = {torch.cat: _meta_cat, torch.concat: _meta_cat, torch.concatenate: _meta_cat}
-
-
 class _Recorder(nn.Module):
     """Runs a GraphModule node by node, keeping every node's value."""
 
@@ -598,11 +657,7 @@ class _Recorder(nn.Module):
         values = self.values
 
         def run_node(n, _orig=interp.run_node):
-            if n.op == "call_function" and n.target in _META_SHORTCUTS:
-                v = _META_SHORTCUTS[n.target](*interp.map_nodes_to_values(n.args, n),
-                                              **interp.map_nodes_to_values(n.kwargs, n))
-            else:
-                v = _orig(n)
+            v = _orig(n)
             values[n.name] = v
             return v
         interp.run_node = run_node
@@ -723,25 +778,47 @@ def meta_weights(module: nn.Module):
 
 
 def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
-    """Every node's whole-volume value, computed on meta tensors (no memory, no time)."""
+    """Every node's whole-volume value, computed on fake tensors (no memory, no time;
+    unlike meta tensors, they mix with the CPU constants a forward may create)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     rec = _Recorder(gm)
-    x = torch.empty(input_shape, dtype=dtype, device="meta")
     try:
-        with warnings.catch_warnings(), meta_weights(gm):
+        with warnings.catch_warnings(), quiet_fake_tensors(), \
+                FakeTensorMode(allow_non_fake_inputs=True):
             warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
-            rec(x)
+            rec(torch.empty(input_shape, dtype=dtype))
     except Exception as e:
-        first_conv = next((m for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-        if first_conv is not None and first_conv.in_channels != input_shape[1]:
-            raise TraceError(
-                f"the model's first convolution takes {first_conv.in_channels} input "
-                f"channel(s); the volume has {input_shape[1]} (shape {tuple(input_shape[1:])}): "
-                "pass a (C, Z, Y, X) volume with the channels the model was trained on") from e
+        channel_mismatch(gm, input_shape, e)
         raise MetaRunError(
             f"the model does not accept an input of shape {tuple(input_shape)}: "
             f"{type(e).__name__}: {first_line(e)}. Check the volume's shape and channel "
             "count.") from e
     return rec.values
+
+
+def channel_mismatch(model: nn.Module, input_shape, error: Exception) -> None:
+    """Raise a TraceError naming the channel counts when the model's first convolution
+    takes another number of channels than the volume has."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != input_shape[1]:
+        raise TraceError(
+            f"the model's first convolution takes {first.in_channels} input "
+            f"channel(s); the volume has {input_shape[1]} (shape {tuple(input_shape[1:])}): "
+            "pass a (C, Z, Y, X) volume with the channels the model was trained on") from error
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors():
+    """torch logs every op that fails on fake tensors, with its traceback, before the
+    exception reaches volarray, which reports it in one line."""
+    import logging
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def pick_output(y, select=None, what: str = "the model"):
@@ -779,15 +856,90 @@ def select_output(gm: fx.GraphModule, select=None) -> fx.GraphModule:
     return gm
 
 
+_captures: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def capture(model: nn.Module, input_shape, select=None, dtype=None) -> fx.GraphModule:
+    """``model`` captured with torch.export for an input of ``input_shape``, lowered
+    to torch functions, channels-last chains fused, reduced to the output ``select``
+    picks. Kept per model while its modules, modes and weights stay the same (a
+    tensor's version counter moves with every in-place change, load_state_dict too)."""
+    forward_defaults(model)  # a second input without a default is refused by name
+    dtype = dtype or model_dtype(model)
+    key = (tuple(input_shape), repr(select), dtype,
+           tuple((id(m), m.training) for m in model.modules()),
+           tuple((id(t), t._version) for t in itertools.chain(model.parameters(),
+                                                              model.buffers())))
+    kept = _captures.setdefault(model, {})
+    if key not in kept:
+        if len(kept) > 8:
+            kept.clear()
+        gm = export_graph(model, input_shape, dtype)
+        kept[key] = select_output(fuse_channels_last(gm), select)
+    return kept[key]
+
+
 def trace(model: nn.Module, input_shape, select=None) -> Graph:
     """Trace ``model`` for an input of shape (1, C, Z, Y, X); of several outputs, the
-    one ``select`` picks."""
+    one ``select`` picks. torch.export captures it (control flow resolved as the real
+    forward resolves it); torch.fx only where export cannot, and both captures are
+    checked against the model's own forward on a probe input."""
     dtype = model_dtype(model)
+    try:
+        return _trace_exported(model, input_shape, select, dtype)
+    except InputError:
+        raise
+    except (TraceError, UnsupportedOpError) as export_error:
+        try:
+            return _trace_fx(model, input_shape, select, dtype)
+        except (TraceError, UnsupportedOpError):
+            attention = global_attention(model)
+            if attention and "transformer" not in str(export_error):
+                raise UnsupportedOpError(
+                    f"exact mode cannot place {type(model).__name__}: its module "
+                    f"'{attention[0]}' ({attention[1]}) is a transformer's global attention, "
+                    "where every output voxel depends on the whole input: no tiling of the "
+                    "volume can compute that. Run the model with mode='window' and window= "
+                    "the size it was trained on (it equals MONAI's sliding_window_inference "
+                    f"there). (The capture stopped at: {first_line(export_error)[:300]})"
+                ) from export_error
+            raise export_error from None
+
+
+_ATTENTION = re.compile(r"SelfAttention|WindowAttention|SABlock|MultiheadAttention|"
+                        r"Transformer|ViT|Swin")
+
+
+def global_attention(model: nn.Module):
+    """(path, class name) of the first attention / transformer module, or None."""
+    for name, m in model.named_modules():
+        if name and _ATTENTION.search(type(m).__name__):
+            return name, type(m).__name__
+    return None
+
+
+def _trace_exported(model, input_shape, select, dtype) -> Graph:
+    try:
+        graph = _trace_graph(capture(model, input_shape, select, dtype), input_shape, dtype)
+    except (TraceError, UnsupportedOpError) as e:
+        _raise_if_padding_helps(model, input_shape, dtype, e,
+                                lambda shape: _trace_graph(capture(model, shape, select, dtype),
+                                                           shape, dtype))
+        raise
+    from .plan import alignment
+    check_capture(model, graph.gm, input_shape[1], tuple(input_shape[2:]), alignment(graph),
+                  dtype, lambda y: pick_output(y, select),
+                  recapture=lambda shape: capture(model, shape, select, dtype))
+    return graph
+
+
+def _trace_fx(model, input_shape, select, dtype) -> Graph:
     gm = select_output(fuse_channels_last(symbolic_trace(model)), select)
     try:
         graph = _trace_graph(gm, input_shape, dtype)
     except (TraceError, UnsupportedOpError) as e:
-        _raise_if_padding_helps(model, gm, input_shape, dtype, e)
+        _raise_if_padding_helps(model, input_shape, dtype, e,
+                                lambda shape: _trace_graph(gm, shape, dtype))
         _raise_if_forward_runs(model, input_shape, dtype, e)
         raise
     from .plan import alignment
@@ -821,14 +973,16 @@ def _raise_if_forward_runs(model, input_shape, dtype, error: Exception) -> None:
         "make it static, or run mode='window', which calls the model as it is") from error
 
 
-def _raise_if_padding_helps(model, gm, input_shape, dtype, error: Exception) -> None:
+def _raise_if_padding_helps(model, input_shape, dtype, error: Exception, trace_at) -> None:
     """On a failed trace only: if padding the volume's sides up to a multiple (as U-Nets
-    need) makes the trace succeed, raise an InputError that says so; else return."""
+    need) makes the trace succeed, raise an InputError that says so; else return.
+    ``trace_at(input_shape)`` traces at another shape."""
     from .padding import padding_error
     if len(input_shape) != 5:
         return
-    message = padding_error(type(model).__name__, gm, input_shape[1], tuple(input_shape[2:]),
-                            lambda shape: _trace_graph(gm, (1, input_shape[1]) + shape, dtype))
+    c = input_shape[1]
+    message = padding_error(type(model).__name__, model, c, tuple(input_shape[2:]),
+                            lambda shape: trace_at((1, c) + tuple(shape)))
     if message is not None:
         raise InputError(message) from error
 

@@ -7,7 +7,8 @@ sigma = roi * sigma_scale clamped at its smallest value, symmetric zero padding 
 volumes smaller than the window). Each window's prediction is one task; each
 output chunk sums the weighted windows that overlap it and divides by their
 weights, so no task ever holds the whole output. The model is called as is: no
-tracing, so any model works.
+tracing, so any model works. Placement and weights can be another tool's
+(`volarray.nnunet` passes nnU-Net's ``compute_steps_for_sliding_window`` and gaussian).
 """
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
     count = next((d for d in range(num) if d * interval + roi >= size), None)
     count = 1 if count is None else count + 1
     return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
+
+
+def window_starts(size: int, roi: int, overlap: float, placement="monai") -> list[int]:
+    """Window starts along one axis of (padded) length ``size``: MONAI's placement, or
+    ``placement(size, roi)`` (nnU-Net's ``compute_steps_for_sliding_window`` for one
+    axis, as `volarray.nnunet` passes it), checked to cover the axis."""
+    if placement == "monai":
+        return scan_starts(size, roi, overlap)
+    if not callable(placement):
+        raise InputError(f"placement={placement!r} is not 'monai' or a callable "
+                         "(size, window) -> window starts along one axis")
+    starts = [int(s) for s in placement(size, roi)]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    if not starts or starts[0] != 0 or starts[-1] != size - roi or \
+            any(g <= 0 or g > roi for g in gaps):
+        raise InputError(f"placement returned window starts {starts} for an axis of {size} "
+                         f"and a window of {roi}; they must rise from 0 to {size - roi} in "
+                         f"steps of 1 to {roi}, so that the windows cover the axis")
+    return starts
 
 
 def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
@@ -125,9 +145,10 @@ def blend_chunk(weights, lo, hi, windows):
 
 def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussian",
                    sigma_scale=0.125, chunks=None, device="cpu", select=None,
-                   ensemble: int = 0, seed: int = 0):
+                   ensemble: int = 0, seed: int = 0, placement="monai"):
     """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array; with
-    ``ensemble=N``, the (mean, std) over N seeded samples."""
+    ``ensemble=N``, the (mean, std) over N seeded samples. ``placement``: "monai", or a
+    callable (size, window) -> starts along one axis (see `window_starts`)."""
     shape = tuple(arr.shape[1:])
     if window is None:
         raise InputError("mode='window' needs window=, the model's patch size, e.g. 96 or "
@@ -139,14 +160,15 @@ def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussia
         raise InputError(f"overlap={overlap!r} must be in [0, 1)")
     image = tuple(max(s, r) for s, r in zip(shape, roi))
     pad = tuple((i - s) // 2 for i, s in zip(image, shape))  # volumes smaller than the window
-    starts = [scan_starts(i, r, overlap) for i, r in zip(image, roi)]
+    starts = [window_starts(i, r, overlap, placement) for i, r in zip(image, roi)]
     weights = importance_map(roi, blend, sigma_scale)
     runner = WindowRunner(model, device, weights, select)
     chunks = roi if chunks is None else chunks
     out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
     in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
     token = tokenize(arr.name, roi, overlap, blend if not callable(blend) else weights,
-                     sigma_scale, chunks, device, select, ensemble, seed, _weights_token(model))
+                     sigma_scale, chunks, device, select, ensemble, seed, _weights_token(model),
+                     *(() if placement == "monai" else (starts,)))
     model_key = f"volarray-window-model-{token}"
     wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
     dsk = {model_key: runner}
