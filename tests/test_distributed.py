@@ -65,6 +65,35 @@ def test_gpu_tasks_carry_a_gpu_resource():
     assert not y.__dask_graph__().layers[y.name].annotations
 
 
+def test_one_named_layer_per_stage_and_barrier():
+    """Each stage and barrier is a layer named by its key prefix (what dask's dashboard
+    shows); statistics tiles run on the GPU, their combine tree does not; the combine
+    fan-in follows dask's split_every setting."""
+    import dask
+    from volarray.api import _plan
+    from volarray.execute import build_graph
+    from volarray.io import as_dask_volume
+    from volarray.models.norms import InstanceNormUNet
+    torch.manual_seed(0)
+    model = InstanceNormUNet(width=4).eval()
+    arr = as_dask_volume(random_volume((16, 16, 16)))
+    plan = _plan(model, arr, 4, "exact", "cpu", None)
+    layers = build_graph(plan, arr, "cuda").__dask_graph__().layers
+    for stage in plan.stages:
+        assert any(n.startswith(f"volarray-{stage.output}-") for n in layers)
+    stats = [n for n in layers if n.startswith("volarray-stats-")]
+    assert len(stats) == 2 * len(plan.barriers) > 0
+    for name in stats:
+        gpu = layers[name].annotations == {"resources": {"GPU": 1}}
+        assert gpu != name.endswith("-combine"), name
+    sizes = {}
+    for split in (2, 16):
+        with dask.config.set(split_every=split):
+            graph = build_graph(plan, arr, "cpu").__dask_graph__()
+        sizes[split] = sum(len(graph.layers[n]) for n in graph.layers if n.endswith("-combine"))
+    assert sizes[2] > sizes[16]
+
+
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.05)])
 def test_reduced_precision_under_autocast(dtype, tol):
     model = seeded(FaultSeg3D, width=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -302,52 +303,95 @@ class _GraphBuilder:
         return (names, boxes, channels, parts, scratch, gnames,
                 [self.global_key(g) for g in gnames])
 
+    # Layers: one per stage (its tile tasks), per barrier (statistics tiles; their
+    # combine tree and value), per whole-volume evaluation, and one for the model, each
+    # named by its key prefix, so that dask's dashboard and task stream show which
+    # stage runs. Only tile layers carry the GPU resource annotation.
     def build(self) -> da.Array:
+        self.layers, self.deps = {}, {}
+        vol_graph = self.volume.__dask_graph__()
+        self.owner = {self.model_key: self.model_key}  # key prefix -> its layer
+        self.add_layer(self.model_key, {self.model_key: self.runner}, tile=False)
+        for stage in self.plan.stages:
+            self.owner[self.arrays[stage.output][0]] = self.arrays[stage.output][0]
+        for b in self.plan.barriers:
+            self.owner[self.global_key(b.name)] = f"volarray-stats-{b.name}-{self.token}-combine"
+        for g in self.graph.globals.values():
+            if g.kind == "eval":
+                self.owner[self.global_key(g.name)] = self.global_key(g.name)
         for stage in self.plan.stages:
             key = self.arrays[stage.output][0]
             write_to = self.scratch.get(stage.output)
+            dsk = {}
             for idx, box in grid_boxes(stage.bounds):
-                self.dsk[(key, 0) + idx] = (run_task, self.model_key, stage.index,
-                                            (box.lo, box.hi)) + self.tile_args(
-                                                stage.program, box) + (write_to,)
+                dsk[(key, 0) + idx] = (run_task, self.model_key, stage.index,
+                                       (box.lo, box.hi)) + self.tile_args(
+                                           stage.program, box) + (write_to,)
+            self.add_layer(key, dsk, tile=True, reads=self.reads(stage.program))
         for i, b in enumerate(self.plan.barriers):
             self.build_barrier(i, b)
         for g in self.graph.globals.values():
             if g.kind == "eval":
-                self.dsk[self.global_key(g.name)] = (eval_task, self.model_key, g.name,
-                                                     list(g.deps),
-                                                     [self.global_key(d) for d in g.deps])
+                key = self.global_key(g.name)
+                self.add_layer(key, {key: (eval_task, self.model_key, g.name, list(g.deps),
+                                           [self.global_key(d) for d in g.deps])},
+                               tile=False, reads={self.owner[self.global_key(d)]
+                                                  for d in g.deps})
         out = self.plan.output_stage
         node = self.graph.nodes[out.output]
         key = self.arrays[out.output][0]
         chunks = ((node.channels,),) + tuple(tuple(int(x) for x in np.diff(b)) for b in out.bounds)
-        layer = MaterializedLayer(self.dsk, annotations=(
-            # one GPU task at a time per worker (workers started with --resources GPU=1)
-            {"resources": {"GPU": 1}} if self.runner.device.startswith("cuda") else None))
-        hlg = HighLevelGraph({**self.volume.__dask_graph__().layers, key: layer},
-                             {**self.volume.__dask_graph__().dependencies,
-                              key: {self.volume.name}})
+        hlg = HighLevelGraph({**vol_graph.layers, **self.layers},
+                             {**vol_graph.dependencies, **self.deps})
         return da.Array(hlg, key, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype=np.float32))
 
+    def reads(self, prog) -> set[str]:
+        """The layers a stage's or barrier's tiles read: the volume or kept tensors,
+        and whole-volume values."""
+        out = {self.volume.name if src == self.graph.input else self.owner[self.arrays[src][0]]
+               for src in prog.sources}
+        return out | {self.owner[self.global_key(g)] for g in prog.globals}
+
+    def add_layer(self, name: str, dsk: dict, tile: bool, reads=()):
+        # one GPU task at a time per worker (workers started with --resources GPU=1)
+        gpu = tile and self.runner.device.startswith("cuda")
+        self.layers[name] = MaterializedLayer(
+            dsk, annotations={"resources": {"GPU": 1}} if gpu else None)
+        self.deps[name] = set(reads) | ({self.model_key} if name != self.model_key else set())
+
     def build_barrier(self, i: int, b):
-        """Per-chunk partial statistics, merged by a tree of combine tasks."""
+        """Per-chunk partial statistics (a tile layer), merged by a tree of combine
+        tasks ``split_every`` at a time, as dask's own reductions (a layer of its own)."""
         prefix = f"volarray-stats-{b.name}-{self.token}"
-        level = []
+        tiles, level = {}, []
         for idx, box in grid_boxes(b.bounds):
             key = (prefix, 0) + idx
-            self.dsk[key] = (stats_task, self.model_key, i, (box.lo, box.hi)) + self.tile_args(
+            tiles[key] = (stats_task, self.model_key, i, (box.lo, box.hi)) + self.tile_args(
                 b.program, box)
             level.append(key)
-        depth = 0
+        self.add_layer(prefix, tiles, tile=True, reads=self.reads(b.program))
+        fan_in = combine_fan_in()
+        combine, depth = {}, 0
         while len(level) > 1:
             depth += 1
             nxt = []
-            for j in range(0, len(level), COMBINE_FAN_IN):
+            for j in range(0, len(level), fan_in):
                 key = (f"{prefix}-combine", depth, j)
-                self.dsk[key] = (combine_task,) + tuple(level[j:j + COMBINE_FAN_IN])
+                combine[key] = (combine_task,) + tuple(level[j:j + fan_in])
                 nxt.append(key)
             level = nxt
-        self.dsk[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
+        combine[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
+        self.add_layer(f"{prefix}-combine", combine, tile=False, reads={prefix})
+
+
+def combine_fan_in() -> int:
+    """Partial statistics merged per combine task: dask's ``split_every`` setting (as
+    its own reductions read it; a per-axis dict counts as the product of its values),
+    else COMBINE_FAN_IN."""
+    split = dask.config.get("split_every", None)
+    if isinstance(split, dict):
+        split = int(np.prod([int(v) for v in split.values()])) if split else None
+    return max(2, int(split)) if split else COMBINE_FAN_IN
 
 
 def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
