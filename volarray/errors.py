@@ -17,7 +17,8 @@ class UnsupportedOpError(VolarrayError):
 
 
 class TraceError(VolarrayError):
-    """torch.fx could not trace the model."""
+    """The model could not be captured (torch.export, then torch.fx), or its capture
+    differs from its own forward."""
 
 
 class MemoryBudgetError(VolarrayError):

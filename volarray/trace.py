@@ -1,9 +1,10 @@
-"""Trace a model with torch.fx and give every op its spatial signature.
+"""Capture a model and give every op its spatial signature.
 
-The result is a `Graph`: spatial nodes in topological order, each with the
-whole-volume shape of its output and a tile kernel from `volarray.ops`.
-Whole-volume shapes come from running the traced graph on meta tensors, so
-tracing a 1024^3 volume costs nothing.
+The capture is torch.export's (`volarray.capture`), lowered to torch functions; torch.fx's
+where export cannot capture the model. The result is a `Graph`: spatial nodes in
+topological order, each with the whole-volume shape of its output and a tile kernel
+from `volarray.ops`. Whole-volume shapes come from running the captured graph on fake
+tensors, so tracing a 4096^3 volume costs nothing.
 """
 from __future__ import annotations
 
