@@ -84,6 +84,21 @@ def test_on_a_local_cluster(local_cluster):
         check_exact(make().eval(), shape, client=local_cluster)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_monai()) + ["PlainConvUNet", "ResidualEncoderUNet"])
+def test_every_net_on_a_local_cluster(local_cluster, name):
+    """The done-when of the models issue, in full: every net on 2 worker processes
+    (the default run covers four of them there)."""
+    torch.manual_seed(0)
+    if name in _monai():
+        make, shape = _monai()[name]
+        check_exact(make().eval(), shape, client=local_cluster)
+    else:
+        for ds in (False, True):
+            torch.manual_seed(0)
+            check_exact(_nnunet()[name](ds).eval(), (32, 48, 40), client=local_cluster)
+
+
 @pytest.mark.parametrize("make", [
     lambda: nets.UNETR(1, 2, (32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96,
                        num_heads=4),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import xarray as xr
 
+from .api import QUANTIZED_ATTRS
 from .errors import InputError
 
 
@@ -42,9 +43,11 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         label = None if name is None else f"{name}{suffix}"
         if a.ndim == 3:  # labels
             return xr.DataArray(a, dims=dims, coords=coords, attrs=attrs, name=label)
+        scores_attrs = dict(attrs, **(QUANTIZED_ATTRS if kwargs.get("output_dtype") == "uint8"
+                                      else {}))  # xarray decodes them on reading
         if squeeze and a.shape[0] == 1:
-            return xr.DataArray(a[0], dims=dims, coords=coords, attrs=attrs, name=label)
-        return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=attrs,
+            return xr.DataArray(a[0], dims=dims, coords=coords, attrs=scores_attrs, name=label)
+        return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=scores_attrs,
                             name=label)
     if isinstance(y, tuple):  # ensemble
         return wrap(y[0], "_mean"), wrap(y[1], "_std")

@@ -64,7 +64,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             sigma_scale=0.125, tta=None, output: str = "probabilities",
             threshold: float | None = None, coords: bool = False,
             ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
-            pad: str | None = None, select=None):
+            pad: str | None = None, select=None, output_dtype: str | None = None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -100,6 +100,12 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
     (results stay float32 arrays).
 
+    ``output_dtype``: the stored type of the scores, float32 by default. "float16" halves
+    the output (3 significant digits); "uint8" quarters it, for probabilities in [0, 1]:
+    ``round(p * 255)``, so ``p = q / 255`` within 0.002 (`predict_to_zarr` records
+    ``scale_factor = 1/255`` in the array's attributes, which xarray applies on reading).
+    A uint8 output of values outside [0, 1] (logits) is refused when computed.
+
     ``ensemble=N`` for stochastic models (dropout left active, or noise drawn in
     ``forward`` in window mode): returns ``(mean, std)`` per voxel over N samples
     seeded from ``seed``, the same for any chunking; no sample of the whole volume is
@@ -110,10 +116,56 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                     memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                     sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
                     coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad,
-                    select=select)
+                    select=select, output_dtype=output_dtype)
 
 
-def _predict(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
+OUTPUT_DTYPES = ("float32", "float16", "uint8")
+# CF conventions (read by xarray): the stored uint8 q stands for q * scale_factor
+QUANTIZED_ATTRS = {"scale_factor": 1 / 255, "add_offset": 0.0}
+
+
+def _predict(model, volume, *, output_dtype=None, **options):
+    """`_predict_scores`, stored as ``output_dtype``."""
+    output_dtype = check_output_dtype(output_dtype, options)
+    return cast_output(_predict_scores(model, volume, **options), output_dtype)
+
+
+def check_output_dtype(output_dtype, options) -> str | None:
+    if output_dtype is None:
+        return None
+    name = np.dtype(output_dtype).name if isinstance(output_dtype, type) else output_dtype
+    if name not in OUTPUT_DTYPES:
+        raise InputError(f"output_dtype={output_dtype!r} is not one of {OUTPUT_DTYPES} "
+                         "(uint8 for probabilities in [0, 1])")
+    if options.get("output", "probabilities") != "probabilities" or \
+            options.get("threshold") is not None:
+        raise InputError(f"output_dtype={output_dtype!r} applies to scores; labels "
+                         "(output='argmax', threshold=) are already uint8 or uint16")
+    return name
+
+
+def cast_output(y, output_dtype):
+    """``y`` (or each array of an ensemble's (mean, std)) stored as ``output_dtype``."""
+    if output_dtype in (None, "float32"):
+        return y
+    if isinstance(y, tuple):
+        return type(y)(cast_output(a, output_dtype) for a in y)
+    if output_dtype == "float16":
+        return y.astype(np.float16)
+    return y.map_blocks(quantize_probabilities, dtype=np.uint8)
+
+
+def quantize_probabilities(block: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 ``round(p * 255)``."""
+    lo, hi = float(block.min(initial=0.0)), float(block.max(initial=0.0))
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise InputError(f"output_dtype='uint8' stores probabilities in [0, 1]; the model's "
+                         f"output reaches {lo if lo < 0 else hi:.4g} (logits?). Add a sigmoid "
+                         "or softmax, or pass output_dtype='float16'")
+    return np.rint(np.clip(block, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
              window=None, overlap=0.25, blend="gaussian", sigma_scale=0.125, tta=None,
              output="probabilities", threshold=None, coords=False, ensemble=None, seed=0,
              dtype=None, pad=None, select=None, scratch=None, stochastic=False):

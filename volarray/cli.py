@@ -122,12 +122,13 @@ def predict_options(args) -> dict:
                 blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
                 ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
-                select=args.select)
+                select=args.select, output_dtype=args.output_dtype)
 
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
 NOT_NNUNET = ("weights", "mode", "memory_limit", "pad", "select", "window", "overlap", "blend",
-              "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype", "scratch")
+              "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype", "scratch",
+              "output_dtype")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
 
@@ -335,6 +336,9 @@ def _predict_args(p):
     o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
     o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="exact mode: run tiles under torch.autocast in this type")
+    o.add_argument("--output-dtype", choices=["float32", "float16", "uint8"],
+                   help="stored type of the scores: float16 halves the output, uint8 "
+                   "(probabilities in [0, 1], scale 1/255 in the attributes) quarters it")
     n = p.add_argument_group("nnU-Net models (with --nnunet MODEL_FOLDER)")
     n.add_argument("--folds", nargs="+", default=["0"],
                    help="folds whose predictions are averaged, e.g. 0 1 2 3 4, or all (0)")
@@ -412,6 +416,7 @@ API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
              ("folds=", "--folds "), ("checkpoint=", "--checkpoint "),
              ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
              ("var=", "--var"), ("memory_limit", "--memory-limit"), ("threshold=", "--threshold "),
+             ("output_dtype=", "--output-dtype "),
              ("select=", "--select "),
              ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),
              ("pad='zeros'", "--pad zeros"), ("mode='window'", "--mode window"),

@@ -68,6 +68,8 @@ class ModelRunner(OnDevice):
         self.gm = plan.graph.gm
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
+        self.tiles = [s.tile for s in plan.stages]
+        self.barrier_tiles = [b.tile for b in plan.barriers]
         self.globals = plan.graph.globals or {}
         self.device = device
         self.dtype = plan.graph.dtype
@@ -129,8 +131,20 @@ class ModelRunner(OnDevice):
         model's output is returned C-contiguous.
         """
         self.check_input(sources, origins)
+        prog, gv = self.programs[stage], global_values or {}
         with torch.inference_mode():
-            y = self.tile(self.programs[stage], out_box, sources, global_values or {})
+            parts = inner_tiles(out_box, self.tiles[stage])
+            if len(parts) == 1:
+                y = self.tile(prog, out_box, sources, gv)
+            else:  # one tile at a time into the task's output
+                y = None
+                for inner in parts:
+                    t = self.tile(prog, inner, _within(prog, inner, sources, origins), gv)
+                    if y is None:
+                        y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
+                                        device=t.device).contiguous(
+                                            memory_format=torch.channels_last_3d)
+                    y[(slice(None), slice(None)) + inner.slices(out_box.lo)] = t
             y = y[0].detach().to("cpu").numpy()
         return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
 
@@ -146,8 +160,13 @@ class ModelRunner(OnDevice):
         prog = self.barriers[barrier]
         self.check_input(sources, origins)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
+        parts = inner_tiles(out_box, self.barrier_tiles[barrier])
         with torch.inference_mode():
-            return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)
+            if len(parts) == 1:
+                return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)
+            return stats_combine([stats_chunk(self.tile(
+                prog, inner, _within(prog, inner, sources, origins), global_values), g.groups)
+                for inner in parts])
 
     def evaluate(self, name: str, global_values: dict):
         """A whole-volume value computed from others (an SE block's MLP)."""
@@ -156,6 +175,29 @@ class ModelRunner(OnDevice):
         with torch.inference_mode():
             args, kwargs = resolve((g.args, g.kwargs), ctx)
             return g.call(ctx, *args, **kwargs)
+
+
+def inner_tiles(box: Box, tile) -> list[Box]:
+    """``box`` split evenly into tiles of at most ``tile`` per axis (itself when
+    ``tile`` is None or covers it)."""
+    if tile is None:
+        return [box]
+    cuts = []
+    for iv, t in zip(box.axes, tile):
+        n = -(-len(iv) // max(int(t), 1))
+        cuts.append([iv.lo + len(iv) * i // n for i in range(n + 1)])
+    return [b for _, b in grid_boxes(cuts)]
+
+
+def _within(prog, inner: Box, sources: dict, origins: dict) -> dict:
+    """The parts of a task's source regions that one inner tile reads (views)."""
+    req = prog.requirements(inner)
+    out = {}
+    for name, a in sources.items():
+        need = req.box(name)
+        if not need.empty:
+            out[name] = a[(slice(None),) + need.slices(origins[name])]
+    return out
 
 
 class TaskContext:

@@ -9,6 +9,7 @@ deep features stops halos from compounding through an encoder-decoder.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -21,9 +22,13 @@ from .trace import Graph
 
 KEEP_FLOATS_PER_VOXEL = 4.0  # keep a tensor across stages if it is at most this big
 MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
-# On CPU, tasks of ~100-200 MB run fastest (caches; FaultSeg3D at 128^3-192^3 was
+# On CPU, tiles of ~100-200 MB run fastest (caches; FaultSeg3D at 128^3-192^3 was
 # 10-25% slower with 400 MB tiles here), so the planner aims below this by default.
 CPU_TARGET_TASK_BYTES = 200e6
+# A task sweeps several such tiles; by default tasks stay below this (each of the
+# scheduler's threads holds one), and there are at least this many per thread.
+CPU_TARGET_TASK_REGION_BYTES = 1e9
+MIN_TASKS_PER_THREAD = 4
 
 
 def parse_bytes(value) -> int | None:
@@ -71,6 +76,10 @@ class Stage:
     peak_bytes: int = 0
     macs: float = 0.0  # computed, halos and recomputation included
     halo: tuple[int, ...] = (0, 0, 0)  # per side, in voxels of the stage's largest source
+    # inner tiles: a task sweeps its region in tiles of at most this shape (output node
+    # voxels), each computing its own halo; None: one tile per task
+    tile: tuple[int, ...] | None = None
+    io_bytes: int = 0  # a task's sources and output region (held while its tiles run)
 
     @property
     def output(self) -> str:
@@ -97,6 +106,7 @@ class Barrier:
     program: TileProgram  # computes the reduced tensor per chunk (or reads it, if kept)
     bounds: tuple[tuple[int, ...], ...]
     macs: float = 0.0
+    tile: tuple[int, ...] | None = None  # as Stage.tile
 
     @property
     def n_tasks(self) -> int:
@@ -291,6 +301,8 @@ def cost_stage(graph: Graph, stage: Stage) -> None:
                 halo[axis] = max(halo[axis], math.ceil(ext))
     stage.macs = sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order)
     stage.peak_bytes = prog.peak_bytes({n: tuple(m) for n, m in maxs.items()})
+    stage.io_bytes = sum(graph.nodes[n].channels * 4 * math.prod(maxs[n])
+                         for n in set(prog.sources) | {prog.output})
     stage.halo = tuple(halo)
 
 
@@ -314,6 +326,30 @@ def candidate_chunks(shape, align) -> list[tuple[int, ...]]:
     sides = {min(max(shape), -(-(-(-max(shape) // k)) // step) * step)
              for k in range(1, max(shape) // step + 2)}
     return [tuple(min(c, n) for n in shape) for c in sorted(sides, reverse=True)]
+
+
+MAX_TILES_PER_TASK = 512  # 8 per axis: beyond, tasks gain little and resume loses much
+
+
+def tasks_of_tiles(graph, tiles: list[Stage], tile_base, shape, align, limit, stages_for):
+    """The largest task grid, a whole multiple of the tile grid, whose tasks (their
+    sources and output, held while their tiles run, plus one tile's peak) fit
+    ``limit``. Compute is the tile grid's: each tile computes its own halo."""
+    best_base, best = tile_base, tiles
+    tile_peak = max(s.peak_bytes for s in tiles)
+    for k in range(2, round(MAX_TILES_PER_TASK ** (1 / 3)) + 1):
+        base = tuple(min(n, c * k) for n, c in zip(shape, tile_base))
+        if base == best_base:
+            break
+        stages = stages_for(base, float("inf"))
+        if max(s.io_bytes for s in stages) + tile_peak > limit or \
+                stages[0].n_tasks < MIN_TASKS_PER_THREAD * (os.cpu_count() or 1):
+            break
+        for st, tile in zip(stages, tiles):
+            st.macs, st.halo, st.tile = tile.macs, tile.halo, tile.chunk_shape
+            st.peak_bytes = st.io_bytes + tile.peak_bytes
+        best_base, best = base, stages
+    return best_base, best
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
@@ -352,10 +388,20 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
             stages = stages_for(base, target)
             if max(s.peak_bytes for s in stages) <= target:
                 break
-        chunks = base
         smallest_too_big = max(s.peak_bytes for s in stages) > limit
-        notes.append(f"chunks {chunks} chosen: the largest even split, aligned to {align}, "
-                     f"whose tasks fit {_fmt_bytes(target)}")
+        tile_base, tiles = base, stages
+        if device == "cpu" and not smallest_too_big:
+            # tasks of several tiles: fewer, larger tasks (scheduling, I/O and resume
+            # units) that sweep their region in the cache-sized tiles that run fastest
+            task_limit = limit if memory_limit is not None else min(
+                limit, CPU_TARGET_TASK_REGION_BYTES)
+            base, stages = tasks_of_tiles(graph, tiles, tile_base, shape, align, task_limit,
+                                          stages_for)
+        chunks = base
+        notes.append(f"chunks {chunks} chosen: tiles {tile_base}, the largest even split "
+                     f"aligned to {align} whose tiles fit {_fmt_bytes(target)}"
+                     + (f", swept inside tasks of {chunks} that fit {_fmt_bytes(task_limit)}"
+                        if chunks != tile_base else ""))
     else:
         stages = stages_for(chunks, limit)
     barriers = []
@@ -365,6 +411,10 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         probe = Stage(-1, prog, b.bounds)
         cost_stage(graph, probe)
         b.macs = probe.macs
+        if chunks_given is None and chunks != tile_base:
+            tile_probe = Stage(-1, prog, stage_bounds(tile_base, node.shape, node.scale))
+            cost_stage(graph, tile_probe)
+            b.macs, b.tile = tile_probe.macs, tile_probe.chunk_shape
         barriers.append(b)
     return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes, barriers,
                 chunks_chosen=chunks_given is None and smallest_too_big)

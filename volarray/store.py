@@ -21,7 +21,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
-from .api import _predict, predict
+from .api import QUANTIZED_ATTRS, _predict, predict
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
 from .outputs import DONE, RunInterrupted
@@ -222,6 +222,8 @@ def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict,
                            attributes={"model": type(model).__name__,
                                        "mode": options.get("mode", "exact"),
                                        "volarray_version": _version(),
+                                       **(QUANTIZED_ATTRS if a.dtype == np.uint8
+                                          and options.get("output_dtype") == "uint8" else {}),
                                        **getattr(predictor, "attrs", {})})
     return group
 
