@@ -85,6 +85,8 @@ def test_on_a_local_cluster(local_cluster):
 
 
 @pytest.mark.slow
+# the model's weights are one key of the graph (VNet's are 170 MB): dask says so
+@pytest.mark.filterwarnings("ignore:Sending large graph")
 @pytest.mark.parametrize("name", list(_monai()) + ["PlainConvUNet", "ResidualEncoderUNet"])
 def test_every_net_on_a_local_cluster(local_cluster, name):
     """The done-when of the models issue, in full: every net on 2 worker processes

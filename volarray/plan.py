@@ -404,10 +404,10 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
             base, stages = tasks_of_tiles(graph, tiles, tile_base, shape, align, task_limit,
                                           stages_for)
         chunks = base
-        notes.append(f"chunks {chunks} chosen: tiles {tile_base}, the largest even split "
-                     f"aligned to {align} whose tiles fit {_fmt_bytes(target)}"
-                     + (f", swept inside tasks of {chunks} that fit {_fmt_bytes(task_limit)}"
-                        if chunks != tile_base else ""))
+        split = f"the largest even split aligned to {align} whose tiles fit {_fmt_bytes(target)}"
+        notes.append(f"chunks {chunks} chosen: {split}" if chunks == tile_base else
+                     f"chunks {chunks} chosen: tasks of whole tiles {tile_base} ({split}) "
+                     f"that fit {_fmt_bytes(task_limit)}, swept tile by tile")
     else:
         stages = stages_for(chunks, limit)
     barriers = []
