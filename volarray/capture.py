@@ -155,11 +155,20 @@ def lower(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     return fx.GraphModule(src, graph, "Captured")
 
 
+def innermost_module(node: fx.Node) -> tuple[str, str]:
+    """(path, class name) of the module an exported op ran in; ("", "") for ops of the
+    model's own forward."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1][:2]
+    return path, getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
+
+
 def _readable_name(node: fx.Node) -> str:
     """The module path an op ran in (``enc1.3`` -> ``enc1_3``), as fx names module calls;
     the op's name for ops of the model's own forward. fx adds suffixes to repeats."""
-    stack = node.meta.get("nn_module_stack")
-    path = list(stack.values())[-1][0] if stack else ""
+    path = innermost_module(node)[0]
     return path.replace(".", "_") if path else node.name
 
 

@@ -19,7 +19,7 @@ from fractions import Fraction
 
 import dask.array as da
 
-from .errors import InputError, TraceError, VolarrayError
+from .errors import InputError, VolarrayError
 
 MULTIPLES = (2, 4, 8, 16, 32, 64, 128)
 PAD_MODES = ("reflect", "zeros")

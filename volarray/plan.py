@@ -337,7 +337,7 @@ GROUP_ABOVE_TASKS = 20_000
 MAX_TILES_PER_TASK = 512  # 8 per axis: beyond, tasks gain little and resume loses much
 
 
-def tasks_of_tiles(graph, tiles: list[Stage], tile_base, shape, align, limit, stages_for):
+def tasks_of_tiles(tiles: list[Stage], tile_base, shape, limit, stages_for):
     """The largest task grid, a whole multiple of the tile grid, whose tasks (their
     sources and output, held while their tiles run, plus one tile's peak) fit
     ``limit``. Compute is the tile grid's: each tile computes its own halo."""
@@ -400,14 +400,12 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                 sum(s.n_tasks for s in stages) > GROUP_ABOVE_TASKS:
             # tasks of several tiles: fewer, larger tasks (scheduling, I/O and resume
             # units) that sweep their region in the cache-sized tiles that run fastest
-            task_limit = limit
-            base, stages = tasks_of_tiles(graph, tiles, tile_base, shape, align, task_limit,
-                                          stages_for)
+            base, stages = tasks_of_tiles(tiles, tile_base, shape, limit, stages_for)
         chunks = base
         split = f"the largest even split aligned to {align} whose tiles fit {_fmt_bytes(target)}"
         notes.append(f"chunks {chunks} chosen: {split}" if chunks == tile_base else
                      f"chunks {chunks} chosen: tasks of whole tiles {tile_base} ({split}) "
-                     f"that fit {_fmt_bytes(task_limit)}, swept tile by tile")
+                     f"that fit {_fmt_bytes(limit)}, swept tile by tile")
     else:
         stages = stages_for(chunks, limit)
     barriers = []

@@ -72,9 +72,8 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
         _same_ops(model, gm, probe_gm, probe)
         gm = probe_gm
     try:
-        got, got_modules = _run_recording(model, gm, x, leaves)
-        if recapture is not None:
-            got_modules = _outputs_by_module(gm, x)
+        got, got_modules = (_run_by_module(gm, x) if recapture is not None
+                            else _run_recording(model, gm, x, leaves))
     except Exception as e:
         raise TraceError(f"the graph torch.fx captured from {type(model).__name__} fails on a "
                          f"probe input of shape {probe} where the model's own forward runs "
@@ -97,14 +96,14 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
 
 
 def _same_ops(model, gm, probe_gm, probe) -> None:
-    from .capture import op_sequence
+    from .capture import innermost_module, op_sequence
     ops, probe_ops = op_sequence(gm), op_sequence(probe_gm)
     if ops == probe_ops:
         return
     i = next((i for i, (a, b) in enumerate(zip(ops, probe_ops)) if a != b),
              min(len(ops), len(probe_ops)))
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    where = _module_path(nodes[i]) if i < len(nodes) else "the end"
+    where = innermost_module(nodes[i])[0] if i < len(nodes) else "the end"
     raise TraceError(
         f"{type(model).__name__} calls other ops at the volume's shape than at a congruent "
         f"{tuple(probe[2:])} probe (op {i}: {ops[i] if i < len(ops) else 'none'} against "
@@ -113,27 +112,24 @@ def _same_ops(model, gm, probe_gm, probe) -> None:
         "which calls the model as it is")
 
 
-def _module_path(node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else ""
-
-
-def _outputs_by_module(gm, x):
-    """For an exported capture (no module calls left): each module path's output, as
-    the value of the last node recorded inside it, in order of first appearance."""
+def _run_by_module(gm, x):
+    """For an exported capture (no module calls left): ``gm(x)``, and each module path's
+    output, as the value of the last node recorded inside it; the same seed as
+    `_run_recording`."""
+    from .capture import innermost_module
     values = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             v = super().run_node(n)
-            path = _module_path(n)
+            path = innermost_module(n)[0]
             if path and isinstance(v, torch.Tensor):
                 values[path] = v.detach().clone()
             return v
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(0)
-        Recorder(gm).run(x)
-    return values
+        y = Recorder(gm).run(x)
+    return y, values
 
 
 def _run_recording(model: nn.Module, runner, x, leaves):

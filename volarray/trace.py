@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import AtenCall, export_graph, op_sequence
+from .capture import AtenCall, export_graph, innermost_module
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .layout import ChannelsLastBlock, fuse_channels_last
@@ -96,7 +96,8 @@ _CHANNEL_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.softmax,
 aten = torch.ops.aten
 # ATen ops that pass values through (copies, dtype casts): placed as per-voxel ops
 _ATEN_IDENTITY = {aten.clone.default, aten.contiguous.default, aten.alias.default,
-                  aten.detach.default, aten.to.dtype, aten._to_copy.default, aten.lift_fresh_copy.default}
+                  aten.detach.default, aten.to.dtype, aten._to_copy.default,
+                  aten.lift_fresh_copy.default}
 _FILL_BY_PAD_MODE = {"zeros": ZEROS, "constant": ZEROS, "reflect": Fill("reflect"),
                      "replicate": Fill("replicate"), "circular": Fill("circular")}
 
@@ -165,9 +166,7 @@ class _Builder:
     def where(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return f"module '{node.target}' ({type(self.modules[node.target]).__name__})"
-        stack = node.meta.get("nn_module_stack")
-        path, cls = list(stack.values())[-1][:2] if stack else ("", "")
-        cls = getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
+        path, cls = innermost_module(node)
         fn = getattr(node.target, "__name__", str(node.target))
         inside = f", in {path} ({cls})" if path else ""
         return f"{node.op} '{fn}' (node '{node.name}'{inside})"
@@ -489,12 +488,10 @@ class _Builder:
             if fn is F.instance_norm:  # reaching here: running statistics, pointwise
                 return pointwise(_call_function(fn), 2)
             if fn is aten.slice.Tensor:
-                return self.slice(node, spatial, value_shape=out_shape)
-            if fn in (aten.repeat.default,):
-                reps = list(self.static(node, _arg(node, 1, "repeats"), "repeats"))
-                if len(reps) != 5 or reps[0] != 1 or any(r != 1 for r in reps[2:]):
-                    self.unsupported(node, f"it repeats {tuple(reps)}; only the channel dim "
-                                     "may be repeated")
+                return self.slice(node, spatial)
+            if fn is aten.repeat.default:
+                self.channel_repeat(node, list(self.static(node, _arg(node, 1, "repeats"),
+                                                           "repeats")))
                 return pointwise(_call_function(fn), 0)
             if fn in _ATEN_IDENTITY:
                 return pointwise(_call_function(fn), 0)
@@ -558,9 +555,7 @@ class _Builder:
                 reps = [self.static(node, r, "repeats") for r in node.args[1:]]
                 reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple)) \
                     else reps
-                if len(reps) != 5 or reps[0] != 1 or any(r != 1 for r in reps[2:]):
-                    self.unsupported(node, f"it repeats {tuple(reps)}; only the channel dim "
-                                     "may be repeated")
+                self.channel_repeat(node, reps)
                 return pointwise(_call_method("repeat"), 0)
             if node.target in ("softmax", "log_softmax"):
                 channel_dim_only(_arg(node, 1, "dim"))
@@ -570,7 +565,7 @@ class _Builder:
             self.unsupported(node, "no tile kernel is known for this method")
         self.unsupported(node, f"fx op kind {node.op!r} is not expected here")
 
-    def slice(self, node, spatial, value_shape):
+    def slice(self, node, spatial):
         """``x[:, :, a:b]``: on a spatial axis a crop (a region shift), on the channel
         axis a per-voxel selection."""
         dim = self.static(node, _arg(node, 1, "dim", 0), "dim") % 5
@@ -578,9 +573,7 @@ class _Builder:
         step = self.static(node, _arg(node, 4, "step", 1), "step")
         if step != 1:
             self.unsupported(node, f"it slices with step {step}")
-        if dim == 1:
-            return self.pointwise_call(node, spatial, aten.slice.Tensor, 0)
-        if dim == 0:
+        if dim in (0, 1):  # the batch of one, or channels: per voxel
             return self.pointwise_call(node, spatial, aten.slice.Tensor, 0)
         self.template(node, spatial)
         src = self.values[node.args[0].name].shape[dim]
@@ -588,6 +581,12 @@ class _Builder:
         lo = [0, 0, 0]
         lo[dim - 2] = -start
         return Pad(pad_lo=tuple(lo))
+
+    def channel_repeat(self, node, reps):
+        """``x.repeat(1, k, 1, 1, 1)`` is per voxel; repeats of other dims are refused."""
+        if len(reps) != 5 or reps[0] != 1 or any(r != 1 for r in reps[2:]):
+            self.unsupported(node, f"it repeats {tuple(reps)}; only the channel dim may be "
+                             "repeated")
 
     def pointwise_call(self, node, spatial, fn, macs):
         args, kwargs = self.template(node, spatial)
