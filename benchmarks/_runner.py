@@ -2,7 +2,7 @@
 
     python benchmarks/_runner.py torch|volarray|monai MODEL SIZE [--volume V.npy|V.zarr]
         [--out OUT.zarr] [--chunks N] [--scheduler S] [--warmup] [--save REF.npy]
-        [--compare REF.npy] [--crop N] [--memory-limit 1GB]
+        [--compare REF.npy] [--crop N] [--memory-limit 1GB] [--path to_zarr]
 
 Prints one JSON line: seconds, peak RSS (bytes) and, with --compare, the max
 abs difference from a saved reference. With --out, volarray runs zarr to zarr
@@ -49,6 +49,12 @@ def run(a, model, vol):
         with torch.inference_mode():
             return sliding_window_inference(torch.from_numpy(vol)[None, None], a.window, 1, model,
                                             overlap=0.25, mode="gaussian")[0].numpy()
+    if a.out and a.path == "to_zarr":  # the README's first example: a lazy result, stored
+        import zarr
+        y = volarray.predict(model, zarr.open_array(vol, mode="r"), chunks=a.chunks,
+                             memory_limit=a.memory_limit)
+        y.to_zarr(a.out, overwrite=True, compute=True)
+        return zarr.open_array(a.out, mode="r")
     if a.out:
         return volarray.predict_to_zarr(model, vol, a.out, chunks=a.chunks, overwrite=True,
                                         memory_limit=a.memory_limit, scheduler=a.scheduler)
@@ -69,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--memory-limit", default=None)
     ap.add_argument("--volume", help=".npy or .zarr of the input volume")
     ap.add_argument("--out", help="volarray: write this zarr store (zarr to zarr)")
+    ap.add_argument("--path", default="predict_to_zarr", choices=["predict_to_zarr", "to_zarr"],
+                    help="with --out: volarray.predict_to_zarr, or predict(...).to_zarr")
     ap.add_argument("--crop", type=int, help="torch/monai: run on the corner crop of this side")
     ap.add_argument("--window", type=int, default=96, help="monai / window mode: window side")
     ap.add_argument("--mode", default="exact", choices=["exact", "window"], help="volarray mode")

@@ -1,13 +1,14 @@
 """The planning table: what exact mode would keep, compute and schedule at survey sizes.
 
-Plans each reference model on lazy volumes of 1024^3 to 8192^3 (nothing is computed or
+Plans every reference model on lazy volumes of 1024^3 to 8192^3 (nothing is computed or
 allocated: the volume is a lazy dask array and the capture runs on fake tensors), at the
-default budget and at zero keep, and prints a markdown table: bytes kept between stages
-(and that over the input's bytes), compute against one whole-volume forward, tasks
-(stage tiles plus statistics tiles), and the time to capture and plan. With --build N,
-also builds the dask graph up to N^3 and times that.
+default keep budget (the input's bytes, as `predict_to_zarr` uses), at zero keep and at
+2x and 4x the input, and prints a markdown table: bytes kept between stages (and that
+over the input's bytes), compute against one whole-volume forward, tasks (stage tasks
+plus statistics tasks), the projected peak per task, and the time to capture and plan.
+With --build N, also builds the dask graph up to N^3 and times that.
 
-    python benchmarks/bench_plan_scale.py [--sizes 1024 2048 4096 8192] [--build 1024]
+    python benchmarks/bench_plan_scale.py [--sizes 1024 2048 4096 8192] [--build 4096]
 """
 from __future__ import annotations
 
@@ -17,65 +18,57 @@ import time
 import dask.array as da
 import torch
 
-from volarray.models import FaultSeg3D, seeded
-from volarray.plan import _fmt_bytes
-from volarray.models.norms import GroupNormNet, InstanceNormUNet
+from volarray import models
+from volarray.plan import _fmt_bytes, make_plan
+from volarray.trace import trace
 
-MODELS = {
-    "FaultSeg3D": lambda: seeded(FaultSeg3D),
-    "InstanceNormUNet": lambda: seeded(InstanceNormUNet),
-    "GroupNormNet": lambda: seeded(GroupNormNet),
-}
+MODELS = ["FaultSeg3D", "MultiScaleNet", "InstanceNormUNet", "GroupNormNet",
+          "DeepLabV3Plus3D", "SEResUNet"]
+KEEPS = ("default", "0", "2x", "4x")
 
 
 def lazy_volume(side: int):
     return da.zeros((1, side, side, side), dtype="float32", chunks=(1, 512, 512, 512))
 
 
-def row(name, model, side, keep, build_max):
+def row(name, graph, side, keep, build_max, traced):
     t0 = time.perf_counter()
-    kw = {} if keep == "default" else {"keep_threshold": 0.0}
-    plan = _plan(model, lazy_volume(side), **kw)
-    planned = time.perf_counter() - t0
+    plan = make_plan(graph, None, None, "cpu", keep=None if keep == "default" else keep,
+                     spill=True)
+    planned = time.perf_counter() - t0 + traced
     built = ""
     if side <= build_max:
         from volarray.api import _build
         t0 = time.perf_counter()
         y = _build(plan, lazy_volume(side), "cpu", None, 0, None, None)
         n_keys = len(y.__dask_graph__())
-        built = f"{time.perf_counter() - t0:.1f} s ({n_keys:,} keys)"
+        built = f"{time.perf_counter() - t0:.0f} s ({n_keys:,} keys)"
     input_bytes = 4 * side ** 3
     return (f"| {name} | {side}^3 | {keep} | {_fmt_bytes(plan.kept_bytes)} "
             f"({plan.kept_bytes / input_bytes:.2f}x) | {plan.compute_ratio:.2f}x | "
-            f"{plan.n_tasks:,} | {planned:.1f} s | {built} |")
-
-
-def _plan(model, arr, keep_threshold=None):
-    """The default plan, or one whose keep threshold is lowered to zero (only tensors
-    that fit the budget, and the output, are kept)."""
-    from volarray.plan import make_plan
-    from volarray.trace import trace
-    graph = trace(model, (1,) + tuple(arr.shape))
-    if keep_threshold is None:
-        return make_plan(graph, None, None, "cpu")
-    return make_plan(graph, None, None, "cpu", keep_threshold=keep_threshold)
+            f"{plan.n_tasks:,} | {_fmt_bytes(plan.peak_bytes)} | {planned:.1f} s | {built} |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--keeps", nargs="+", default=list(KEEPS))
     ap.add_argument("--build", type=int, default=0, help="build the graph up to this side")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print("| model | volume | keep | kept between stages (x input) | compute vs one forward "
-          "| tasks | capture + plan | graph build |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| tasks | peak/task | capture + plan | graph build |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        model = MODELS[name]()
+        model = models.seeded(getattr(models, name))
         for side in args.sizes:
-            for keep in ("default", "zero"):
-                print(row(name, model, side, keep, args.build), flush=True)
+            t0 = time.perf_counter()
+            graph = trace(model, (1, 1, side, side, side))
+            traced = time.perf_counter() - t0
+            for keep in args.keeps:
+                print(row(name, graph, side, keep, args.build, traced), flush=True)
+                traced = 0.0
 
 
 if __name__ == "__main__":

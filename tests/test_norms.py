@@ -60,13 +60,15 @@ def test_patchwise_statistics_would_differ(cases):
 
 def test_keep_or_recompute_follows_the_budget(cases):
     model, chunks, unit, ref, _, _ = cases["InstanceNormUNet"]
-    roomy = volarray.plan(model, unit, chunks=chunks, memory_limit="2GB")
-    tight = volarray.plan(model, unit, chunks=chunks, memory_limit="800kB")  # fits, barely
+    roomy = volarray.plan(model, unit, chunks=chunks, keep="8x")
+    tight = volarray.plan(model, unit, chunks=chunks, keep=0)
+    assert tight.kept_bytes == 0 < roomy.kept_bytes <= 8 * unit.nbytes
     assert sum(b.recomputed for b in tight.barriers) > sum(b.recomputed for b in roomy.barriers)
     assert tight.compute_ratio > roomy.compute_ratio
     assert "recomputed from" in str(tight) and "read from the kept tensor" in str(roomy)
-    y = volarray.predict(model, unit, chunks=chunks, memory_limit="800kB")
-    assert_volume_close(y.compute(), ref, atol=1e-5)
+    for keep in (0, "8x"):
+        y = volarray.predict(model, unit, chunks=chunks, keep=keep)
+        assert_volume_close(y.compute(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])

@@ -47,3 +47,35 @@ def test_assert_volume_close_reports_location():
     with pytest.raises(AssertionError, match="shape"):
         assert_volume_close(a, b[0])
     assert assert_volume_close(a, b, atol=1e-2) == pytest.approx(1e-3)
+
+
+def test_keep_budget_is_spent_where_it_saves_most():
+    """More budget, less compute; the budget is never exceeded; the plan says both."""
+    model = seeded(FaultSeg3D)
+    vol = np.zeros((64, 64, 64), np.float32)
+    plans = {k: volarray.plan(model, vol, chunks=32, keep=k) for k in (0, "1x", "4x", "1GB")}
+    assert plans[0].kept_bytes == 0 and len(plans[0].stages) == 1  # depth-first
+    assert plans[0].compute_ratio > plans["1x"].compute_ratio >= plans["4x"].compute_ratio
+    for k, p in plans.items():
+        assert p.kept_bytes <= p.keep_budget, k
+    assert plans["4x"].keep_budget == 4 * vol.nbytes and plans["1GB"].keep_budget == 10 ** 9
+    assert "keep budget of 1.0 MB" in str(plans["1x"]) and "(0.00x the input)" in str(plans[0])
+
+
+@pytest.mark.parametrize("keep", [-1, "-2x", "lots", "x", True, float("nan")])
+def test_bad_keep_budget_is_refused(keep):
+    with pytest.raises(volarray.InputError, match="keep="):
+        volarray.plan(seeded(FaultSeg3D), np.zeros((16, 16, 16), np.float32), keep=keep)
+
+
+def test_terabyte_plan_keeps_within_the_input_with_few_tasks():
+    """FaultSeg3D over 4096^3 (256 GB of float32, planned on a lazy volume): with the
+    default budget it keeps at most the input's bytes, computes at most 1.6x one
+    forward, in at most 50,000 tasks, whose memory does not grow with the volume."""
+    import dask.array as da
+    model = seeded(FaultSeg3D)
+    big = volarray.plan(model, da.zeros((4096,) * 3, np.float32, chunks=512))
+    small = volarray.plan(model, da.zeros((512,) * 3, np.float32, chunks=512))
+    assert big.kept_bytes <= 4 * 4096 ** 3
+    assert big.compute_ratio <= 1.6 and big.n_tasks <= 50_000, str(big)
+    assert big.peak_bytes <= 2 * small.peak_bytes <= 2 * big.memory_limit

@@ -10,7 +10,7 @@ import torch
 from .errors import InputError
 from .execute import build_graph
 from .geometry import chunk_bounds, coerce_chunks
-from .io import as_dask_volume, rechunk_to
+from .io import as_dask_volume, rechunk_to, region_reader
 from .plan import Plan, make_plan
 from .ops.local import ArgmaxConv
 from .trace import fuse_argmax_head, trace
@@ -30,7 +30,7 @@ def _device(device) -> str:
 
 
 def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
-          argmax: bool = False, select=None) -> Plan:
+          argmax: bool = False, select=None, keep=None, spill: bool = False) -> Plan:
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}")
     if mode != "exact":
@@ -40,12 +40,12 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
     if argmax:  # where the head allows it; otherwise scores are reduced per chunk
         fuse_argmax_head(graph)
     return make_plan(graph, coerce_chunks(chunks, arr.shape[1:]), memory_limit,
-                     "cpu" if device == "cpu" else "cuda")
+                     "cpu" if device == "cpu" else "cuda", keep=keep, spill=spill)
 
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
          memory_limit=None, output: str = "probabilities", pad: str | None = None,
-         select=None) -> Plan:
+         select=None, keep=None) -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
     check_options(mode=mode, output=output, threshold=None, tta=None, ensemble=None, pad=pad)
     check_model(model)
@@ -56,7 +56,7 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
         if multiple is not None:
             arr = pad_volume(arr, multiple, pad)
     return _plan(model, arr, chunks, mode, _device(device), memory_limit,
-                 argmax=output == "argmax", select=select)
+                 argmax=output == "argmax", select=select, keep=keep)
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
@@ -64,7 +64,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             sigma_scale=0.125, tta=None, output: str = "probabilities",
             threshold: float | None = None, coords: bool = False,
             ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
-            pad: str | None = None, select=None, output_dtype: str | None = None):
+            pad: str | None = None, select=None, output_dtype: str | None = None, keep=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -116,7 +116,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                     memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                     sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
                     coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad,
-                    select=select, output_dtype=output_dtype)
+                    select=select, output_dtype=output_dtype, keep=keep)
 
 
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
@@ -168,7 +168,7 @@ def quantize_probabilities(block: np.ndarray) -> np.ndarray:
 def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
              window=None, overlap=0.25, blend="gaussian", sigma_scale=0.125, tta=None,
              output="probabilities", threshold=None, coords=False, ensemble=None, seed=0,
-             dtype=None, pad=None, select=None, scratch=None, stochastic=False):
+             dtype=None, pad=None, select=None, scratch=None, stochastic=False, keep=None):
     """`predict`, plus what `predict_to_zarr` needs: ``scratch`` (a ScratchSpace that
     holds exact mode's kept tensors on disk) and ``stochastic`` (one sample of a model
     with active dropout, as the members of an ensemble are)."""
@@ -182,7 +182,7 @@ def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, me
     arr = as_dask_volume(volume)
     kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
               window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale, seed=seed,
-              dtype=dtype, scratch=scratch, select=select)
+              dtype=dtype, scratch=scratch, select=select, keep=keep)
     if coords:
         arr = with_coordinates(arr)
     if pad is not None:
@@ -207,7 +207,8 @@ def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, me
     if mode == "window":
         return _window(model, arr, chunks, device, window, overlap, blend, sigma_scale, select)
     dev = _device(device)
-    p = _plan(model, arr, chunks, "exact", dev, memory_limit, select=select)
+    p = _plan(model, arr, chunks, "exact", dev, memory_limit, select=select, keep=keep,
+              spill=scratch is not None and scratch.may_spill)
     return _build(p, arr, dev, memory_limit, seed, dtype, scratch)
 
 
@@ -215,9 +216,12 @@ def _build(p: Plan, arr, dev, memory_limit, seed, dtype, scratch) -> da.Array:
     """The dask graph of plan ``p`` over ``arr``."""
     if memory_limit is not None:
         p.validate()  # a budget the user stated is one no task may exceed
-    arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
+    reader = region_reader(arr)  # tasks read their regions straight from a zarr or numpy input
+    if reader is None:
+        arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
     paths = scratch.arrays_for(p) if scratch is not None else None
-    return build_graph(p, arr, dev, scratch=paths, seed=seed, autocast=_autocast(dtype))
+    return build_graph(p, arr, dev, scratch=paths, seed=seed, autocast=_autocast(dtype),
+                       reader=reader)
 
 
 def _fused_argmax(model, arr, kw):
@@ -225,7 +229,8 @@ def _fused_argmax(model, arr, kw):
     or None where the head is not of that form."""
     dev = _device(kw["device"])
     p = _plan(model, arr, kw["chunks"], "exact", dev, kw["memory_limit"], argmax=True,
-              select=kw["select"])
+              select=kw["select"], keep=kw["keep"],
+              spill=kw["scratch"] is not None and kw["scratch"].may_spill)
     head = p.graph.nodes[p.graph.output].op
     if not isinstance(head, ArgmaxConv):
         return None

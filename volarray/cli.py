@@ -122,13 +122,13 @@ def predict_options(args) -> dict:
                 blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
                 ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
-                select=args.select, output_dtype=args.output_dtype)
+                select=args.select, output_dtype=args.output_dtype, keep=args.keep)
 
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
-NOT_NNUNET = ("weights", "mode", "memory_limit", "pad", "select", "window", "overlap", "blend",
-              "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype", "scratch",
-              "output_dtype")
+NOT_NNUNET = ("weights", "mode", "memory_limit", "keep", "pad", "select", "window", "overlap",
+              "blend", "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype",
+              "scratch", "output_dtype")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
 
@@ -235,7 +235,7 @@ def cmd_plan(args) -> int:
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
                          mode=args.mode, memory_limit=args.memory_limit, pad=args.pad,
-                         select=args.select)
+                         select=args.select, keep=args.keep)
     print(plan)
     plan.validate()
     return 0
@@ -306,6 +306,9 @@ def _model_args(p, nnunet: bool = False):
     p.add_argument("--mode", default="exact", choices=["exact", "window"],
                    help="exact (the whole-volume answer) or window (sliding window)")
     p.add_argument("--memory-limit", help="per task, e.g. 4GB")
+    p.add_argument("--keep", help="exact mode: bytes of tensors kept between stages, e.g. "
+                                  "40GB or 2x (the input's bytes); 0 recomputes all "
+                                  "(default: 1x)")
     p.add_argument("--pad", choices=["reflect", "zeros"],
                    help="exact mode: pad sides to the network's multiple, crop back")
     p.add_argument("--select", type=_index_or_key,
@@ -374,7 +377,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a PNG of three slices of input and prediction")
     p.add_argument("--scratch", default="auto", choices=["auto", "disk", "memory"],
                    help="where exact mode keeps tensors between stages (auto: on disk beside "
-                        "the output when they exceed the memory limit)")
+                        "the output where memory would not hold them)")
     p.add_argument("--quiet", action="store_true")
     _predict_args(p)
     p.set_defaults(func=cmd_predict)
@@ -415,7 +418,8 @@ API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
              ("trust_checkpoint=True", "--trust-checkpoint"), ("normalize=False", "--no-normalize"),
              ("folds=", "--folds "), ("checkpoint=", "--checkpoint "),
              ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
-             ("var=", "--var"), ("memory_limit", "--memory-limit"), ("threshold=", "--threshold "),
+             ("var=", "--var"), ("memory_limit", "--memory-limit"), ("keep=", "--keep "),
+             ("threshold=", "--threshold "),
              ("output_dtype=", "--output-dtype "),
              ("select=", "--select "),
              ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),

@@ -18,8 +18,8 @@ import torch.fx as fx
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from .geometry import Box, chunk_range, grid_boxes
-from .io import check_finite
+from .geometry import Box, Interval, chunk_range, grid_boxes
+from .io import RegionReader, check_finite
 from .ops.local import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .plan import Plan
@@ -68,8 +68,8 @@ class ModelRunner(OnDevice):
         self.gm = plan.graph.gm
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
-        self.tiles = [s.tile for s in plan.stages]
-        self.barrier_tiles = [b.tile for b in plan.barriers]
+        self.slabs = [s.slab for s in plan.stages]  # rows per slab of a task's sweep
+        self.barrier_slabs = [b.slab for b in plan.barriers]
         self.globals = plan.graph.globals or {}
         self.device = device
         self.dtype = plan.graph.dtype
@@ -113,14 +113,19 @@ class ModelRunner(OnDevice):
         self._values[path] = v
         return v
 
-    def tile(self, prog, out_box: Box, sources, global_values) -> torch.Tensor:
+    def sweep(self, prog, out_box: Box, rows, sources, global_values):
+        """Yield (slab, output tile) over ``out_box`` swept in slabs of ``rows`` along z
+        (one slab when None), as tensors on the device."""
         ctx = TaskContext(self, global_values)
-        req = prog.requirements(out_box)
+        slabs = slab_boxes(out_box, rows)
+        full = prog.requirements(out_box)
         tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
         if self.autocast is None:
-            return prog.run(ctx, tensors, req)
+            yield from prog.sweep(ctx, tensors, full, slabs)
+            return
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast):
-            return prog.run(ctx, tensors, req).float()
+            for slab, t in prog.sweep(ctx, tensors, full, slabs):
+                yield slab, t.float()
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
             global_values: dict | None = None, origins: dict | None = None) -> np.ndarray:
@@ -132,19 +137,16 @@ class ModelRunner(OnDevice):
         """
         self.check_input(sources, origins)
         prog, gv = self.programs[stage], global_values or {}
+        y = None
         with torch.inference_mode():
-            parts = inner_tiles(out_box, self.tiles[stage])
-            if len(parts) == 1:
-                y = self.tile(prog, out_box, sources, gv)
-            else:  # one tile at a time into the task's output
-                y = None
-                for inner in parts:
-                    t = self.tile(prog, inner, _within(prog, inner, sources, origins), gv)
-                    if y is None:
-                        y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
-                                        device=t.device).contiguous(
-                                            memory_format=torch.channels_last_3d)
-                    y[(slice(None), slice(None)) + inner.slices(out_box.lo)] = t
+            for slab, t in self.sweep(prog, out_box, self.slabs[stage], sources, gv):
+                if slab == out_box:
+                    y = t
+                    break
+                if y is None:  # one slab at a time into the task's output
+                    y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
+                                    device=t.device, memory_format=torch.channels_last_3d)
+                y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
             y = y[0].detach().to("cpu").numpy()
         return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
 
@@ -160,13 +162,9 @@ class ModelRunner(OnDevice):
         prog = self.barriers[barrier]
         self.check_input(sources, origins)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
-        parts = inner_tiles(out_box, self.barrier_tiles[barrier])
         with torch.inference_mode():
-            if len(parts) == 1:
-                return stats_chunk(self.tile(prog, out_box, sources, global_values), g.groups)
-            return stats_combine([stats_chunk(self.tile(
-                prog, inner, _within(prog, inner, sources, origins), global_values), g.groups)
-                for inner in parts])
+            return stats_combine([stats_chunk(t, g.groups) for _, t in self.sweep(
+                prog, out_box, self.barrier_slabs[barrier], sources, global_values)])
 
     def evaluate(self, name: str, global_values: dict):
         """A whole-volume value computed from others (an SE block's MLP)."""
@@ -177,27 +175,14 @@ class ModelRunner(OnDevice):
             return g.call(ctx, *args, **kwargs)
 
 
-def inner_tiles(box: Box, tile) -> list[Box]:
-    """``box`` split evenly into tiles of at most ``tile`` per axis (itself when
-    ``tile`` is None or covers it)."""
-    if tile is None:
+def slab_boxes(box: Box, rows) -> list[Box]:
+    """``box`` cut along z at the multiples of ``rows`` (itself when ``rows`` is None
+    or the box is no thicker)."""
+    z = box.axes[0]
+    if rows is None or len(z) <= rows:
         return [box]
-    cuts = []
-    for iv, t in zip(box.axes, tile):
-        n = -(-len(iv) // max(int(t), 1))
-        cuts.append([iv.lo + len(iv) * i // n for i in range(n + 1)])
-    return [b for _, b in grid_boxes(cuts)]
-
-
-def _within(prog, inner: Box, sources: dict, origins: dict) -> dict:
-    """The parts of a task's source regions that one inner tile reads (views)."""
-    req = prog.requirements(inner)
-    out = {}
-    for name, a in sources.items():
-        need = req.box(name)
-        if not need.empty:
-            out[name] = a[(slice(None),) + need.slices(origins[name])]
-    return out
+    cuts = [z.lo] + list(range((z.lo // rows + 1) * rows, z.hi, rows)) + [z.hi]
+    return [Box((Interval(a, b),) + box.axes[1:]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 class TaskContext:
@@ -247,10 +232,15 @@ def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
 
 
 def _sources(names, boxes, channels, parts, scratch):
-    """Each source's region: from the chunks in memory, or read from its zarr scratch
-    array (then the chunk values are only completion tokens)."""
+    """Each source's region: from the chunks in memory, read from its zarr scratch
+    array (then the chunk values are only completion tokens), or read straight from
+    the input volume (``scratch`` holds its RegionReader)."""
     out = {}
     for n, b, c, p, path in zip(names, boxes, channels, parts, scratch):
+        if isinstance(path, RegionReader):
+            if not Box.from_bounds(*b).empty:
+                out[n] = path.read(*b)
+            continue
         if not p:
             continue  # a tile lying wholly in a layer's padding reads nothing of it
         if path is None:
@@ -302,7 +292,7 @@ def eval_task(runner, name, gnames, gvalues):
 
 class _GraphBuilder:
     def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None, seed: int = 0,
-                 autocast=None):
+                 autocast=None, reader=None):
         self.plan = plan
         self.volume = volume
         self.graph = plan.graph
@@ -315,7 +305,12 @@ class _GraphBuilder:
         self.arrays = {self.graph.input: (volume.name, [np.cumsum((0,) + c) for c in volume.chunks[1:]])}
         for s in plan.stages:
             self.arrays[s.output] = (f"volarray-{s.output}-{self.token}", s.bounds)
-        self.scratch = scratch or {}  # kept node -> zarr scratch array path
+        self.scratch = dict(scratch or {})  # kept node -> zarr scratch array path
+        # the input read region by region straight from its array (one key of the graph)
+        self.reader = reader
+        if reader is not None:
+            self.reader_key = f"volarray-input-{self.token}"
+            self.scratch[self.graph.input] = self.reader_key
 
     def global_key(self, name: str) -> str:
         return f"volarray-global-{name}-{self.token}"
@@ -330,7 +325,10 @@ class _GraphBuilder:
             need = req.box(src)
             key, bounds = self.arrays[src]
             deps = []
-            ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
+            if self.reader is not None and src == self.graph.input:
+                ranges = [range(0)] * 3  # read from the array, not from dask's chunks
+            else:
+                ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
             for i in ranges[0]:
                 for j in ranges[1]:
                     for k in ranges[2]:
@@ -354,6 +352,9 @@ class _GraphBuilder:
         vol_graph = self.volume.__dask_graph__()
         self.owner = {self.model_key: self.model_key}  # key prefix -> its layer
         self.add_layer(self.model_key, {self.model_key: self.runner}, tile=False)
+        if self.reader is not None:
+            vol_graph = HighLevelGraph({}, {})
+            self.add_layer(self.reader_key, {self.reader_key: self.reader}, tile=False)
         for stage in self.plan.stages:
             self.owner[self.arrays[stage.output][0]] = self.arrays[stage.output][0]
         for b in self.plan.barriers:
@@ -390,7 +391,8 @@ class _GraphBuilder:
     def reads(self, prog) -> set[str]:
         """The layers a stage's or barrier's tiles read: the volume or kept tensors,
         and whole-volume values."""
-        out = {self.volume.name if src == self.graph.input else self.owner[self.arrays[src][0]]
+        volume = self.volume.name if self.reader is None else self.reader_key
+        out = {volume if src == self.graph.input else self.owner[self.arrays[src][0]]
                for src in prog.sources}
         return out | {self.owner[self.global_key(g)] for g in prog.globals}
 
@@ -437,11 +439,12 @@ def combine_fan_in() -> int:
 
 
 def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
-                seed: int = 0, autocast=None) -> da.Array:
+                seed: int = 0, autocast=None, reader=None) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
     tensors to zarr arrays that hold them instead of memory; ``seed`` picks the sample
-    of stochastic layers."""
-    return _GraphBuilder(plan, volume, device, scratch, seed, autocast).build()
+    of stochastic layers; ``reader`` (a RegionReader of the array ``volume`` was made
+    from) lets tasks read their input regions straight from it."""
+    return _GraphBuilder(plan, volume, device, scratch, seed, autocast, reader).build()
 
 
 def _model_token(gm) -> str:

@@ -3,6 +3,7 @@ arrays become a (C, Z, Y, X) dask array."""
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import dask.array as da
@@ -78,7 +79,43 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
+    if not isinstance(volume, da.Array) and (isinstance(data, (np.ndarray, CheckedReader))):
+        _READERS[arr.name] = data
     return arr
+
+
+# dask array name -> the zarr or numpy array it reads (alive while the graph holds it):
+# tasks read their region (halo included) straight from it, so dask holds no input
+# chunks between tasks
+_READERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def region_reader(arr: da.Array) -> "RegionReader | None":
+    """The array ``arr`` reads, where ``arr`` is exactly a volume `as_dask_volume` made
+    from it (not sliced, padded or otherwise derived)."""
+    data = _READERS.get(arr.name)
+    return RegionReader(data) if data is not None else None
+
+
+class RegionReader:
+    """Regions (C, z, y, x) of a (Z, Y, X) or (C, Z, Y, X) zarr or numpy volume, in
+    native byte order."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def read(self, lo, hi) -> np.ndarray:
+        """The region ``[lo, hi)``, laid out channels-last as tiles run (the layout of a
+        region assembled from dask chunks, so both give bitwise the same result)."""
+        index = tuple(slice(a, b) for a, b in zip(lo, hi))
+        if len(self.data.shape) == 3:
+            a = np.asarray(self.data[index])[None]
+        else:
+            a = np.asarray(self.data[(slice(None),) + index])
+        out = np.empty(a.shape[1:] + a.shape[:1], a.dtype.newbyteorder("="))
+        out = out.transpose(3, 0, 1, 2)
+        out[...] = a
+        return out
 
 
 def _from_torch(volume):
@@ -117,12 +154,29 @@ class CheckedReader:
         try:
             return self.array[index]
         except Exception as e:
-            lo = [s.start or 0 if isinstance(s, slice) else int(s) for s in index]
-            chunk = tuple(a // c for a, c in zip(lo, self.chunks))
+            chunk, lo, e = self._unreadable_chunk(index, e)
             detail = " ".join(str(e).split())[:160]
             raise InputError(f"input {self.where!r}: chunk {chunk} (from voxel {tuple(lo)}) is "
                              f"unreadable ({type(e).__name__}: {detail}); restore or rewrite "
                              "that chunk of the store") from None
+
+    def _unreadable_chunk(self, index, error):
+        """Which chunk of a failed read (a region may span several) fails on its own."""
+        index = tuple(index) + (slice(None),) * (self.ndim - len(index))
+        spans = []
+        for s, n, c in zip(index, self.shape, self.chunks):
+            a, b = (s.start or 0, n if s.stop is None else s.stop) if isinstance(s, slice) \
+                else (int(s), int(s) + 1)
+            spans.append(range(a // c, -(-b // c)))
+        for chunk in np.ndindex(*(len(r) for r in spans)):
+            chunk = tuple(r[i] for r, i in zip(spans, chunk))
+            lo = tuple(i * c for i, c in zip(chunk, self.chunks))
+            try:
+                self.array[tuple(slice(a, a + c) for a, c in zip(lo, self.chunks))]
+            except Exception as e:
+                return chunk, lo, e
+        lo = tuple(r[0] * c for r, c in zip(spans, self.chunks))
+        return tuple(r[0] for r in spans), lo, error
 
 
 def check_finite(block: np.ndarray, origin=(0, 0, 0)) -> None:

@@ -1,32 +1,28 @@
-"""Stages, chunk choice and memory projection: what will run, before it runs.
+"""Stages, task grid and memory projection: what will run, before it runs.
 
-The planner cuts the traced graph into stages at "kept" tensors: small tensors
-(few floats per input voxel) that several stages read or that sit where the
-resolution changes. Each stage runs per chunk of its output on a tile grown by
-its own halo, recomputing the cheap, large tensors between kept ones. Keeping
-deep features stops halos from compounding through an encoder-decoder.
+The planner keeps some tensors between stages and recomputes the rest: it adds,
+while their bytes fit the keep budget, the tensors that save the most compute per
+byte (with nothing kept, a norm-free network runs depth-first, each task from the
+input with its receptive field's halo). Each stage runs per task of its output on a
+region grown by its halo; a task sweeps that region along z in slabs that fit the
+cache, keeping the rows the next slab reads, so halos inside a task are computed
+once. Tasks keep the same size at every volume size, so memory does not grow with
+the volume.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import psutil
 
 from .errors import InputError, MemoryBudgetError
-from .geometry import chunk_bounds, intervals
+from .geometry import Interval, chunk_bounds, intervals
 from .program import TileProgram
 from .trace import Graph
 
-KEEP_FLOATS_PER_VOXEL = 4.0  # keep a tensor across stages if it is at most this big
 MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
-# On CPU, tiles of ~100-200 MB run fastest (caches; FaultSeg3D at 128^3-192^3 was
-# 10-25% slower with 400 MB tiles here), so the planner aims below this by default.
-CPU_TARGET_TASK_BYTES = 200e6
-# A task that sweeps several such tiles leaves at least this many tasks per thread.
-MIN_TASKS_PER_THREAD = 4
 
 
 def parse_bytes(value) -> int | None:
@@ -74,10 +70,10 @@ class Stage:
     peak_bytes: int = 0
     macs: float = 0.0  # computed, halos and recomputation included
     halo: tuple[int, ...] = (0, 0, 0)  # per side, in voxels of the stage's largest source
-    # inner tiles: a task sweeps its region in tiles of at most this shape (output node
-    # voxels), each computing its own halo; None: one tile per task
-    tile: tuple[int, ...] | None = None
-    io_bytes: int = 0  # a task's sources and output region (held while its tiles run)
+    # a task sweeps its region along z in slabs of this many rows (of its output),
+    # keeping the rows the next slab reads; None: the whole region as one tile
+    slab: int | None = None
+    io_bytes: int = 0  # a task's sources and output region (held while it runs)
 
     @property
     def output(self) -> str:
@@ -104,7 +100,7 @@ class Barrier:
     program: TileProgram  # computes the reduced tensor per chunk (or reads it, if kept)
     bounds: tuple[tuple[int, ...], ...]
     macs: float = 0.0
-    tile: tuple[int, ...] | None = None  # as Stage.tile
+    slab: int | None = None  # as Stage.slab
 
     @property
     def n_tasks(self) -> int:
@@ -128,6 +124,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     barriers: list[Barrier] = field(default_factory=list)
     chunks_chosen: bool = False  # the planner picked the smallest candidate and it did not fit
+    keep_budget: int = 0  # bytes the kept tensors may take, whole volume
 
     @property
     def output_stage(self) -> Stage:
@@ -136,6 +133,11 @@ class Plan:
     @property
     def n_tasks(self) -> int:
         return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
+
+    @property
+    def input_bytes(self) -> int:
+        node = self.graph.nodes[self.graph.input]
+        return node.channels * 4 * math.prod(node.shape)
 
     @property
     def peak_bytes(self) -> int:
@@ -171,9 +173,11 @@ class Plan:
             f"projected peak {_fmt_bytes(self.peak_bytes)} per task",
             f"  compute {self.compute_ratio:.2f}x one whole-volume forward "
             f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
-            f"{_fmt_bytes(self.kept_bytes)}",
+            f"{_fmt_bytes(self.kept_bytes)} ({self.kept_bytes / max(self.input_bytes, 1):.2f}x "
+            f"the input) of a keep budget of {_fmt_bytes(self.keep_budget)}; the rest is "
+            "recomputed",
             "",
-            f"  {'stage':>5}  {'output':<16} {'scale':<12} {'chunk':<16} {'tasks':>6} "
+            f"  {'stage':>5}  {'output':<16} {'scale':<12} {'chunk':<16} {'slab':>5} {'tasks':>6} "
             f"{'halo':<12} {'peak/task':>10} {'ops':>4}  sources",
         ]
         for s in self.stages:
@@ -183,7 +187,7 @@ class Plan:
                 scale = str(node.scale[0])
             lines.append(
                 f"  {s.index:>5}  {s.output[:16]:<16} {scale:<12} "
-                f"{str(s.chunk_shape):<16} {s.n_tasks:>6} {str(s.halo):<12} "
+                f"{str(s.chunk_shape):<16} {s.slab or '-':>5} {s.n_tasks:>6} {str(s.halo):<12} "
                 f"{_fmt_bytes(s.peak_bytes):>10} {len(s.program.order):>4}  {', '.join(s.sources)}")
         if self.barriers:
             lines.append("")
@@ -204,42 +208,27 @@ class Plan:
     __repr__ = __str__
 
 
-# ------------------------------------------------------------------ planning
-def choose_kept(graph: Graph, threshold: float = KEEP_FLOATS_PER_VOXEL,
-                budget: float = 0.0, barrier_budget: float = 0.0) -> list[str]:
-    """Kept tensors: the output, plus candidates: tensors read by several ops, fed to
-    a resolution change (skips, encoder/decoder levels) or reduced by a barrier.
-    Small candidates (<= ``threshold`` floats per input voxel) are always kept;
-    larger ones while the whole-volume bytes kept so far fit ``budget``, or
-    ``barrier_budget`` for a barrier's input (recomputing that costs two extra
-    passes, one for the statistics and one for the consumer, compounding through
-    consecutive norms); the rest are recomputed by the stages that read them."""
+# ------------------------------------------------------------------ what to keep
+def keep_candidates(graph: Graph) -> list[str]:
+    """Tensors worth keeping between stages: read by several ops, fed to a resolution
+    change (skips, encoder/decoder levels) or reduced by a barrier. The output is
+    always kept and is not a candidate."""
     consumers = graph.consumers()
     reduced = {g.source for g in (graph.globals or {}).values() if g.kind == "reduce"}
-    n_in = math.prod(graph.nodes[graph.input].shape)
-    def size(name):
-        return graph.nodes[name].floats_per_input_voxel * n_in * 4
-
-    candidates, small = [], set()
+    out = []
     for name, node in graph.nodes.items():
-        if node.op is None:
+        if node.op is None or name == graph.output:
             continue
         uses = consumers[name]
-        if name == graph.output:
-            small.add(name)
-        elif (len(uses) >= 2 or name in reduced
-              or any(graph.nodes[u].op.changes_resolution for u in uses)):
-            candidates.append(name)
-            if node.floats_per_input_voxel <= threshold:
-                small.add(name)
-    spent = sum(size(n) for n in small if n != graph.output)
-    kept = set(small)
-    for name in candidates:  # large ones, in graph order, while the budget lasts
-        if name not in small and spent + size(name) <= (
-                barrier_budget if name in reduced else budget):
-            kept.add(name)
-            spent += size(name)
-    return [n for n in graph.nodes if n in kept]
+        if len(uses) >= 2 or name in reduced or any(
+                graph.nodes[u].op.changes_resolution for u in uses):
+            out.append(name)
+    return out
+
+
+def tensor_bytes(graph: Graph, name: str) -> int:
+    node = graph.nodes[name]
+    return node.channels * 4 * math.prod(node.shape)
 
 
 def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
@@ -260,11 +249,99 @@ def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
     return TileProgram(graph, name, tuple(sorted(sources, key=order.index)))
 
 
-def build_stages(graph: Graph, kept: list[str]) -> list[TileProgram]:
-    kept_set = set(kept) | {graph.input}
-    return [program_for(graph, name, kept_set - {name}) for name in kept]
+def reductions(graph: Graph) -> list:
+    return [g for g in (graph.globals or {}).values() if g.kind == "reduce"]
 
 
+class Compute:
+    """The MACs a kept set costs on one task grid: every stage (each kept tensor
+    computed from its nearest kept ancestors, halos included) and every barrier's
+    statistics pass. Programs already costed are remembered, so trying one more
+    kept tensor costs only the stages it changes."""
+
+    def __init__(self, graph: Graph, base):
+        self.graph, self.base, self.memo = graph, base, {}
+
+    def macs_of(self, prog: TileProgram) -> float:
+        key = (prog.output, prog.sources)
+        if key not in self.memo:
+            node = self.graph.nodes[prog.output]
+            st = Stage(-1, prog, stage_bounds(self.base, node.shape, node.scale))
+            cost_stage(self.graph, st)
+            self.memo[key] = st.macs
+        return self.memo[key]
+
+    def __call__(self, kept: set[str]) -> float:
+        g = self.graph
+        avail = kept | {g.input}
+        total = sum(self.macs_of(program_for(g, n, avail - {n})) for n in kept)
+        return total + sum(self.macs_of(program_for(g, r.source, avail)) for r in reductions(g))
+
+
+def choose_kept(graph: Graph, budget: float, base) -> list[str]:
+    """The output, plus the tensors that save the most compute per byte kept while
+    their whole-volume bytes fit ``budget`` (greedy rematerialization, in the spirit
+    of Checkmate's: keep or recompute, decided by cost, not by rule). Kept tensors
+    cut the network into stages; the others are recomputed, halo included, by every
+    stage and barrier that reads them."""
+    kept = {graph.output}
+    sizes = {c: tensor_bytes(graph, c) for c in keep_candidates(graph)}
+    if budget <= 0 or not sizes:
+        return [graph.output]
+    compute, spent = Compute(graph, base), 0
+    current = compute(kept)
+    floor = 1e-3 * current  # a saving below this is not worth a stage
+    while True:
+        best, best_score = None, 0.0
+        for c, size in sizes.items():
+            if c in kept or spent + size > budget:
+                continue
+            saving = current - compute(kept | {c})
+            if saving > floor and saving / size > best_score:
+                best, best_score = c, saving / size
+        if best is None:
+            break
+        kept.add(best)
+        spent += sizes[best]
+        current = compute(kept)
+    return [n for n in graph.nodes if n in kept]
+
+
+def parse_keep(keep, default: int, input_bytes: int) -> int:
+    """The keep budget in bytes: None for ``default``, bytes or '40GB', or a multiple
+    of the input's bytes as '2x' (0 keeps nothing but the output)."""
+    if keep is None:
+        return default
+    if isinstance(keep, str) and keep.strip().lower().endswith("x"):
+        try:
+            factor = float(keep.strip()[:-1])
+        except ValueError:
+            factor = -1.0
+        if not (math.isfinite(factor) and factor >= 0):
+            raise InputError(f"keep={keep!r} is not a multiple of the input; pass e.g. '2x'")
+        return int(factor * input_bytes)
+    if not isinstance(keep, bool) and keep in (0, "0"):
+        return 0
+    try:
+        return parse_bytes(keep)
+    except InputError:
+        raise InputError(f"keep={keep!r} is not a budget; pass bytes ('40GB'), a multiple of "
+                         "the input ('2x') or 0") from None
+
+
+def default_keep(graph: Graph, spill: bool) -> int:
+    """The input's own bytes. Without barriers a kept tensor is read by its neighbours
+    soon after it is made, so few of its chunks are alive at once; a barrier holds
+    every chunk of what it separates until the statistics are known, so a lazy result
+    (``spill=False``: nowhere to put them but RAM) keeps at most an eighth of this
+    machine's memory and recomputes the rest."""
+    n = tensor_bytes(graph, graph.input)
+    if spill or not reductions(graph):
+        return n
+    return int(min(n, psutil.virtual_memory().total / 8))
+
+
+# ------------------------------------------------------------------ task grid
 def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
                  min_side: int = MIN_TILE_SIDE) -> tuple:
     """Chunk boundaries of a node: the input grid mapped by the node's scale, with
@@ -278,8 +355,10 @@ def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
     return tuple(out)
 
 
-def cost_stage(graph: Graph, stage: Stage) -> None:
-    """Fill the stage's projected peak, computed MACs and halo (per-axis algebra)."""
+def cost_stage(graph: Graph, stage: Stage) -> dict:
+    """Fill the stage's computed MACs, halo, I/O bytes and whole-task peak (per-axis
+    algebra); return each node's largest region shape. A task sweeping its region in
+    slabs computes each halo once, so its MACs are those of one whole-region tile."""
     prog = stage.program
     sums = {n: [0, 0, 0] for n in prog.nodes}
     maxs = {n: [0, 0, 0] for n in prog.nodes}
@@ -297,11 +376,46 @@ def cost_stage(graph: Graph, stage: Stage) -> None:
             if src is not None and not src.empty:
                 ext = max(iv.lo * r - src.lo, src.hi - iv.hi * r)
                 halo[axis] = max(halo[axis], math.ceil(ext))
+    shapes = {n: tuple(m) for n, m in maxs.items()}
     stage.macs = sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order)
-    stage.peak_bytes = prog.peak_bytes({n: tuple(m) for n, m in maxs.items()})
+    stage.peak_bytes = prog.peak_bytes(shapes)
     stage.io_bytes = sum(graph.nodes[n].channels * 4 * math.prod(maxs[n])
                          for n in set(prog.sources) | {prog.output})
     stage.halo = tuple(halo)
+    stage.slab = None
+    return shapes
+
+
+def sweep_peak(graph: Graph, stage: Stage, shapes: dict, rows: int) -> int:
+    """Projected peak of a task swept in slabs of ``rows``: its sources and output,
+    one interior slab's tensors, and the rows each node keeps for the next slab."""
+    prog = stage.program
+    n = graph.nodes[prog.output].shape[0]
+    k = max(0, n // rows // 2 - 1)
+    a, b = Interval(k * rows, min(n, (k + 1) * rows)), Interval(
+        min(n, (k + 1) * rows), min(n, (k + 2) * rows))
+    ra, _ = prog.requirements_1d(0, a)
+    rb, _ = prog.requirements_1d(0, b)
+    slab = {m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra}
+    kept_rows = 0
+    for m, iv in ra.items():
+        if m in prog.sources or m not in rb:
+            continue
+        rows_kept = max(0, iv.hi - max(iv.lo, rb[m].lo))
+        kept_rows += graph.nodes[m].channels * 4 * rows_kept * math.prod(shapes[m][1:])
+    return stage.io_bytes + prog.peak_bytes(slab) + kept_rows
+
+
+def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: int) -> None:
+    """The thickest slab (a multiple of ``unit`` rows, or the whole region) whose sweep
+    fits ``target``; the thinnest if none does."""
+    depth = stage.chunk_shape[0]
+    if stage.peak_bytes <= target or depth <= unit:
+        return
+    rows = unit
+    while rows * 2 < depth and sweep_peak(graph, stage, shapes, rows * 2) <= target:
+        rows *= 2
+    stage.slab, stage.peak_bytes = rows, sweep_peak(graph, stage, shapes, rows)
 
 
 def alignment(graph: Graph) -> tuple[int, ...]:
@@ -326,99 +440,111 @@ def candidate_chunks(shape, align) -> list[tuple[int, ...]]:
     return [tuple(min(c, n) for n in shape) for c in sorted(sides, reverse=True)]
 
 
-# A task's sources and output region count this many times in its projected peak: read,
-# filled tile by tile, converted and written, and held by the scheduler (measured:
-# FaultSeg3D 512^3 zarr to zarr, 2 threads, peaked 3.7 GB above baseline with tasks
-# whose sources and output were 244 MB, ~7.6x; the plan had projected 3x)
-IO_COPIES = 8
-# Tasks group tiles only where the scheduler would otherwise carry this many tasks:
-# below, tasks of one tile keep memory lowest (2.1 GB at 512^3, against 4.0 GB grouped)
-GROUP_ABOVE_TASKS = 20_000
-MAX_TILES_PER_TASK = 512  # 8 per axis: beyond, tasks gain little and resume loses much
+# On CPU, tiles of ~100-200 MB run fastest (caches; FaultSeg3D at 128^3-192^3 was
+# 10-25% slower with 400 MB tiles here): a task sweeps its region in slabs that fit.
+CPU_TARGET_TILE_BYTES = 200e6
+# A task's sources and output (what it reads and writes; with the chunks dask holds
+# for it, several times this) stay below this on CPU: the same task size at every
+# volume size, so memory does not grow with the volume.
+TASK_IO_BYTES = 64e6
+# Tasks grow past that where the graph would otherwise hold more than this many.
+MAX_TASKS = 50_000
 
 
-def tasks_of_tiles(tiles: list[Stage], tile_base, shape, limit, stages_for):
-    """The largest task grid, a whole multiple of the tile grid, whose tasks (their
-    sources and output, held while their tiles run, plus one tile's peak) fit
-    ``limit``. Compute is the tile grid's: each tile computes its own halo."""
-    best_base, best = tile_base, tiles
-    tile_peak = max(s.peak_bytes for s in tiles)
-    for k in range(2, round(MAX_TILES_PER_TASK ** (1 / 3)) + 1):
-        base = tuple(min(n, c * k) for n, c in zip(shape, tile_base))
-        if base == best_base:
-            break
-        stages = stages_for(base, float("inf"))
-        if IO_COPIES * max(s.io_bytes for s in stages) + tile_peak > limit or \
-                stages[0].n_tasks < MIN_TASKS_PER_THREAD * (os.cpu_count() or 1):
-            break
-        for st, tile in zip(stages, tiles):
-            st.macs, st.halo, st.tile = tile.macs, tile.halo, tile.chunk_shape
-            st.peak_bytes = IO_COPIES * st.io_bytes + tile.peak_bytes
-        best_base, best = base, stages
-    return best_base, best
+def plan_tasks(stages: list[Stage], barriers: list[Barrier]) -> int:
+    return sum(s.n_tasks for s in stages) + sum(b.n_tasks for b in barriers)
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
-              keep_threshold: float = KEEP_FLOATS_PER_VOXEL) -> Plan:
+              keep=None, spill: bool = False) -> Plan:
+    """The plan of an exact run. ``keep``: the budget of kept tensors (see
+    `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
     limit = parse_bytes(memory_limit) or default_memory_limit()
-    inp = graph.nodes[graph.input]
-    shape = inp.shape
-    kept = choose_kept(graph, keep_threshold, budget=limit / 4, barrier_budget=2 * limit)
-    programs = build_stages(graph, kept)
-    reductions = [g for g in (graph.globals or {}).values() if g.kind == "reduce"]
-    barrier_programs = [program_for(graph, g.source, set(kept) | {graph.input})
-                        for g in reductions]
+    shape = graph.nodes[graph.input].shape
+    input_bytes = tensor_bytes(graph, graph.input)
+    budget = parse_keep(keep, default_keep(graph, spill), input_bytes)
+    align = alignment(graph)
+    tile_target = limit if device != "cpu" else min(limit, CPU_TARGET_TILE_BYTES)
+    io_target = limit if device != "cpu" else min(limit, TASK_IO_BYTES)
     model_macs = sum(n.op.macs * math.prod(n.shape) for n in graph.nodes.values() if n.op)
-    kept_bytes = sum(graph.nodes[p.output].channels * 4 * math.prod(graph.nodes[p.output].shape)
-                     for p in programs[:-1])
+    reduced = reductions(graph)
 
-    def stages_for(base, target):
-        """Stages on grid ``base``; coarse levels merge small chunks if that fits."""
+    def layout(kept, base):
+        """Stages and barriers of ``kept`` on grid ``base``; coarse levels merge small
+        chunks where that fits; each task sweeps in the thickest slab that fits."""
+        avail = set(kept) | {graph.input}
+        programs = [program_for(graph, n, avail - {n}) for n in kept]
         for min_side in (MIN_TILE_SIDE, 1):
             stages = []
             for i, prog in enumerate(programs):
                 node = graph.nodes[prog.output]
                 st = Stage(i, prog, stage_bounds(base, node.shape, node.scale, min_side))
-                cost_stage(graph, st)
+                shapes = cost_stage(graph, st)
+                unit = max(1, int(align[0] * node.scale[0]))
+                choose_slab(graph, st, shapes, tile_target, unit)
                 stages.append(st)
-            if max(s.peak_bytes for s in stages) <= target:
+            if max(s.peak_bytes for s in stages) <= limit:
                 break
-        return stages
+        barriers = []
+        for g in reduced:
+            prog = program_for(graph, g.source, avail)
+            node = graph.nodes[g.source]
+            b = Barrier(g.name, prog, stage_bounds(base, node.shape, node.scale))
+            probe = Stage(-1, prog, b.bounds)
+            shapes = cost_stage(graph, probe)
+            choose_slab(graph, probe, shapes, tile_target, max(1, int(align[0] * node.scale[0])))
+            b.macs, b.slab = probe.macs, probe.slab
+            barriers.append(b)
+        return stages, barriers
 
-    notes = []
-    chunks_given, smallest_too_big = chunks, False
-    if chunks is None:
-        align = alignment(graph)
-        target = limit if device != "cpu" else min(limit, CPU_TARGET_TASK_BYTES)
-        for base in candidate_chunks(shape, align):
-            stages = stages_for(base, target)
-            if max(s.peak_bytes for s in stages) <= target:
+    def fits(stages):
+        return max(s.peak_bytes for s in stages) <= limit and \
+            max(s.io_bytes for s in stages) <= io_target
+
+    candidates = candidate_chunks(shape, align) if chunks is None else [tuple(chunks)]
+
+    def grid_for(kept):
+        """The largest candidate grid whose tasks fit (the smallest if none does), grown
+        where the graph would be too large for the scheduler."""
+        chosen = None
+        for i, cand in enumerate(candidates):  # largest first
+            stages, barriers = layout(kept, cand)
+            if fits(stages):
+                chosen = i
                 break
-        smallest_too_big = max(s.peak_bytes for s in stages) > limit
-        tile_base, tiles = base, stages
-        if device == "cpu" and not smallest_too_big and \
-                sum(s.n_tasks for s in stages) > GROUP_ABOVE_TASKS:
-            # tasks of several tiles: fewer, larger tasks (scheduling, I/O and resume
-            # units) that sweep their region in the cache-sized tiles that run fastest
-            base, stages = tasks_of_tiles(tiles, tile_base, shape, limit, stages_for)
-        chunks = base
-        split = f"the largest even split aligned to {align} whose tiles fit {_fmt_bytes(target)}"
-        notes.append(f"chunks {chunks} chosen: {split}" if chunks == tile_base else
-                     f"chunks {chunks} chosen: tasks of whole tiles {tile_base} ({split}) "
-                     f"that fit {_fmt_bytes(limit)}, swept tile by tile")
-    else:
-        stages = stages_for(chunks, limit)
-    barriers = []
-    for g, prog in zip(reductions, barrier_programs):
-        node = graph.nodes[g.source]
-        b = Barrier(g.name, prog, stage_bounds(chunks, node.shape, node.scale))
-        probe = Stage(-1, prog, b.bounds)
-        cost_stage(graph, probe)
-        b.macs = probe.macs
-        if chunks_given is None and chunks != tile_base:
-            tile_probe = Stage(-1, prog, stage_bounds(tile_base, node.shape, node.scale))
-            cost_stage(graph, tile_probe)
-            b.macs, b.tile = tile_probe.macs, tile_probe.chunk_shape
-        barriers.append(b)
+        too_big = chosen is None and max(s.peak_bytes for s in stages) > limit
+        if chosen is None:
+            chosen = len(candidates) - 1
+        grown = False
+        while chosen > 0 and plan_tasks(stages, barriers) > MAX_TASKS:
+            bigger = layout(kept, candidates[chosen - 1])
+            if max(s.peak_bytes for s in bigger[0]) > limit:
+                break
+            chosen, grown = chosen - 1, True
+            stages, barriers = bigger
+        return candidates[chosen], stages, barriers, grown, too_big
+
+    # the grid for keeping nothing, what to keep on it, then the grid for that
+    base = grid_for([graph.output])[0]
+    kept = choose_kept(graph, budget, base)
+    base, stages, barriers, grown, too_big = grid_for(kept)
+    notes = []
+    if too_big and keep is None:
+        # past the default budget, rather than refuse: keeping every tensor worth
+        # keeping cuts the network into shallow stages with small halos
+        every = [n for n in graph.nodes if n in set(keep_candidates(graph)) | {graph.output}]
+        trial = grid_for(every)
+        if not trial[-1]:
+            kept, (base, stages, barriers, grown, too_big) = every, trial
+            notes.append(f"keeps every tensor worth keeping, past the default keep budget, "
+                         f"so that tasks fit memory_limit={_fmt_bytes(limit)}")
+    if chunks is None:
+        notes.insert(0, f"chunks {base} chosen: the largest even split aligned to {align} "
+                        f"whose tasks read and write at most {_fmt_bytes(io_target)} and fit "
+                        f"{_fmt_bytes(limit)}" + (f", grown to keep the graph under "
+                                                   f"{MAX_TASKS:,} tasks" if grown else ""))
+    smallest_too_big = too_big and chunks is None
+    chunks = base
+    kept_bytes = sum(tensor_bytes(graph, s.output) for s in stages[:-1])
     return Plan(graph, stages, tuple(chunks), limit, model_macs, kept_bytes, notes, barriers,
-                chunks_chosen=chunks_given is None and smallest_too_big)
+                chunks_chosen=smallest_too_big, keep_budget=budget)

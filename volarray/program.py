@@ -93,39 +93,76 @@ class TileProgram:
     # ------------------------------------------------------------ execution
     def run(self, ctx, sources: dict[str, torch.Tensor], req: Requirements) -> torch.Tensor:
         """``sources[name]`` covers ``req.box(name)``; returns the output region."""
-        env = {n: (t, req.box(n)) for n, t in sources.items()}
-        for i, name in enumerate(self.order):
-            box = Box(req.node.get(name, (EMPTY,) * 3))
-            if box.empty:
-                continue
+        out_box = req.box(self.output)
+        return next(self.sweep(ctx, sources, req, [out_box], [req]))[1]
+
+    def sweep(self, ctx, sources: dict[str, torch.Tensor], full: Requirements,
+              slabs: list[Box], reqs: list[Requirements] | None = None):
+        """Yield ``(slab, output over slab)`` for consecutive slabs along z of the
+        region ``full`` was made for. Each node keeps the rows the next slab also
+        reads, so a halo inside the region is computed once, not once per slab (a
+        streaming sweep: memory is one slab's tensors plus these rows)."""
+        reqs = reqs or [self.requirements(s) for s in slabs]
+        env = {n: (t, full.box(n)) for n, t in sources.items()}
+        held: dict[str, RowBuffer] = {}
+        for j, req in enumerate(reqs):
+            nxt = reqs[j + 1] if j + 1 < len(reqs) else None
+            for i, name in enumerate(self.order):
+                box = Box(req.node.get(name, (EMPTY,) * 3))
+                if not box.empty:
+                    env[name] = (self._advance(ctx, name, env, held, box, req), box)
+                for p in self.nodes[name].inputs:
+                    if self.last_use.get(p) == i and p not in self.sources:
+                        _keep_rows_for(env, held, p, nxt)
+            yield slabs[j], env[self.output][0]
+            _keep_rows_for(env, held, self.output, nxt)
+
+    def _advance(self, ctx, name: str, env: dict, held: dict, box: Box, req: Requirements):
+        """Node ``name`` over ``box``: the rows it holds from the last slab are reused,
+        only the rows below them are computed."""
+        buf, z = held.get(name), box.axes[0]
+        if buf is not None and not (buf.yx == box.axes[1:] and buf.rows.lo <= z.lo <= buf.rows.hi):
+            buf = held.pop(name)  # not a continuation: start afresh
+            buf = None
+        new = Interval(max(buf.rows.hi, z.lo), z.hi) if buf is not None else z
+        if not new.empty:
             node = self.nodes[name]
-            ins, extra = [], {}
-            for j, p in enumerate(node.inputs):
-                t, have = env.get(p, (None, None))
-                src = self.nodes[p]
-                want = req.edge_box(name, j)
-                if getattr(node.op, "native_padding", False):
-                    # Let the conv zero-pad the part of the border it can pad evenly.
-                    pad = _even_border(want, src.shape)
-                    want = Box.from_bounds([lo + q for lo, q in zip(want.lo, pad)],
-                                           [hi - q for hi, q in zip(want.hi, pad)])
-                    extra = {"padding": pad}
-                else:
-                    extra = {}
-                x = extend(t, have, want, src.shape, node.op.fills[j], src.channels, ctx.dtype,
-                           ctx.device)
-                # Keep every tile channels-last: crops are views and 1-channel tensors
-                # are ambiguous, and a conv given NCDHW would answer in NCDHW.
-                ins.append(x.contiguous(memory_format=torch.channels_last_3d))
-            y = node.op.run(ctx, ins, box, **extra)
-            if tuple(y.shape[2:]) != box.shape:
-                raise RuntimeError(f"volarray internal error: {node.where} produced a tile of "
-                                   f"shape {tuple(y.shape[2:])} for region {box}")
-            env[name] = (y, box)
-            for p in node.inputs:
-                if self.last_use.get(p) == i:
-                    env.pop(p, None)
-        return env[self.output][0]
+            edges = [req.edge[(name, j)] for j in range(len(node.inputs))]
+            if len(new) != len(z):  # the edges of the new rows only
+                edges = [(w,) + e[1:] for w, e in zip(node.op.need(0, new), edges)]
+            y = self._compute(ctx, name, env, Box((new,) + box.axes[1:]), edges)
+            if buf is None:
+                buf = held[name] = RowBuffer(y, new.lo, box.axes[1:])
+            else:
+                buf.append(y)
+        buf.drop_below(z.lo)
+        return buf.view(z)
+
+    def _compute(self, ctx, name: str, env: dict, box: Box, edges) -> torch.Tensor:
+        node = self.nodes[name]
+        ins, extra = [], {}
+        for j, p in enumerate(node.inputs):
+            t, have = env.get(p, (None, None))
+            src = self.nodes[p]
+            want = Box(edges[j])
+            if getattr(node.op, "native_padding", False):
+                # Let the conv zero-pad the part of the border it can pad evenly.
+                pad = _even_border(want, src.shape)
+                want = Box.from_bounds([lo + q for lo, q in zip(want.lo, pad)],
+                                       [hi - q for hi, q in zip(want.hi, pad)])
+                extra = {"padding": pad}
+            else:
+                extra = {}
+            x = extend(t, have, want, src.shape, node.op.fills[j], src.channels, ctx.dtype,
+                       ctx.device)
+            # Keep every tile channels-last: crops are views and 1-channel tensors
+            # are ambiguous, and a conv given NCDHW would answer in NCDHW.
+            ins.append(x.contiguous(memory_format=torch.channels_last_3d))
+        y = node.op.run(ctx, ins, box, **extra)
+        if tuple(y.shape[2:]) != box.shape:
+            raise RuntimeError(f"volarray internal error: {node.where} produced a tile of "
+                               f"shape {tuple(y.shape[2:])} for region {box}")
+        return y
 
     # ------------------------------------------------------------ cost
     def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:
@@ -151,3 +188,50 @@ class TileProgram:
                 if self.last_use.get(p) == i:
                     live.pop(p, None)
         return peak
+
+
+def _keep_rows_for(env: dict, held: dict, name: str, nxt: Requirements | None) -> None:
+    """After its last reader in this slab: keep only the rows of ``name`` that the
+    next slab reads, or drop it."""
+    env.pop(name, None)
+    buf = held.get(name)
+    if buf is None:
+        return
+    want = nxt.node.get(name) if nxt is not None else None
+    if want is None or want[0].empty or want[0].lo >= buf.rows.hi or want[1:] != buf.yx:
+        held.pop(name)
+    else:
+        buf.drop_below(want[0].lo)
+
+
+class RowBuffer:
+    """A node's rows along z across the slabs of a sweep: new rows are written after
+    the held ones and old rows dropped by moving a start index; the held rows move to
+    the front only when the store is full."""
+
+    def __init__(self, first: torch.Tensor, row: int, yx):
+        self.store, self.start, self.end, self.row0, self.yx = first, 0, first.shape[2], row, yx
+
+    @property
+    def rows(self) -> Interval:
+        return Interval(self.row0, self.row0 + self.end - self.start)
+
+    def view(self, rows: Interval) -> torch.Tensor:
+        return self.store.narrow(2, self.start + rows.lo - self.row0, len(rows))
+
+    def drop_below(self, row: int) -> None:
+        k = min(max(0, row - self.row0), self.end - self.start)
+        self.start, self.row0 = self.start + k, self.row0 + k
+
+    def append(self, y: torch.Tensor) -> None:
+        n, kept = y.shape[2], self.end - self.start
+        if self.end + n > self.store.shape[2]:
+            # room for this slab and the next: the held rows (a halo's few) move once
+            # a slab, and memory stays near one slab's rows plus the held ones
+            shape = y.shape[:2] + (kept + 2 * n,) + y.shape[3:]
+            store = torch.empty(shape, dtype=y.dtype, device=y.device,
+                                memory_format=torch.channels_last_3d)
+            store[:, :, :kept] = self.store.narrow(2, self.start, kept)
+            self.store, self.start, self.end = store, 0, kept
+        self.store[:, :, self.end:self.end + n] = y
+        self.end += n

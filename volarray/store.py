@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import psutil
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
@@ -47,8 +48,17 @@ class ScratchSpace:
             raise InputError(f"scratch={mode!r} is not True, False or 'auto'")
         self.out, self.mode, self.dir, self.count = out, mode, None, 0
 
+    @property
+    def may_spill(self) -> bool:
+        return self.mode is not False
+
     def arrays_for(self, plan) -> dict | None:
-        if not (self.mode is True or (self.mode == "auto" and plan.kept_bytes > plan.memory_limit)):
+        """Scratch arrays for the plan's kept tensors, or None to keep them in memory:
+        "auto" spills what a barrier would hold in memory past an eighth of RAM, or
+        anything past half of it."""
+        held = plan.kept_bytes * 8 if plan.barriers else plan.kept_bytes * 2
+        if not (self.mode is True or (self.mode == "auto" and
+                                      held > psutil.virtual_memory().total)):
             return None
         zarr = _zarr()
         if self.dir is None:
@@ -98,8 +108,10 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     volarray wrote it) or ``resume=True`` (finish a stopped run: only unmarked chunks
     are computed). The output can never be the input or a folder holding it.
     ``scratch``: keep the tensors passed between stages in a temporary zarr store
-    beside the output (True), in memory (False), or on disk when they exceed the
-    memory limit ("auto"); it is removed however the run ends.
+    beside the output (True), in memory (False), or on disk where memory would not
+    hold them ("auto"); it is removed however the run ends. Unless ``scratch=False``,
+    the default keep budget is the input's bytes even for models with norm barriers
+    (`predict` keeps at most an eighth of RAM across a barrier).
     ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client).
     A run stopped by an error, Ctrl-C or SIGTERM keeps its finished chunks and says
     how to resume; Ctrl-C and SIGTERM raise `RunInterrupted`.
