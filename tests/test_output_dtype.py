@@ -81,3 +81,26 @@ def test_cli_output_dtype(case, tmp_path):
     q = zarr.open_group(str(tmp_path / "out.zarr"))["prediction"]
     assert q.dtype == np.uint8
     assert np.abs(q[:] / 255 - ref).max() <= 0.5 / 255 + 1e-6
+
+
+def test_a_subset_of_output_channels(tmp_path):
+    """channels= keeps only the classes asked for, in the lazy result and in the store;
+    anything else is refused naming the model's channel count."""
+    from volarray.models import MultiScaleNet
+    model = seeded(MultiScaleNet)
+    vol = random_volume((16, 16, 16), seed=6)
+    ref = whole_volume(model, vol)
+    n = ref.shape[0]
+    one = volarray.predict(model, vol, chunks=8, channels=1)
+    assert one.shape == (1,) + vol.shape
+    np.testing.assert_allclose(one.compute(), ref[1:2], atol=1e-5)
+    two = volarray.predict(model, vol, channels=[n - 1, 0], output_dtype="float16").compute()
+    np.testing.assert_allclose(two, ref[[n - 1, 0]], atol=2e-3)
+    stored = volarray.predict_to_zarr(model, vol, tmp_path / "c.zarr", channels=[0])
+    assert stored.shape == (1,) + vol.shape
+    np.testing.assert_allclose(stored[...], ref[:1], atol=1e-5)
+    for bad in (n, -1, [0, 0], [], True, "1"):
+        with pytest.raises(volarray.InputError, match="channels="):
+            volarray.predict(model, vol, channels=bad)
+    with pytest.raises(volarray.InputError, match="labels"):
+        volarray.predict(model, vol, channels=[0], output="argmax")

@@ -79,3 +79,4 @@ def test_terabyte_plan_keeps_within_the_input_with_few_tasks():
     assert big.kept_bytes <= 4 * 4096 ** 3
     assert big.compute_ratio <= 1.6 and big.n_tasks <= 50_000, str(big)
     assert big.peak_bytes <= 2 * small.peak_bytes <= 2 * big.memory_limit
+    assert all(s.slab for s in small.stages)  # cache-sized slabs, not whole regions

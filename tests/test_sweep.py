@@ -25,11 +25,16 @@ CASES = {  # odd shapes, chunks that do not divide them
 
 @pytest.fixture
 def thin_slabs(monkeypatch):
-    """A cache target so small that every task sweeps its region slab by slab."""
-    monkeypatch.setattr(PLAN, "CPU_TARGET_TILE_BYTES", 3e5)
+    """Every task sweeps its region in the thinnest slabs the alignment allows (on
+    these small volumes the planner would rather run each region whole)."""
+    def thinnest(graph, stage, shapes, target, unit):
+        if stage.chunk_shape[0] > unit and stage.program.order:
+            stage.slab = unit
+            stage.peak_bytes = PLAN.sweep_peak(graph, stage, shapes, unit)
+    monkeypatch.setattr(PLAN, "choose_slab", thinnest)
 
 
-@pytest.mark.parametrize("keep", [None, 0, "4x"])
+@pytest.mark.parametrize("keep", [None, 0, "4x", "64x"])  # 64x: barriers read kept tensors
 @pytest.mark.parametrize("name", list(CASES))
 def test_swept_tasks_equal_the_whole_volume_forward(thin_slabs, name, keep):
     make, shape, chunks = CASES[name]
@@ -44,7 +49,7 @@ def test_swept_tasks_equal_the_whole_volume_forward(thin_slabs, name, keep):
         assert_volume_close(y, ref, atol=1e-5)
 
 
-def test_sweep_reuses_rows_instead_of_recomputing(monkeypatch):
+def test_sweep_reuses_rows_instead_of_recomputing(monkeypatch, thin_slabs):
     """The sweep computes each node's rows once: the conv runs over exactly the rows of
     the whole region, however many slabs there are."""
     from volarray.ops.local import Conv
@@ -58,9 +63,23 @@ def test_sweep_reuses_rows_instead_of_recomputing(monkeypatch):
         rows.append(out.shape[0])
         return run(self, ctx, inputs, out, **kw)
     monkeypatch.setattr(Conv, "run", counting)
-    monkeypatch.setattr(PLAN, "CPU_TARGET_TILE_BYTES", 3e4)
     plan = volarray.plan(model, vol, chunks=(40, 9, 11), keep=0)
     assert plan.stages[0].slab is not None and plan.stages[0].slab < 40
     y = volarray.predict(model, vol, chunks=(40, 9, 11), keep=0).compute(scheduler="sync")
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
     assert len(rows) > 2 and sum(rows) == 40 + 40  # each conv's 40 rows, once
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_swept_borders_that_wrap_or_mirror(thin_slabs, mode):
+    """Circular padding makes the first slab read the far end of the axis: held rows
+    then reach past what the next slab needs."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1, padding_mode=mode),
+                                torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv3d(4, 2, 5, padding=2, padding_mode=mode)).eval()
+    vol = random_volume((37, 12, 10), seed=4)
+    plan = volarray.plan(model, vol, chunks=(37, 12, 10), keep=0)
+    assert plan.stages[0].slab is not None, str(plan)
+    y = volarray.predict(model, vol, chunks=(37, 12, 10), keep=0).compute(scheduler="sync")
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)

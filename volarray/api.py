@@ -45,8 +45,11 @@ def _plan(model, arr: da.Array, chunks, mode, device: str, memory_limit,
 
 def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
          memory_limit=None, output: str = "probabilities", pad: str | None = None,
-         select=None, keep=None) -> Plan:
-    """What `predict` will run: stages, halos, chunks, tasks and projected memory."""
+         select=None, keep=None, scratch: bool = False) -> Plan:
+    """What `predict` will run: stages, halos, chunks, tasks and projected memory.
+    ``scratch=True``: what `predict_to_zarr` runs (and the CLI), whose kept tensors may
+    go to a scratch store, so that its default keep budget is the input's bytes even
+    across norm barriers."""
     check_options(mode=mode, output=output, threshold=None, tta=None, ensemble=None, pad=pad)
     check_model(model)
     arr = as_dask_volume(volume)
@@ -56,7 +59,7 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
         if multiple is not None:
             arr = pad_volume(arr, multiple, pad)
     return _plan(model, arr, chunks, mode, _device(device), memory_limit,
-                 argmax=output == "argmax", select=select, keep=keep)
+                 argmax=output == "argmax", select=select, keep=keep, spill=scratch)
 
 
 def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
@@ -64,7 +67,8 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             sigma_scale=0.125, tta=None, output: str = "probabilities",
             threshold: float | None = None, coords: bool = False,
             ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
-            pad: str | None = None, select=None, output_dtype: str | None = None, keep=None):
+            pad: str | None = None, select=None, output_dtype: str | None = None, keep=None,
+            channels=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -97,6 +101,13 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     0.5 for a sigmoid output, 0.0 for logits. ``coords=True`` appends normalized
     global coordinate channels (z, y, x in [-1, 1] over the whole volume) to the input.
 
+    ``channels``: only these output channels (an int or a list, e.g. ``[1]`` for the
+    fault class of a two-class head), so that a stored result holds no more.
+
+    ``keep``: the budget of tensors kept between stages, whole volume: bytes ('40GB'),
+    a multiple of the input ('2x') or 0 (recompute everything from the input); the
+    default is the input's bytes (at most an eighth of RAM across norm barriers).
+
     ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
     (results stay float32 arrays).
 
@@ -116,7 +127,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                     memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                     sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
                     coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad,
-                    select=select, output_dtype=output_dtype, keep=keep)
+                    select=select, output_dtype=output_dtype, keep=keep, channels=channels)
 
 
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
@@ -124,10 +135,32 @@ OUTPUT_DTYPES = ("float32", "float16", "uint8")
 QUANTIZED_ATTRS = {"scale_factor": 1 / 255, "add_offset": 0.0}
 
 
-def _predict(model, volume, *, output_dtype=None, **options):
-    """`_predict_scores`, stored as ``output_dtype``."""
+def _predict(model, volume, *, output_dtype=None, channels=None, **options):
+    """`_predict_scores`, only ``channels`` of it, stored as ``output_dtype``."""
     output_dtype = check_output_dtype(output_dtype, options)
-    return cast_output(_predict_scores(model, volume, **options), output_dtype)
+    y = _predict_scores(model, volume, **options)
+    return cast_output(select_channels(y, channels, options), output_dtype)
+
+
+def select_channels(y, channels, options):
+    """Only the output channels ``channels`` (an int or a list of ints) of the scores
+    (or of an ensemble's mean and std), so that the stored result holds no more."""
+    if channels is None:
+        return y
+    if options.get("output", "probabilities") != "probabilities" or \
+            options.get("threshold") is not None:
+        raise InputError(f"channels={channels!r} selects score channels; labels (output="
+                         "'argmax', threshold=) have none")
+    n = (y[0] if isinstance(y, tuple) else y).shape[0]
+    picked = [channels] if not isinstance(channels, (list, tuple)) else list(channels)
+    valid = [isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < n
+             for c in picked]
+    if not picked or not all(valid) or len(set(picked)) != len(picked):
+        raise InputError(f"channels={channels!r} is not a list of distinct output channels; "
+                         f"this model has {n} (0 to {n - 1})")
+    if isinstance(y, tuple):
+        return type(y)(a[[int(c) for c in picked]] for a in y)
+    return y[[int(c) for c in picked]]
 
 
 def check_output_dtype(output_dtype, options) -> str | None:

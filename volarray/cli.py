@@ -122,13 +122,14 @@ def predict_options(args) -> dict:
                 blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
                 ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
-                select=args.select, output_dtype=args.output_dtype, keep=args.keep)
+                select=args.select, output_dtype=args.output_dtype, keep=args.keep,
+                channels=args.channels)
 
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
 NOT_NNUNET = ("weights", "mode", "memory_limit", "keep", "pad", "select", "window", "overlap",
               "blend", "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype",
-              "scratch", "output_dtype")
+              "scratch", "output_dtype", "channels")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
 
@@ -235,7 +236,7 @@ def cmd_plan(args) -> int:
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
                          mode=args.mode, memory_limit=args.memory_limit, pad=args.pad,
-                         select=args.select, keep=args.keep)
+                         select=args.select, keep=args.keep, scratch=True)
     print(plan)
     plan.validate()
     return 0
@@ -284,6 +285,14 @@ def _sides(text: str):
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _channel_list(text: str) -> list[int]:
+    """'1' -> [1], '0,2' -> [0, 2] (for --channels)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not C or C1,C2,...") from None
 
 
 def _model_args(p, nnunet: bool = False):
@@ -339,6 +348,8 @@ def _predict_args(p):
     o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
     o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="exact mode: run tiles under torch.autocast in this type")
+    o.add_argument("--channels", type=_channel_list,
+                   help="store only these output channels, e.g. 1 or 0,2")
     o.add_argument("--output-dtype", choices=["float32", "float16", "uint8"],
                    help="stored type of the scores: float16 halves the output, uint8 "
                    "(probabilities in [0, 1], scale 1/255 in the attributes) quarters it")
@@ -420,7 +431,7 @@ API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
              ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
              ("var=", "--var"), ("memory_limit", "--memory-limit"), ("keep=", "--keep "),
              ("threshold=", "--threshold "),
-             ("output_dtype=", "--output-dtype "),
+             ("output_dtype=", "--output-dtype "), ("channels=", "--channels "),
              ("select=", "--select "),
              ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),
              ("pad='zeros'", "--pad zeros"), ("mode='window'", "--mode window"),

@@ -117,7 +117,8 @@ class ModelRunner(OnDevice):
         """Yield (slab, output tile) over ``out_box`` swept in slabs of ``rows`` along z
         (one slab when None), as tensors on the device."""
         ctx = TaskContext(self, global_values)
-        slabs = slab_boxes(out_box, rows)
+        # a program that only reads its output (a barrier on a kept tensor) is one slab
+        slabs = slab_boxes(out_box, rows if prog.order else None)
         full = prog.requirements(out_box)
         tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
         if self.autocast is None:

@@ -260,7 +260,13 @@ class Compute:
     kept tensor costs only the stages it changes."""
 
     def __init__(self, graph: Graph, base):
-        self.graph, self.base, self.memo = graph, base, {}
+        self.graph, self.base, self.memo, self.programs = graph, base, {}, {}
+
+    def program(self, name: str, avail: frozenset) -> TileProgram:
+        key = (name, avail)
+        if key not in self.programs:
+            self.programs[key] = program_for(self.graph, name, set(avail))
+        return self.programs[key]
 
     def macs_of(self, prog: TileProgram) -> float:
         key = (prog.output, prog.sources)
@@ -273,9 +279,9 @@ class Compute:
 
     def __call__(self, kept: set[str]) -> float:
         g = self.graph
-        avail = kept | {g.input}
-        total = sum(self.macs_of(program_for(g, n, avail - {n})) for n in kept)
-        return total + sum(self.macs_of(program_for(g, r.source, avail)) for r in reductions(g))
+        avail = frozenset(kept | {g.input})
+        total = sum(self.macs_of(self.program(n, avail - {n})) for n in kept)
+        return total + sum(self.macs_of(self.program(r.source, avail)) for r in reductions(g))
 
 
 def choose_kept(graph: Graph, budget: float, base) -> list[str]:
@@ -397,21 +403,23 @@ def sweep_peak(graph: Graph, stage: Stage, shapes: dict, rows: int) -> int:
     ra, _ = prog.requirements_1d(0, a)
     rb, _ = prog.requirements_1d(0, b)
     slab = {m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra}
-    kept_rows = 0
+    held = 0  # a node the next slab reads keeps a store of its rows plus a slab's room
     for m, iv in ra.items():
         if m in prog.sources or m not in rb:
             continue
-        rows_kept = max(0, iv.hi - max(iv.lo, rb[m].lo))
-        kept_rows += graph.nodes[m].channels * 4 * rows_kept * math.prod(shapes[m][1:])
-    return stage.io_bytes + prog.peak_bytes(slab) + kept_rows
+        rows = len(iv) + max(0, rb[m].hi - iv.hi)
+        held += graph.nodes[m].channels * 4 * rows * math.prod(shapes[m][1:])
+    return stage.io_bytes + prog.peak_bytes(slab) + held
 
 
 def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: int) -> None:
     """The thickest slab (a multiple of ``unit`` rows, or the whole region) whose sweep
     fits ``target``; the thinnest if none does."""
     depth = stage.chunk_shape[0]
-    if stage.peak_bytes <= target or depth <= unit:
+    if stage.peak_bytes <= target or depth <= unit or not stage.program.order:
         return
+    if sweep_peak(graph, stage, shapes, unit) >= stage.peak_bytes:
+        return  # sweeping would hold more than the whole region
     rows = unit
     while rows * 2 < depth and sweep_peak(graph, stage, shapes, rows * 2) <= target:
         rows *= 2

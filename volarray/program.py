@@ -124,7 +124,8 @@ class TileProgram:
         if buf is not None and not (buf.yx == box.axes[1:] and buf.rows.lo <= z.lo <= buf.rows.hi):
             buf = held.pop(name)  # not a continuation: start afresh
             buf = None
-        new = Interval(max(buf.rows.hi, z.lo), z.hi) if buf is not None else z
+        # held rows may reach past z (a circular or wide reflect border): nothing new
+        new = Interval(min(max(buf.rows.hi, z.lo), z.hi), z.hi) if buf is not None else z
         if not new.empty:
             node = self.nodes[name]
             edges = [req.edge[(name, j)] for j in range(len(node.inputs))]

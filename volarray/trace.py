@@ -102,17 +102,26 @@ _FILL_BY_PAD_MODE = {"zeros": ZEROS, "constant": ZEROS, "reflect": Fill("reflect
                      "replicate": Fill("replicate"), "circular": Fill("circular")}
 
 
+# Ops never write into their inputs here: a tile's input may be a view of rows that a
+# swept task keeps for its next slab (the whole-volume forward ran its readers first).
 def _call_module(target):
-    return lambda ctx, *a, **k: ctx.module(target)(*a, **k)
+    def call(ctx, *a, **k):
+        module = ctx.module(target)
+        if getattr(module, "inplace", False) and a and isinstance(a[0], torch.Tensor):
+            a = (a[0].clone(),) + a[1:]  # nn.ReLU(inplace=True) and kin
+        return module(*a, **k)
+    return call
 
 
 def _call_function(fn):
     if isinstance(fn, torch._ops.OpOverload):
         fn = AtenCall(fn)  # OpOverloads do not pickle; workers may be other processes
-    return lambda ctx, *a, **k: fn(*a, **k)
+    return lambda ctx, *a, **k: fn(*a, **{**k, "inplace": False} if k.get("inplace") else k)
 
 
 def _call_method(name):
+    if name.endswith("_") and not name.startswith("__"):
+        name = name[:-1]  # x.add_(y) -> x.add(y)
     return lambda ctx, self, *a, **k: getattr(self, name)(*a, **k)
 
 
