@@ -147,8 +147,7 @@ def select_channels(y, channels, options):
     (or of an ensemble's mean and std), so that the stored result holds no more."""
     if channels is None:
         return y
-    if options.get("output", "probabilities") != "probabilities" or \
-            options.get("threshold") is not None:
+    if makes_labels(options):
         raise InputError(f"channels={channels!r} selects score channels; labels (output="
                          "'argmax', threshold=) have none")
     n = (y[0] if isinstance(y, tuple) else y).shape[0]
@@ -158,9 +157,14 @@ def select_channels(y, channels, options):
     if not picked or not all(valid) or len(set(picked)) != len(picked):
         raise InputError(f"channels={channels!r} is not a list of distinct output channels; "
                          f"this model has {n} (0 to {n - 1})")
-    if isinstance(y, tuple):
-        return type(y)(a[[int(c) for c in picked]] for a in y)
-    return y[[int(c) for c in picked]]
+    picked = [int(c) for c in picked]
+    return type(y)(a[picked] for a in y) if isinstance(y, tuple) else y[picked]
+
+
+def makes_labels(options) -> bool:
+    """Whether ``predict``'s options ask for labels rather than scores."""
+    return options.get("output", "probabilities") != "probabilities" or \
+        options.get("threshold") is not None
 
 
 def check_output_dtype(output_dtype, options) -> str | None:
@@ -170,8 +174,7 @@ def check_output_dtype(output_dtype, options) -> str | None:
     if name not in OUTPUT_DTYPES:
         raise InputError(f"output_dtype={output_dtype!r} is not one of {OUTPUT_DTYPES} "
                          "(uint8 for probabilities in [0, 1])")
-    if options.get("output", "probabilities") != "probabilities" or \
-            options.get("threshold") is not None:
+    if makes_labels(options):
         raise InputError(f"output_dtype={output_dtype!r} applies to scores; labels "
                          "(output='argmax', threshold=) are already uint8 or uint16")
     return name

@@ -324,25 +324,29 @@ class _GraphBuilder:
         for src in prog.sources:
             scratch.append(self.scratch.get(src))
             need = req.box(src)
-            key, bounds = self.arrays[src]
-            deps = []
-            if self.reader is not None and src == self.graph.input:
-                ranges = [range(0)] * 3  # read from the array, not from dask's chunks
-            else:
-                ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
-            for i in ranges[0]:
-                for j in ranges[1]:
-                    for k in ranges[2]:
-                        lo = (int(bounds[0][i]), int(bounds[1][j]), int(bounds[2][k]))
-                        hi = (int(bounds[0][i + 1]), int(bounds[1][j + 1]), int(bounds[2][k + 1]))
-                        deps.append([(lo, hi), (key, 0, i, j, k)])
             names.append(src)
             boxes.append((need.lo, need.hi))
             channels.append(self.graph.nodes[src].channels)
-            parts.append(deps)
+            parts.append(self.chunk_parts(src, need))
         gnames = list(prog.globals)
         return (names, boxes, channels, parts, scratch, gnames,
                 [self.global_key(g) for g in gnames])
+
+    def chunk_parts(self, src: str, need: Box) -> list:
+        """``[(bounds, key)]`` of the chunks of ``src`` that overlap ``need``; none for
+        the input when tasks read it straight from its array."""
+        if self.reader is not None and src == self.graph.input:
+            return []
+        key, bounds = self.arrays[src]
+        ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
+        deps = []
+        for i in ranges[0]:
+            for j in ranges[1]:
+                for k in ranges[2]:
+                    lo = (int(bounds[0][i]), int(bounds[1][j]), int(bounds[2][k]))
+                    hi = (int(bounds[0][i + 1]), int(bounds[1][j + 1]), int(bounds[2][k + 1]))
+                    deps.append([(lo, hi), (key, 0, i, j, k)])
+        return deps
 
     # Layers: one per stage (its tile tasks), per barrier (statistics tiles; their
     # combine tree and value), per whole-volume evaluation, and one for the model, each

@@ -79,7 +79,7 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
-    if not isinstance(volume, da.Array) and (isinstance(data, (np.ndarray, CheckedReader))):
+    if not isinstance(volume, da.Array) and isinstance(data, (np.ndarray, CheckedReader)):
         _READERS[arr.name] = data
     return arr
 

@@ -136,8 +136,7 @@ class Plan:
 
     @property
     def input_bytes(self) -> int:
-        node = self.graph.nodes[self.graph.input]
-        return node.channels * 4 * math.prod(node.shape)
+        return tensor_bytes(self.graph, self.graph.input)
 
     @property
     def peak_bytes(self) -> int:

@@ -91,18 +91,13 @@ class TileProgram:
         return Requirements(node, edge)
 
     # ------------------------------------------------------------ execution
-    def run(self, ctx, sources: dict[str, torch.Tensor], req: Requirements) -> torch.Tensor:
-        """``sources[name]`` covers ``req.box(name)``; returns the output region."""
-        out_box = req.box(self.output)
-        return next(self.sweep(ctx, sources, req, [out_box], [req]))[1]
-
     def sweep(self, ctx, sources: dict[str, torch.Tensor], full: Requirements,
-              slabs: list[Box], reqs: list[Requirements] | None = None):
+              slabs: list[Box]):
         """Yield ``(slab, output over slab)`` for consecutive slabs along z of the
         region ``full`` was made for. Each node keeps the rows the next slab also
         reads, so a halo inside the region is computed once, not once per slab (a
         streaming sweep: memory is one slab's tensors plus these rows)."""
-        reqs = reqs or [self.requirements(s) for s in slabs]
+        reqs = [self.requirements(s) for s in slabs]
         env = {n: (t, full.box(n)) for n, t in sources.items()}
         held: dict[str, RowBuffer] = {}
         for j, req in enumerate(reqs):
@@ -122,7 +117,7 @@ class TileProgram:
         only the rows below them are computed."""
         buf, z = held.get(name), box.axes[0]
         if buf is not None and not (buf.yx == box.axes[1:] and buf.rows.lo <= z.lo <= buf.rows.hi):
-            buf = held.pop(name)  # not a continuation: start afresh
+            del held[name]  # not a continuation: start afresh
             buf = None
         # held rows may reach past z (a circular or wide reflect border): nothing new
         new = Interval(min(max(buf.rows.hi, z.lo), z.hi), z.hi) if buf is not None else z
