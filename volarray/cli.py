@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import importlib
 import os
@@ -168,7 +169,8 @@ def _model_writer(args):
         return volarray.predict_to_zarr(
             model, args.input, args.output, name=args.name, var=args.var,
             overwrite=args.overwrite, resume=args.resume, scheduler=scheduler,
-            scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch], **options)
+            scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch],
+            storage_options=args.storage_options, **options)
     return write
 
 
@@ -187,7 +189,7 @@ def _nnunet_writer(args):
             overwrite=args.overwrite, resume=args.resume, scheduler=scheduler, output=output,
             tile_step_size=args.step, mirror=not args.no_mirror,
             normalize=not args.no_normalize, crop_nonzero=not args.no_crop,
-            chunks=args.chunks, device=args.device)
+            chunks=args.chunks, device=args.device, storage_options=args.storage_options)
     return write
 
 
@@ -219,7 +221,8 @@ def cmd_predict(args) -> int:
                   f"peak RSS {_peak_rss_gb():.2f} GB")
     if args.preview:
         try:
-            preview(open_volume(args.input, args.var), results[0], args.preview)
+            preview(open_volume(args.input, args.var, args.storage_options), results[0],
+                    args.preview)
         except Exception as e:  # the run is finished and stays so
             print(f"volarray: error: the output {str(out)!r} is complete, but the preview "
                   f"{args.preview!r} could not be drawn ({type(e).__name__}: {e})",
@@ -234,7 +237,8 @@ def cmd_plan(args) -> int:
     import volarray
     from volarray.io import open_volume
     model = load_model(args.model, args.weights)
-    plan = volarray.plan(model, open_volume(args.input, args.var), chunks=args.chunks,
+    plan = volarray.plan(model, open_volume(args.input, args.var, args.storage_options),
+                         chunks=args.chunks,
                          mode=args.mode, memory_limit=args.memory_limit, pad=args.pad,
                          select=args.select, keep=args.keep, scratch=True)
     print(plan)
@@ -296,7 +300,8 @@ def _channel_list(text: str) -> list[int]:
 
 
 def _model_args(p, nnunet: bool = False):
-    p.add_argument("input", help="zarr array, zarr group (with --var) or .npy")
+    p.add_argument("input", help="zarr array, zarr group (with --var) or .npy: a path, or a "
+                                 "URL (s3://, gs://, file://) read through fsspec")
     model_help = "MODULE:CALLABLE returning a torch.nn.Module"
     if nnunet:
         which = p.add_mutually_exclusive_group(required=True)
@@ -310,6 +315,9 @@ def _model_args(p, nnunet: bool = False):
     else:
         p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                   help="fsspec options for URL inputs and outputs, e.g. "
+                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'")
     p.add_argument("--var", help="array name inside a zarr group")
     p.add_argument("--chunks", type=_sides, help="chunk side N or Z,Y,X (default: planned)")
     p.add_argument("--mode", default="exact", choices=["exact", "window"],
@@ -323,6 +331,17 @@ def _model_args(p, nnunet: bool = False):
     p.add_argument("--select", type=_index_or_key,
                    help="of several model outputs, which is the prediction: an index (default "
                         "0, nnU-Net's full-resolution head) or a dict key")
+
+
+def _json_object(text: str) -> dict:
+    """--storage-options: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object ({{...}})")
+    return value
 
 
 def _index_or_key(text: str):
@@ -378,7 +397,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run a model (or an nnU-Net v2 model folder) over a "
                                        "volume into a zarr store")
     _model_args(p, nnunet=True)
-    p.add_argument("output", help="zarr store to write (a group holding --name)")
+    p.add_argument("output", help="zarr store to write (a group holding --name): a path or "
+                                  "a URL")
     p.add_argument("--name", default="prediction", help="output array name")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
     p.add_argument("--scheduler", default="threads",
@@ -388,7 +408,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a PNG of three slices of input and prediction")
     p.add_argument("--scratch", default="auto", choices=["auto", "disk", "memory"],
                    help="where exact mode keeps tensors between stages (auto: on disk beside "
-                        "the output where memory would not hold them)")
+                        "the output past 256 MB)")
     p.add_argument("--quiet", action="store_true")
     _predict_args(p)
     p.set_defaults(func=cmd_predict)

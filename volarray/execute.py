@@ -251,9 +251,12 @@ def _sources(names, boxes, channels, parts, scratch):
     return out
 
 
-def open_scratch(path: str):
+def open_scratch(where):
+    """A kept tensor's scratch array: a `Location` (local or URL) or a local path."""
+    if hasattr(where, "open_array"):
+        return where.open_array("r+")
     import zarr
-    return zarr.open_array(path, mode="r+")
+    return zarr.open_array(str(where), mode="r+")
 
 
 def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, gnames, gvalues,

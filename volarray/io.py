@@ -4,42 +4,46 @@ from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import torch
 
+from .location import Location
 from .errors import InputError
 
 
-def open_volume(source, var: str | None = None):
-    """An array from a path (zarr array, zarr group + ``var``, ``.npy`` as a memmap),
-    or ``source`` itself when it already is an array."""
+def open_volume(source, var: str | None = None, storage_options: dict | None = None):
+    """An array from a path or URL (zarr array, zarr group + ``var``, local ``.npy`` as a
+    memmap), or ``source`` itself when it already is an array. ``storage_options`` go to
+    fsspec for URLs (``s3://``, ``gs://``, ``memory://``...)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"input {str(path)!r} does not exist; pass the path of a zarr array, "
-                         "a zarr group (with var=) or a .npy file")
-    if path.suffix == ".npy":
+    loc = Location.of(str(source), storage_options)
+    if not loc.refresh().exists():
+        raise InputError(f"input {str(source)!r} does not exist; pass the path or URL of a zarr "
+                         "array, a zarr group (with var=) or a .npy file")
+    if loc.name.endswith(".npy"):
+        if not loc.is_local:
+            raise InputError(f"input {str(source)!r}: a .npy file is read from a local path "
+                             "only; copy it here or convert it to zarr")
         try:
-            return np.load(path, mmap_mode="r")
+            return np.load(loc.path, mmap_mode="r")
         except (ValueError, OSError) as e:
-            raise InputError(f"input {str(path)!r} is not a readable .npy file ({e}); it may be "
+            raise InputError(f"input {str(source)!r} is not a readable .npy file ({e}); it may be "
                              "truncated: write it again") from None
     import zarr
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(mode="r", **loc.zarr_kwargs())
     except Exception as e:
-        raise InputError(f"input {str(path)!r} is neither a zarr store nor a .npy file "
+        raise InputError(f"input {str(source)!r} is neither a zarr store nor a .npy file "
                          f"({type(e).__name__}: {e})") from None
     if isinstance(node, zarr.Group):
         names = sorted(node.array_keys())
         if var is None and len(names) == 1:
             var = names[0]
         if var is None or var not in names:
-            raise InputError(f"input {str(path)!r} is a zarr group with arrays {names}; "
+            raise InputError(f"input {str(source)!r} is a zarr group with arrays {names}; "
                              f"pass var= one of them (got {var!r})")
         return node[var]
     return node

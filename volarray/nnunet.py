@@ -392,10 +392,12 @@ def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "predicti
                            resume: bool = False, scheduler=None, folds=(0,),
                            configuration: str | None = None,
                            checkpoint: str = "checkpoint_final.pth",
-                           trust_checkpoint: bool = False, **options):
+                           trust_checkpoint: bool = False,
+                           storage_options: dict | None = None, **options):
     """`predict_nnunet` written by `volarray.predict_to_zarr` (the same rules: never
     overwrites without ``overwrite=True``, resumable, finished chunks kept). ``volume``
-    may be a path (zarr array, zarr group with ``var``, .npy); ``options`` are
+    may be a path or URL (zarr array, zarr group with ``var``, .npy), ``store`` a URL
+    (``storage_options`` for fsspec, as `predict_to_zarr`); ``options`` are
     `predict_nnunet`'s (output, tile_step_size, mirror, normalize, crop_nonzero, chunks,
     device)."""
     from .store import predict_to_zarr
@@ -412,7 +414,8 @@ def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "predicti
     pipeline = NnUNetPipeline(model, **options)
     return predict_to_zarr(model.ensemble(options.get("mirror", True)), volume, store,
                            name=name, var=var, overwrite=overwrite, resume=resume,
-                           scheduler=scheduler, predictor=pipeline)
+                           scheduler=scheduler, predictor=pipeline,
+                           storage_options=storage_options)
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
 from .errors import InputError
+from .location import Location, is_url
 
 MARKER = "volarray"  # group attribute that identifies a volarray output
 DONE = "volarray_done"  # the completion marks, one per output chunk
@@ -42,16 +41,19 @@ class _Terminated(KeyboardInterrupt):
 
 # -- where an output may go ---------------------------------------------------------------
 
-def input_paths(source) -> list[Path]:
-    """The local folders or files an input reads: a path; a zarr array or group on a
-    local store; a memory-mapped .npy; an xarray object opened from a file; or any of
-    these inside a dask array's graph. A zarr path is widened to the root of the store
-    that holds it, so that an output can be placed neither in it nor around it."""
+def input_paths(source, storage_options: dict | None = None) -> list[Location]:
+    """The stores, folders or files an input reads: a path or URL; a zarr array or group
+    on a local or fsspec store; a memory-mapped .npy; an xarray object opened from a
+    file; or any of these inside a dask array's graph. A zarr path is widened to the
+    root of the store that holds it, so that an output can be placed neither in it nor
+    around it."""
     found = []
     for obj in _sources(source):
-        p = _path_of(obj)
-        if p is not None:
-            found.append(_store_root(p))
+        loc = _location_of(obj, storage_options)
+        if loc is not None:
+            root = _store_root(loc)
+            if root not in found:
+                found.append(root)
     return found
 
 
@@ -85,37 +87,59 @@ def _objects_in(task, depth=0):
                 yield from _objects_in(inner, depth + 1)
 
 
-def _path_of(obj) -> Path | None:
+def _location_of(obj, storage_options=None) -> Location | None:
+    if isinstance(obj, Location):
+        return obj
     if isinstance(obj, (str, os.PathLike)):
         text = str(obj)
-        return None if "://" in text or not text.strip() else Path(text).resolve()
+        if not text.strip():
+            return None
+        try:
+            return Location.of(text, storage_options)
+        except InputError:
+            return None
     store = getattr(obj, "store", None)
-    root = getattr(store, "root", None) or getattr(store, "path", None)
-    if isinstance(root, (str, os.PathLike)) and "://" not in str(root):
-        return (Path(str(root)) / (getattr(obj, "path", "") or "")).resolve()
+    sub = getattr(obj, "path", "") or ""
+    root = getattr(store, "root", None)
+    if isinstance(root, (str, os.PathLike)) and not is_url(str(root)):  # zarr's LocalStore
+        return Location.of(os.path.join(str(root), sub))
+    fs = getattr(store, "fs", None)
+    if fs is not None and isinstance(getattr(store, "path", None), str):  # FsspecStore
+        return Location(_sync(fs), "/".join(p for p in (store.path.rstrip("/"), sub) if p))
     filename = getattr(obj, "filename", None)  # np.memmap
-    return Path(filename).resolve() if isinstance(filename, (str, os.PathLike)) else None
+    return Location.of(str(filename)) if isinstance(filename, (str, os.PathLike)) else None
 
 
-def _store_root(p: Path) -> Path:
-    """The outermost zarr group folder above ``p`` (``p`` when it is in none)."""
-    while any((p.parent / meta).is_file() for meta in ("zarr.json", ".zgroup")):
-        p = p.parent
-    return p
+def _sync(fs):
+    """A blocking twin of zarr's asynchronous file system (s3fs, or a wrapped one)."""
+    if hasattr(fs, "sync_fs"):
+        return fs.sync_fs
+    if getattr(fs, "asynchronous", False):
+        options = {k: v for k, v in fs.storage_options.items() if k not in ("asynchronous",
+                                                                             "loop")}
+        return type(fs)(**options, asynchronous=False)
+    return fs
 
 
-def is_volarray_output(path: Path) -> bool:
-    """True when ``path`` is a zarr group that volarray created."""
-    return read_marker(path) is not None
+def _store_root(loc: Location) -> Location:
+    """The outermost zarr group above ``loc`` (``loc`` when it is in none)."""
+    while not loc.is_root and any(loc.parent.child(meta).is_file()
+                                  for meta in ("zarr.json", ".zgroup")):
+        loc = loc.parent
+    return loc
 
 
-def read_marker(path: Path) -> dict | None:
+def is_volarray_output(loc: Location) -> bool:
+    """True when ``loc`` is a zarr group that volarray created."""
+    return read_marker(loc) is not None
+
+
+def read_marker(loc: Location) -> dict | None:
     for meta_file, key in (("zarr.json", "attributes"), (".zattrs", None)):
-        f = Path(path) / meta_file
+        f = loc.child(meta_file)
         if f.is_file():
-            try:
-                meta = json.loads(f.read_text())
-            except (OSError, ValueError):
+            meta = f.read_json()
+            if not isinstance(meta, dict):
                 return None
             attrs = meta.get(key, {}) if key else meta
             marker = attrs.get(MARKER) if isinstance(attrs, dict) else None
@@ -123,40 +147,47 @@ def read_marker(path: Path) -> dict | None:
     return None
 
 
-def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = False) -> str:
-    """Decide, before anything is written, what happens to ``store``: "create",
-    "replace" (a volarray output, overwrite=True) or "resume". Raises InputError
-    for any target that could cost the user data."""
+def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = False,
+                 storage_options: dict | None = None) -> tuple[str, Location]:
+    """Decide, before anything is written, what happens to ``store`` (a path or URL):
+    "create", "replace" (a volarray output, overwrite=True) or "resume"; returns that
+    and the store's location. Raises InputError for any target that could cost the
+    user data."""
     if overwrite and resume:
         raise InputError("overwrite=True and resume=True contradict each other; pass one")
     if store is None or str(store).strip() == "":
         raise InputError(f"output {store!r} is empty; pass the path of a zarr store to "
                          "create, e.g. 'prediction.zarr'")
-    out = Path(store).resolve()
-    if out == Path.cwd().resolve() or out == Path(out.anchor) or out == Path.home().resolve():
-        raise InputError(f"output {str(store)!r} is the folder {str(out)!r} itself; pass the "
-                         "path of a new zarr store inside it, e.g. 'prediction.zarr'")
+    if not isinstance(store, (str, os.PathLike)):
+        raise InputError(f"output {store!r} is not a path or URL; pass e.g. 'prediction.zarr' "
+                         "or 's3://bucket/prediction.zarr'")
+    out = Location.of(str(store), storage_options).refresh()
+    if out.is_root or (out.is_local and Path(out.path) in (Path.cwd().resolve(),
+                                                            Path.home().resolve())):
+        raise InputError(f"output {str(store)!r} is the folder or bucket {out.url!r} itself; "
+                         "pass the path of a new zarr store inside it, e.g. 'prediction.zarr'")
     for inp in inputs:
         if out == inp:
             raise InputError(f"output {str(store)!r} is the input; pass another path for the "
                              "prediction")
-        if out in inp.parents:
+        if out.contains(inp):
             raise InputError(f"output {str(store)!r} is a folder that holds the input "
-                             f"{str(inp)!r}; pass a path of its own for the prediction")
-        if inp in out.parents:
-            raise InputError(f"output {str(store)!r} lies inside the input {str(inp)!r}; pass "
+                             f"{inp.url!r}; pass a path of its own for the prediction")
+        if inp.contains(out):
+            raise InputError(f"output {str(store)!r} lies inside the input {inp.url!r}; pass "
                              "a path outside it")
     if not out.exists():
-        if not out.parent.is_dir():
-            raise InputError(f"output {str(store)!r}: the folder {str(out.parent)!r} does not "
+        # an object store has no folders to check: only a local parent must exist
+        if out.is_local and not out.parent.is_dir():
+            raise InputError(f"output {str(store)!r}: the folder {out.parent.url!r} does not "
                              "exist; create it first")
-        return "create"
+        return "create", out
     ours = is_volarray_output(out)
     if resume:
         if not ours:
             raise InputError(f"output {str(store)!r} exists and is not a volarray output; "
                              "resume=True only finishes a store volarray started")
-        return "resume"
+        return "resume", out
     if not overwrite:
         raise InputError(f"output {str(store)!r} exists; pass overwrite=True to replace it "
                          "or resume=True to finish an interrupted run into it")
@@ -165,100 +196,96 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
         raise InputError(f"output {str(store)!r} is a {kind} that volarray did not write; "
                          "overwrite=True only replaces volarray outputs, so pass another path "
                          "or remove it yourself")
-    return "replace"
+    return "replace", out
 
 
-def remove_output(path: Path, missing_ok: bool = False) -> None:
-    """Remove what volarray wrote in its output ``path``: the arrays its marker lists,
+def remove_output(loc: Location, missing_ok: bool = False) -> None:
+    """Remove what volarray wrote in its output ``loc``: the arrays its marker lists,
     the completion marks and the group metadata; the folder goes only if that leaves
     it empty (anything else a user put there stays)."""
-    path = Path(path)
-    if missing_ok and not path.exists():
+    loc.refresh()
+    if missing_ok and not loc.exists():
         return
-    marker = read_marker(path)
+    marker = read_marker(loc)
     if marker is None:
-        if missing_ok and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if missing_ok and loc.is_dir() and not loc.names():
+            loc.remove_if_empty()
             return
-        raise InputError(f"{str(path)!r} is not a volarray output; it was left as it is")
+        raise InputError(f"{loc.url!r} is not a volarray output; it was left as it is")
     for name in list(marker.get("arrays", [])) + [DONE]:
-        entry = path / name
-        if entry.is_dir() and entry.parent == path:
-            shutil.rmtree(entry)
+        entry = loc.child(name) if isinstance(name, str) and name.strip(".") \
+            and "/" not in name else None
+        if entry is not None and entry.is_dir():
+            entry.remove_tree()
     for meta in ("zarr.json", ".zattrs", ".zgroup", ".zmetadata"):
-        with contextlib.suppress(FileNotFoundError):
-            (path / meta).unlink()
-    with contextlib.suppress(OSError):
-        path.rmdir()
+        loc.child(meta).remove_file()
+    loc.refresh().remove_if_empty()
 
 
-def chunk_counts(path: Path) -> tuple[int, int]:
+def chunk_counts(loc: Location) -> tuple[int, int]:
     """(finished, total) chunks of the output by its completion marks; (0, 0) when they
     cannot be read."""
     try:
-        import zarr
-        marks = zarr.open_array(str(Path(path) / DONE), mode="r")[...]
+        marks = loc.child(DONE).open_array("r")[...]
     except Exception:
         return 0, 0
     return int(marks.sum()), int(marks.size)
 
 
-def check_replaceable(out: Path, names) -> None:
+def check_replaceable(out: Location, names) -> None:
     """Before a replacing run: its arrays must not take the names of a user's own
     entries in the output folder."""
     ours = set((read_marker(out) or {}).get("arrays", [])) | {DONE}
-    taken = [n for n in names if (Path(out) / n).exists() and n not in ours]
+    present = set(out.names())
+    taken = [n for n in names if n in present and n not in ours]
     if taken:
-        raise InputError(f"output {str(out)!r} holds {taken} that volarray did not write; "
+        raise InputError(f"output {out.url!r} holds {taken} that volarray did not write; "
                          "pass another name= for the prediction")
 
 
-def make_staging(out: Path) -> Path:
+def make_staging(out: Location) -> Location:
     """Where a replacing run writes until it is complete: beside the output."""
-    out = Path(out).resolve()
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.replacing-", dir=out.parent))
+    return out.new_sibling(f".{out.name}.replacing-")
 
 
-def swap_in(staging: Path, out: Path) -> None:
+def swap_in(staging: Location, out: Location) -> None:
     """The complete new output takes the old one's place: volarray's entries of the
     old one are removed, the user's stay, the new entries move in."""
     remove_output(out, missing_ok=True)
-    if not Path(out).exists():
-        os.replace(staging, out)
+    if not out.refresh().exists():
+        staging.move_to(out)
         return
-    for entry in Path(staging).iterdir():
-        os.replace(entry, Path(out) / entry.name)
-    Path(staging).rmdir()
+    for name in staging.names():
+        staging.child(name).move_to(out.child(name))
+    staging.refresh().remove_if_empty()
 
 
 # -- scratch ---------------------------------------------------------------------------
 
-def make_scratch(out: Path) -> Path:
+def make_scratch(out: Location) -> Location:
     """A fresh scratch folder beside the output, marked as volarray's."""
-    out = Path(out).resolve()
-    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
-    (d / SCRATCH_MARKER).write_text(json.dumps({"output": str(out), "pid": os.getpid()}))
+    d = out.new_sibling(f".{out.name}.scratch-")
+    d.child(SCRATCH_MARKER).write_text(json.dumps({"output": out.url, "pid": os.getpid()}))
     return d
 
 
-def remove_scratch(d: Path | None) -> None:
-    if d is not None and (Path(d) / SCRATCH_MARKER).exists():
-        shutil.rmtree(d, ignore_errors=True)
+def remove_scratch(d: Location | None) -> None:
+    if d is not None and d.child(SCRATCH_MARKER).refresh().is_file():
+        try:
+            d.remove_tree()
+        except OSError:
+            pass  # best effort, as shutil.rmtree(ignore_errors=True)
 
 
-def remove_leftovers(out: Path) -> None:
+def remove_leftovers(out: Location) -> None:
     """Scratch and half-made replacements left by runs killed with SIGKILL (nothing can
     catch that), found when the same output is resumed or replaced."""
-    out = Path(out).resolve()
-    for d in out.parent.glob(f".{out.name}.scratch-*"):
-        try:
-            owner = json.loads((d / SCRATCH_MARKER).read_text()).get("output")
-        except (OSError, ValueError):
-            continue
-        if owner == str(out):
+    for d in out.refresh().siblings(f".{out.name}.scratch-"):
+        owner = (d.child(SCRATCH_MARKER).read_json() or {}).get("output")
+        if owner == out.url:
             remove_scratch(d)
-    for d in out.parent.glob(f".{out.name}.replacing-*"):  # a killed replacing run's store
-        if is_volarray_output(d) or (d.is_dir() and not any(d.iterdir())):
+    for d in out.siblings(f".{out.name}.replacing-"):  # a killed replacing run's store
+        if is_volarray_output(d) or (d.is_dir() and not d.names()):
             remove_output(d, missing_ok=True)
 
 

@@ -335,15 +335,12 @@ def parse_keep(keep, default: int, input_bytes: int) -> int:
 
 
 def default_keep(graph: Graph, spill: bool) -> int:
-    """The input's own bytes. Without barriers a kept tensor is read by its neighbours
-    soon after it is made, so few of its chunks are alive at once; a barrier holds
-    every chunk of what it separates until the statistics are known, so a lazy result
-    (``spill=False``: nowhere to put them but RAM) keeps at most an eighth of this
-    machine's memory and recomputes the rest."""
+    """The input's own bytes. A lazy result (``spill=False``) has nowhere to put kept
+    tensors but RAM, and dask may hold every chunk of one until its last reader ran (a
+    barrier always does, until the statistics are known), so it keeps at most an
+    eighth of this machine's memory and recomputes the rest."""
     n = tensor_bytes(graph, graph.input)
-    if spill or not reductions(graph):
-        return n
-    return int(min(n, psutil.virtual_memory().total / 8))
+    return n if spill else int(min(n, psutil.virtual_memory().total / 8))
 
 
 # ------------------------------------------------------------------ task grid

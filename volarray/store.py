@@ -12,11 +12,9 @@ import contextlib
 import inspect
 import os
 import re
-from pathlib import Path
 
 import dask
 import numpy as np
-import psutil
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
@@ -25,6 +23,7 @@ from . import outputs
 from .api import QUANTIZED_ATTRS, _predict, predict
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
+from .location import Location
 from .outputs import DONE, RunInterrupted
 
 PREDICT_DEFAULTS = {name: p.default for name, p in inspect.signature(predict).parameters.items()
@@ -37,13 +36,20 @@ def _zarr():
     return zarr
 
 
+# "auto" scratch: kept tensors past this go to disk. Writing and reading them back costs
+# seconds per GB here, against minutes of recompute per GB of kept input-sized tensors
+# (FaultSeg3D: 1.49x one forward keeping 1x the input, 2.27x keeping nothing), and the
+# run's memory stays that of its tasks, whatever the volume's size.
+SPILL_ABOVE = 256 * 2**20
+
+
 class ScratchSpace:
     """Where exact mode keeps the tensors passed between stages: on disk in a zarr
     scratch folder beside the output (``mode=True``), in memory (False), or on disk
-    when they exceed the plan's memory limit ("auto"). The folder is made on first
+    when they pass SPILL_ABOVE bytes ("auto"). The folder is made on first
     use and removed by `remove`."""
 
-    def __init__(self, out: Path, mode="auto"):
+    def __init__(self, out: Location, mode="auto"):
         if mode not in (True, False, "auto"):
             raise InputError(f"scratch={mode!r} is not True, False or 'auto'")
         self.out, self.mode, self.dir, self.count = out, mode, None, 0
@@ -54,11 +60,8 @@ class ScratchSpace:
 
     def arrays_for(self, plan) -> dict | None:
         """Scratch arrays for the plan's kept tensors, or None to keep them in memory:
-        "auto" spills what a barrier would hold in memory past an eighth of RAM, or
-        anything past half of it."""
-        held = plan.kept_bytes * 8 if plan.barriers else plan.kept_bytes * 2
-        if not (self.mode is True or (self.mode == "auto" and
-                                      held > psutil.virtual_memory().total)):
+        "auto" spills them past SPILL_ABOVE bytes."""
+        if not (self.mode is True or (self.mode == "auto" and plan.kept_bytes > SPILL_ABOVE)):
             return None
         zarr = _zarr()
         if self.dir is None:
@@ -67,20 +70,20 @@ class ScratchSpace:
         paths = {}
         for stage in plan.stages[:-1]:
             node = plan.graph.nodes[stage.output]
-            p = str(self.dir / f"plan{self.count}" / stage.output)
-            zarr.create_array(p, shape=(node.channels,) + node.shape, dtype="f4",
-                              chunks=(node.channels,) + stage.chunk_shape, compressors=None)
-            paths[stage.output] = p
+            loc = self.dir.child(f"plan{self.count}").child(stage.output)
+            zarr.create_array(**loc.zarr_kwargs(), shape=(node.channels,) + node.shape,
+                              dtype="f4", chunks=(node.channels,) + stage.chunk_shape,
+                              compressors=None)
+            paths[stage.output] = loc
         return paths
 
     def remove(self):
         outputs.remove_scratch(self.dir)
 
 
-def write_block(path: str, names, index, *blocks) -> int:
+def write_block(out: Location, names, index, *blocks) -> int:
     """One output chunk of every output array, then its completion mark."""
-    zarr = _zarr()
-    group = zarr.open_group(path, mode="r+")
+    group = out.open_group("r+")
     for name, block in zip(names, blocks):
         out = group[name]
         spatial = out.chunks[-3:]
@@ -97,19 +100,24 @@ def _count(*marks) -> int:
 
 def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str | None = None,
                     overwrite: bool = False, resume: bool = False, scheduler=None,
-                    scratch="auto", predictor=None, **options):
+                    scratch="auto", predictor=None, storage_options: dict | None = None,
+                    **options):
     """Run ``predict`` and write the result into the zarr group ``store`` as array
     ``name`` (zarr v3, dims channel, z, y, x; labels z, y, x). Returns the zarr array,
     or for ``ensemble=`` the pair of arrays ``<name>_mean`` and ``<name>_std``.
 
     ``options`` are `predict`'s (mode, window, tta, output, threshold, ensemble, ...).
-    ``volume``: an array, or a path (zarr array, zarr group with ``var``, .npy).
+    ``volume``: an array, or a path or URL (zarr array, zarr group with ``var``, .npy).
+    ``store`` and ``volume`` may be URLs (``s3://bucket/out.zarr``, ``gs://``,
+    ``file://``, ``memory://``) read and written through fsspec, with
+    ``storage_options`` (credentials, ``endpoint_url``...) for both; resume marks and
+    scratch live beside the output there too.
     An existing ``store`` is an error unless ``overwrite=True`` (replace it, only if
     volarray wrote it) or ``resume=True`` (finish a stopped run: only unmarked chunks
     are computed). The output can never be the input or a folder holding it.
     ``scratch``: keep the tensors passed between stages in a temporary zarr store
-    beside the output (True), in memory (False), or on disk where memory would not
-    hold them ("auto"); it is removed however the run ends. Unless ``scratch=False``,
+    beside the output (True), in memory (False), or on disk when they pass 256 MB
+    ("auto"); it is removed however the run ends. Unless ``scratch=False``,
     the default keep budget is the input's bytes even for models with norm barriers
     (`predict` keeps at most an eighth of RAM across a barrier).
     ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client).
@@ -129,10 +137,11 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
         raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
                          f"predict's options {list(PREDICT_OPTIONS)}")
     check_name(name)
-    src = open_volume(volume, var)
-    action = outputs.check_target(store, outputs.input_paths(volume) + outputs.input_paths(src),
-                                  overwrite=overwrite, resume=resume)
-    out = Path(store).resolve()
+    src = open_volume(volume, var, storage_options)
+    inputs = (outputs.input_paths(volume, storage_options)
+              + outputs.input_paths(src, storage_options))
+    action, out = outputs.check_target(store, inputs, overwrite=overwrite, resume=resume,
+                                       storage_options=storage_options)
     # validates before anything is traced or written
     source = as_dask_volume(src, integers=predictor is not None)
     if action != "create":
@@ -143,7 +152,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
                   else _predict(model, source, scratch=space, **options))
         arrays = _named_arrays(result, name)
         run_id = _run_id(model, volume, var, source, arrays, options,
-                         getattr(predictor, "token", None))
+                         getattr(predictor, "token", None), storage_options)
         if action == "resume":
             _write(out, _open_for_resume(out, run_id, arrays), arrays, scheduler)
         elif action == "create":
@@ -158,7 +167,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
             outputs.swap_in(staging, out)
     finally:
         space.remove()
-    group = _zarr().open_group(str(out), mode="r")
+    group = out.open_group("r")
     zarr_arrays = tuple(group[n] for n in arrays)
     return zarr_arrays if len(zarr_arrays) > 1 else zarr_arrays[0]
 
@@ -195,13 +204,13 @@ def input_sample(arr) -> str:
 
 
 def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
-            predictor_token=None) -> dict:
+            predictor_token=None, storage_options=None) -> dict:
     """What makes a run the same run, part by part: the model's weights, the input (its
     path when it has one, so that fixing a bad voxel in place keeps finished chunks
     valid), the options that change the numbers, and the output's arrays and chunking
     (the memory limit and the device only choose how it runs)."""
     from .window import _weights_token
-    source = ((str(Path(volume).resolve()), var, input_sample(source_array))
+    source = ((Location.of(str(volume), storage_options).url, var, input_sample(source_array))
               if isinstance(volume, (str, os.PathLike)) else source_array.name)
     given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
     ignored = {"memory_limit", "device", "chunks"} | ({"seed"} if given["ensemble"] is None
@@ -215,12 +224,11 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
                                            for n, a in arrays.items()])}
 
 
-def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict,
+def _create_output(out: Location, run_id: dict, arrays: dict, model, options: dict,
                    predictor=None):
     """A new output group; its volarray mark comes first, so that a run stopped while
     creating it leaves a store volarray recognises (and may remove)."""
-    zarr = _zarr()
-    group = zarr.open_group(str(out), mode="w-")
+    group = out.open_group("w-")
     group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
                                    "version": _version()}
     first = next(iter(arrays.values()))
@@ -240,9 +248,8 @@ def _create_output(out: Path, run_id: dict, arrays: dict, model, options: dict,
     return group
 
 
-def _open_for_resume(out: Path, run_id: dict, arrays: dict):
-    zarr = _zarr()
-    group = zarr.open_group(str(out), mode="r+")
+def _open_for_resume(out: Location, run_id: dict, arrays: dict):
+    group = out.open_group("r+")
     marker = outputs.read_marker(out) or {}
     before = marker.get("run")
     differs = [part for part, token in run_id.items()
@@ -252,14 +259,14 @@ def _open_for_resume(out: Path, run_id: dict, arrays: dict):
         if "arrays and chunks" in differs and set(arrays) <= set(group.array_keys()):
             was = group[next(iter(arrays))].chunks[-3:]
             hint = f"; the first run wrote chunks of {was}: pass chunks={was} as it did"
-        raise InputError(f"output {str(out)!r} was written by another run (its "
+        raise InputError(f"output {out.url!r} was written by another run (its "
                          f"{', '.join(differs or ['array names'])} differ){hint}; its chunks "
                          "cannot be reused otherwise, and overwrite=True would replace them")
     return group
 
 
-def _write(out: Path, group, arrays: dict, scheduler, create=None,
-           replacing: Path | None = None):
+def _write(out: Location, group, arrays: dict, scheduler, create=None,
+           replacing: Location | None = None):
     """Create the output (``create()``, for a new one) and write every unmarked chunk.
     However the run stops, finished chunks stay, except in a store that replaces
     another (``replacing``): that one is removed and the old output left as it was."""
@@ -283,29 +290,29 @@ def _write(out: Path, group, arrays: dict, scheduler, create=None,
         raise
 
 
-def _after_stop(out: Path, fresh: bool, replacing: Path | None) -> str:
+def _after_stop(out: Location, fresh: bool, replacing: Location | None) -> str:
     """Tidy a stopped run's output by the rules of `outputs`; say what is left."""
     if replacing is not None:
         outputs.remove_output(out, missing_ok=True)
-        return (f"the existing output {str(replacing)!r} was left as it was; run again with "
+        return (f"the existing output {replacing.url!r} was left as it was; run again with "
                 "overwrite=True to replace it")
     finished, total = outputs.chunk_counts(out)
     if fresh and not finished:
         outputs.remove_output(out, missing_ok=True)  # it holds nothing: as if never started
-        return f"nothing was written to {str(out)!r}"
-    return (f"{finished} of {total} chunks are finished and kept in {str(out)!r}; run again "
+        return f"nothing was written to {out.url!r}"
+    return (f"{finished} of {total} chunks are finished and kept in {out.url!r}; run again "
             "with resume=True to compute the rest")
 
 
-def _write_graph(out: Path, arrays: dict, todo) -> Delayed:
+def _write_graph(out: Location, arrays: dict, todo) -> Delayed:
     """One task per unmarked chunk, writing it in every output array, then its mark."""
     names = list(arrays)
     first = arrays[names[0]]
     # every array is written in the same spatial chunks
     ys = [a.rechunk(a.chunks[:-3] + first.chunks[-3:]) for a in arrays.values()]
-    wname = f"volarray-write-{tokenize(str(out), [y.name for y in ys])}"
+    wname = f"volarray-write-{tokenize(out.url, [y.name for y in ys])}"
     lead = [(0,) * (y.ndim - 3) for y in ys]
-    dsk = {(wname, i): (write_block, str(out), names, idx) +
+    dsk = {(wname, i): (write_block, out, names, idx) +
            tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
            for i, idx in enumerate(todo)}
     dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
