@@ -112,3 +112,15 @@ def test_exact_on_gpu():
     vol = random_volume((64, 48, 40), seed=4)
     out = volarray.predict(model, vol, chunks=(32, 24, 40), device="cuda").compute()
     assert_volume_close(out, whole_volume(model, vol), atol=1e-4)
+
+
+def test_lazy_keep_budget_is_the_clusters_memory(local_cluster):
+    """With a default distributed client, a lazy predict's keep budget is an eighth of
+    its workers' memory, not of the machine that builds the graph."""
+    import psutil
+    from distributed import Client
+    from volarray.plan import run_memory
+    assert run_memory() == psutil.virtual_memory().total  # no default client
+    workers = local_cluster.scheduler_info()["workers"].values()
+    with Client(local_cluster.scheduler.address, set_as_default=True):
+        assert run_memory() == sum(w["memory_limit"] for w in workers)

@@ -80,6 +80,48 @@ def test_scratch_removed_when_the_run_fails(tmp_path, model, volume, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_scratch_writes_behind_compute(tmp_path, model, volume, reference, monkeypatch,
+                                       scheduler):
+    """Kept tensors are written to scratch by a background thread while the worker goes
+    on; a reader waits for the write it needs, so slow writes change nothing but time."""
+    import threading
+    import volarray.execute as ex
+    writers, original = [], ex._write_region
+
+    def slow(where, region, y):
+        time.sleep(0.05)
+        writers.append(threading.current_thread().name)
+        original(where, region, y)
+    monkeypatch.setattr(ex, "_write_region", slow)
+    out = volarray.predict_to_zarr(model, volume, tmp_path / "out.zarr", chunks=16,
+                                   scratch=True, scheduler=scheduler, keep="64x")
+    assert_volume_close(out[...], reference)
+    assert writers and all(w.startswith("volarray-scratch-writer") for w in writers)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]  # scratch removed
+
+
+def test_a_pending_write_leaves_the_process_only_written():
+    """Pickled (a distributed transfer), a write token waits for its write."""
+    import pickle
+    import threading
+    from concurrent.futures import Future
+    from volarray.execute import PendingWrite
+    future, done = Future(), []
+
+    def finish():
+        time.sleep(0.2)
+        done.append(True)
+        future.set_result(None)
+    threading.Thread(target=finish).start()
+    assert pickle.loads(pickle.dumps(PendingWrite(future))) is True
+    assert done == [True]
+    failed = Future()
+    failed.set_exception(OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        PendingWrite(failed).wait()
+
+
 def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volume, reference):
     target = tmp_path / "out.zarr"
     target.mkdir()

@@ -48,8 +48,8 @@ def plan(model, volume, *, chunks=None, mode: str = "exact", device=None,
          select=None, keep=None, scratch: bool = False) -> Plan:
     """What `predict` will run: stages, halos, chunks, tasks and projected memory.
     ``scratch=True``: what `predict_to_zarr` runs (and the CLI), whose kept tensors may
-    go to a scratch store, so that its default keep budget is the input's bytes even
-    across norm barriers."""
+    go to a scratch store, so that its default keep budget is the input's bytes
+    (a lazy `predict` keeps at most an eighth of the memory it runs in)."""
     check_options(mode=mode, output=output, threshold=None, tta=None, ensemble=None, pad=pad)
     check_model(model)
     arr = as_dask_volume(volume)
@@ -106,7 +106,9 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
 
     ``keep``: the budget of tensors kept between stages, whole volume: bytes ('40GB'),
     a multiple of the input ('2x') or 0 (recompute everything from the input); the
-    default is the input's bytes (at most an eighth of RAM across norm barriers).
+    default is the input's bytes, at most an eighth of the memory the lazy result will
+    run in (this machine's, or the default distributed client's workers'):
+    `predict_to_zarr` keeps the input's bytes, on disk past 256 MB.
 
     ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
     (results stay float32 arrays).

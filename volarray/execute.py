@@ -247,8 +247,71 @@ def _sources(names, boxes, channels, parts, scratch):
         if path is None:
             out[n] = assemble(b, c, p)
         else:
+            for _, token in p:
+                if isinstance(token, PendingWrite):
+                    token.wait()
             out[n] = open_scratch(path)[(slice(None),) + Box.from_bounds(*b).slices()]
     return out
+
+
+class PendingWrite:
+    """A task's output on its way to its scratch array, written by a background thread
+    while the worker computes its next task (write-behind: scratch I/O overlaps
+    compute). Readers wait for it; pickled (a distributed transfer, a worker's spill)
+    it waits and becomes True, so a token that leaves the process means written."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def wait(self) -> bool:
+        self.future.result()  # re-raises the write's error in the reader
+        return True
+
+    def __reduce__(self):
+        return bool, (self.wait(),)
+
+
+class ScratchWriter:
+    """Background writes to scratch arrays, at most ``depth`` in flight (each holds a
+    task's output), so that memory stays bounded when the disk is slower than compute."""
+
+    def __init__(self, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(depth, thread_name_prefix="volarray-scratch-writer")
+        self.slots = threading.BoundedSemaphore(depth)
+        self.pending: set = set()
+        self.lock = threading.Lock()
+
+    def submit(self, where, region, y) -> PendingWrite:
+        self.slots.acquire()
+        try:
+            future = self.pool.submit(_write_region, where, region, y)
+        except BaseException:
+            self.slots.release()
+            raise
+        with self.lock:
+            self.pending.add(future)
+        future.add_done_callback(self._done)
+        return PendingWrite(future)
+
+    def _done(self, future):
+        with self.lock:
+            self.pending.discard(future)
+        self.slots.release()
+
+    def flush(self):
+        """Wait for every write in flight (before a scratch store is removed)."""
+        with self.lock:
+            pending = list(self.pending)
+        for f in pending:
+            f.exception()  # waits; errors belong to the readers
+
+
+SCRATCH_WRITER = ScratchWriter()
+
+
+def _write_region(where, region, y):
+    open_scratch(where)[region] = y
 
 
 def open_scratch(where):
@@ -266,8 +329,8 @@ def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, 
                    dict(zip(gnames, gvalues)), _origins(names, boxes))
     if write_to is None:
         return y
-    open_scratch(write_to)[(slice(None),) + box.slices()] = y
-    return True  # a completion token; readers go to the scratch store
+    # a completion token; readers wait for it, then go to the scratch store
+    return SCRATCH_WRITER.submit(write_to, (slice(None),) + box.slices(), y)
 
 
 def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scratch, gnames,

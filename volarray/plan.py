@@ -336,11 +336,23 @@ def parse_keep(keep, default: int, input_bytes: int) -> int:
 
 def default_keep(graph: Graph, spill: bool) -> int:
     """The input's own bytes. A lazy result (``spill=False``) has nowhere to put kept
-    tensors but RAM, and dask may hold every chunk of one until its last reader ran (a
-    barrier always does, until the statistics are known), so it keeps at most an
-    eighth of this machine's memory and recomputes the rest."""
+    tensors but memory, and dask may hold every chunk of one until its last reader ran
+    (a barrier always does, until the statistics are known), so it keeps at most an
+    eighth of the memory it will run in and recomputes the rest."""
     n = tensor_bytes(graph, graph.input)
-    return n if spill else int(min(n, psutil.virtual_memory().total / 8))
+    return n if spill else int(min(n, run_memory() / 8))
+
+
+def run_memory() -> int:
+    """The memory a lazy result will run in: the workers' of the default
+    dask.distributed client when there is one, else this machine's."""
+    try:
+        from distributed import default_client
+        workers = default_client().scheduler_info().get("workers", {})
+    except (ImportError, ValueError):
+        workers = {}
+    total = sum(w.get("memory_limit") or 0 for w in workers.values())
+    return int(total) or psutil.virtual_memory().total
 
 
 # ------------------------------------------------------------------ task grid

@@ -78,6 +78,9 @@ class ScratchSpace:
         return paths
 
     def remove(self):
+        if self.dir is not None:
+            from .execute import SCRATCH_WRITER
+            SCRATCH_WRITER.flush()  # writes still in flight after a stopped run
         outputs.remove_scratch(self.dir)
 
 
