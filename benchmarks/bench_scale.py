@@ -128,7 +128,7 @@ def main(argv=None):
     Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(a.plot, dpi=120)
-    print(f"plot: {a.plot}")
+    print(f"plot: {Path(a.plot).name}")  # no machine paths in the results
 
 
 if __name__ == "__main__":

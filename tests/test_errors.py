@@ -30,9 +30,15 @@ def test_wrong_ndim(model, shape):
         volarray.predict(model, np.zeros(shape, np.float32))
 
 
-def test_integer_volume(model):
-    with pytest.raises(volarray.InputError, match="int16.*astype"):
-        volarray.predict(model, np.zeros((16, 16, 16), np.int16))
+def test_non_numeric_volume_is_refused_and_integers_are_cast(model):
+    """Booleans are not a volume; integer volumes (CT stacks, int16 scans) are cast to
+    float32 region by region and predicted as their float32 values would be."""
+    with pytest.raises(volarray.InputError, match="dtype bool.*astype"):
+        volarray.predict(model, np.zeros((16, 16, 16), bool))
+    ints = np.random.default_rng(0).integers(-300, 300, (16, 16, 16)).astype(np.int16)
+    got = volarray.predict(model, ints).compute()
+    assert got.dtype == np.float32
+    assert np.array_equal(got, volarray.predict(model, ints.astype(np.float32)).compute())
 
 
 def test_not_an_array(model):

@@ -79,3 +79,23 @@ def test_out_of_core_512_cubed_stays_under_3GB():
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["peak"] <= 3e9, m
     assert m["left"] == ["in.zarr", "out.zarr"]  # the scratch store is gone
+
+
+def test_every_task_returns_its_freed_heap(monkeypatch):
+    """Each tile and statistics task gives its freed heap back (malloc_trim) before the
+    next: without it glibc's per-thread arenas made a 512^3 run peak 15% higher."""
+    import numpy as np
+    import volarray
+    import volarray.execute
+    from volarray.heap import release_freed_memory
+    from volarray.models import InstanceNormUNet, seeded
+    calls = []
+    monkeypatch.setattr(volarray.execute, "release_freed_memory",
+                        lambda: calls.append(1) or release_freed_memory())
+    vol = np.random.default_rng(0).standard_normal((40, 36, 32)).astype(np.float32)
+    model = seeded(InstanceNormUNet)
+    plan = volarray.plan(model, vol, chunks=16)
+    volarray.predict(model, vol, chunks=16).compute(scheduler="sync")
+    assert len(calls) == plan.n_tasks > len(plan.stages)
+    if sys.platform.startswith("linux"):
+        assert volarray.heap._TRIM is not None  # glibc: the trim is real here

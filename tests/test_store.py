@@ -146,7 +146,7 @@ def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volu
 @pytest.mark.parametrize("bad,needle", [
     ("missing.zarr", "does not exist"),
     (np.zeros((8, 8), np.float32), r"needs \(Z, Y, X\)"),
-    (np.zeros((8, 8, 8), np.int32), "int32"),
+    (np.zeros((8, 8, 8), bool), "dtype bool"),
 ])
 def test_bad_input_writes_nothing(tmp_path, model, bad, needle):
     if isinstance(bad, str):

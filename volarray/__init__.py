@@ -1,12 +1,16 @@
 """volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
-from .api import plan, predict
+from .api import normalization, plan, predict
 from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,
                      VolarrayError)
+from .formats import open_dataarray
+from .normalize import Normalization
 from .plan import Plan
 from .store import predict_to_zarr
 
 __version__ = "0.1.0"
 
-__all__ = ["predict", "predict_to_zarr", "plan", "Plan", "VolarrayError", "InputError", "UnsupportedOpError",
-           "TraceError", "MemoryBudgetError", "__version__"]
+__all__ = ["predict", "predict_to_zarr", "plan", "Plan", "normalization", "Normalization",
+           "open_dataarray",
+           "VolarrayError", "InputError", "UnsupportedOpError", "TraceError",
+           "MemoryBudgetError", "__version__"]

@@ -5,6 +5,8 @@ import xarray as xr
 
 from .api import QUANTIZED_ATTRS
 from .errors import InputError
+from .io import as_dask_volume
+from .normalize import resolve
 
 
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
@@ -33,9 +35,14 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         raise InputError(f"DataArray {arr.name!r} has dims {arr.dims}: besides the spatial "
                          f"{dims}, only one channel dim may remain, not {rest}")
     arr = arr.transpose(*(rest + list(dims)))
+    normalization = {}
+    if kwargs.get("normalize") is not None:  # computed once, recorded in the attributes
+        kwargs["normalize"] = resolve(kwargs["normalize"], as_dask_volume(arr.data, integers=True))
+        normalization = kwargs["normalize"].attrs
     y = predict(model, arr.data, **kwargs)
     attrs = dict(arr.attrs, volarray_model=type(model).__name__,
-                 volarray_mode=kwargs.get("mode", "exact"), volarray_version=__version__)
+                 volarray_mode=kwargs.get("mode", "exact"), volarray_version=__version__,
+                 **normalization)
 
     def wrap(a, suffix=""):
         coords = {d: arr.coords[d] for d in dims

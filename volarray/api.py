@@ -10,7 +10,7 @@ import torch
 from .errors import InputError
 from .execute import build_graph
 from .geometry import chunk_bounds, coerce_chunks
-from .io import as_dask_volume, rechunk_to, region_reader
+from .io import as_dask_volume, map_volume, rechunk_to, region_reader
 from .plan import Plan, make_plan
 from .ops.local import ArgmaxConv
 from .trace import fuse_argmax_head, trace
@@ -68,7 +68,7 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
             threshold: float | None = None, coords: bool = False,
             ensemble: int | None = None, seed: int = 0, dtype: str | None = None,
             pad: str | None = None, select=None, output_dtype: str | None = None, keep=None,
-            channels=None):
+            channels=None, normalize=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -110,6 +110,15 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
     run in (this machine's, or the default distributed client's workers'):
     `predict_to_zarr` keeps the input's bytes, on disk past 256 MB.
 
+    ``normalize``: scale the input as the model was trained, with statistics of the
+    whole volume (per-chunk statistics would change the answer chunk by chunk):
+    "zscore" (mean and population std), "percentile" (clip to the 0.5 and 99.5
+    percentiles, then z-score; ``{"percentiles": (lo, hi)}`` for others), given
+    statistics ``{"mean": m, "std": s, "clip": (lo, hi)}`` (a training set's, as
+    nnU-Net's CT scheme), or a pointwise callable. The statistics are computed here,
+    once, by dask reductions over the volume (`volarray.normalization` returns them).
+    Integer volumes are cast to float32 region by region, normalized or not.
+
     ``dtype="float16"|"bfloat16"``: exact mode runs its tiles under ``torch.autocast``
     (results stay float32 arrays).
 
@@ -129,7 +138,23 @@ def predict(model, volume, *, chunks=None, mode: str = "exact", device=None,
                     memory_limit=memory_limit, window=window, overlap=overlap, blend=blend,
                     sigma_scale=sigma_scale, tta=tta, output=output, threshold=threshold,
                     coords=coords, ensemble=ensemble, seed=seed, dtype=dtype, pad=pad,
-                    select=select, output_dtype=output_dtype, keep=keep, channels=channels)
+                    select=select, output_dtype=output_dtype, keep=keep, channels=channels,
+                    normalize=normalize)
+
+
+def normalization(volume, normalize="zscore", *, var: str | None = None,
+                  storage_options: dict | None = None):
+    """The transform ``predict(..., normalize=normalize)`` applies to ``volume`` (a
+    path, URL or array), with its whole-volume statistics: a `Normalization` (its
+    ``mean``, ``std``, ``clip`` and ``attrs``), computed once and reusable as
+    ``normalize=`` for other runs over the same survey."""
+    from .io import open_volume
+    from .normalize import resolve
+    if normalize is None:
+        raise InputError("normalization(volume, None) has nothing to compute; pass 'zscore', "
+                         "'percentile' or statistics")
+    return resolve(normalize, as_dask_volume(open_volume(volume, var, storage_options),
+                                             integers=True))
 
 
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
@@ -137,10 +162,11 @@ OUTPUT_DTYPES = ("float32", "float16", "uint8")
 QUANTIZED_ATTRS = {"scale_factor": 1 / 255, "add_offset": 0.0}
 
 
-def _predict(model, volume, *, output_dtype=None, channels=None, **options):
-    """`_predict_scores`, only ``channels`` of it, stored as ``output_dtype``."""
+def _predict(model, volume, *, output_dtype=None, channels=None, normalize=None, **options):
+    """`_predict_scores` of the normalized volume, only ``channels`` of it, stored as
+    ``output_dtype``."""
     output_dtype = check_output_dtype(output_dtype, options)
-    y = _predict_scores(model, volume, **options)
+    y = _predict_scores(model, volume, normalize=normalize, **options)
     return cast_output(select_channels(y, channels, options), output_dtype)
 
 
@@ -206,7 +232,8 @@ def quantize_probabilities(block: np.ndarray) -> np.ndarray:
 def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, memory_limit=None,
              window=None, overlap=0.25, blend="gaussian", sigma_scale=0.125, tta=None,
              output="probabilities", threshold=None, coords=False, ensemble=None, seed=0,
-             dtype=None, pad=None, select=None, scratch=None, stochastic=False, keep=None):
+             dtype=None, pad=None, select=None, scratch=None, stochastic=False, keep=None,
+             normalize=None):
     """`predict`, plus what `predict_to_zarr` needs: ``scratch`` (a ScratchSpace that
     holds exact mode's kept tensors on disk) and ``stochastic`` (one sample of a model
     with active dropout, as the members of an ensemble are)."""
@@ -217,7 +244,10 @@ def _predict_scores(model, volume, *, chunks=None, mode="exact", device=None, me
                          "autocast); window mode calls the model as it is, so cast the model "
                          "itself or pass dtype=None")
     check_model(model, stochastic=stochastic or ensemble is not None)
-    arr = as_dask_volume(volume)
+    arr = as_dask_volume(volume, integers=normalize is not None)
+    if normalize is not None:  # statistics of the whole volume (integers as they are), once
+        from .normalize import resolve
+        arr = map_volume(arr, resolve(normalize, arr))
     kw = dict(chunks=chunks, mode=mode, device=device, memory_limit=memory_limit,
               window=window, overlap=overlap, blend=blend, sigma_scale=sigma_scale, seed=seed,
               dtype=dtype, scratch=scratch, select=select, keep=keep)

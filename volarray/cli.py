@@ -124,13 +124,13 @@ def predict_options(args) -> dict:
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
                 ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
                 select=args.select, output_dtype=args.output_dtype, keep=args.keep,
-                channels=args.channels)
+                channels=args.channels, normalize=args.normalize)
 
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
 NOT_NNUNET = ("weights", "mode", "memory_limit", "keep", "pad", "select", "window", "overlap",
               "blend", "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype",
-              "scratch", "output_dtype", "channels")
+              "scratch", "output_dtype", "channels", "normalize")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
 
@@ -165,10 +165,10 @@ def _model_writer(args):
     if options["output"] == "labels":
         options["output"] = "argmax"
 
-    def write(scheduler):
+    def write(scheduler, source, target, resume):
         return volarray.predict_to_zarr(
-            model, args.input, args.output, name=args.name, var=args.var,
-            overwrite=args.overwrite, resume=args.resume, scheduler=scheduler,
+            model, source, target, name=args.name, var=args.var,
+            overwrite=args.overwrite and not resume, resume=resume, scheduler=scheduler,
             scratch={"auto": "auto", "disk": True, "memory": False}[args.scratch],
             storage_options=args.storage_options, **options)
     return write
@@ -183,10 +183,11 @@ def _nnunet_writer(args):
                         checkpoint=args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     output = {"argmax": "labels"}.get(args.output_kind, args.output_kind)
 
-    def write(scheduler):
+    def write(scheduler, source, target, resume):
         return predict_nnunet_to_zarr(
-            model, args.input, args.output, name=args.name, var=args.var,
-            overwrite=args.overwrite, resume=args.resume, scheduler=scheduler, output=output,
+            model, source, target, name=args.name, var=args.var,
+            overwrite=args.overwrite and not resume, resume=resume, scheduler=scheduler,
+            output=output,
             tile_step_size=args.step, mirror=not args.no_mirror,
             normalize=not args.no_normalize, crop_nonzero=not args.no_crop,
             chunks=args.chunks, device=args.device, storage_options=args.storage_options)
@@ -194,42 +195,128 @@ def _nnunet_writer(args):
 
 
 def cmd_predict(args) -> int:
-    from volarray.io import open_volume
     from volarray.outputs import RunInterrupted
     check_flags(args, args.defaults)
     check_preview_path(args.preview)
+    jobs = batch_jobs(args.input, args.output, args.format, args.resume, args.overwrite)
     write = _nnunet_writer(args) if args.nnunet else _model_writer(args)
     scheduler, client = _scheduler(args.scheduler)
-    out = args.output
     try:
-        t0 = time.perf_counter()
-        from tqdm.dask import TqdmCallback
-        # tasks done, rate and time left (on a cluster, its dashboard shows the same)
-        bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
-        with bar if client is None and not args.quiet else contextlib.nullcontext():
-            result = write(scheduler)
+        for source, target, fmt in jobs:
+            code = _predict_one(args, write, scheduler, client, source, target, fmt)
+            if code:
+                return code
     except RunInterrupted as e:
         print(f"volarray: {_cli_words(str(e))}", file=sys.stderr)
         return e.exit_code
     finally:
         if client is not None:
             client.close()
+    return 0
+
+
+def batch_jobs(source: str, target: str, fmt: str | None, resume: bool, overwrite: bool):
+    """``(input, output, format)`` runs: one, or one per file of a glob pattern
+    (``'scans/*.nii.gz'``) into the folder ``target``, each output named after its
+    input. A file whose output is complete is skipped on ``--resume``; any other
+    existing output stops the batch before anything runs."""
+    from volarray.formats import output_format
+    if not any(ch in source for ch in "*?[") or "://" in source or os.path.exists(source):
+        return [(source, target, output_format(target, fmt))]
+    import glob
+    files = sorted(glob.glob(source))
+    if not files:
+        raise CLIError(f"input pattern {source!r} matches no file")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise CLIError(f"output {target!r} is a file; a batch writes one output per input "
+                       "into a folder")
+    fmt = fmt or "zarr"
+    suffix = {"zarr": ".zarr", "nifti": ".nii.gz", "segy": ".sgy", "tiff": ""}[fmt]
+    stems = [_stem(f) for f in files]
+    if len(set(stems)) != len(stems):
+        raise CLIError(f"input pattern {source!r} matches files of the same name in "
+                       "different folders; run them as separate batches")
+    jobs = [(f, os.path.join(target, stem + suffix), fmt) for f, stem in zip(files, stems)]
+    done = [t for _, t, _ in jobs if os.path.exists(t)]
+    if done and not (resume or overwrite):
+        raise CLIError(f"{len(done)} of the batch's outputs exist already (e.g. {done[0]!r}); "
+                       "pass --resume to finish the batch or --overwrite to replace them")
+    os.makedirs(target, exist_ok=True)
+    return jobs
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path.rstrip("/"))
+    for suffix in (".nii.gz", ".nii", ".sgy", ".segy", ".tiff", ".tif", ".zarr", ".npy",
+                   ".mdio"):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
+    """One input to one output: a zarr store, or (``fmt`` nifti, segy, tiff) a zarr
+    work store beside the target, exported when complete and then removed (a stopped
+    run resumes from it with --resume)."""
+    from volarray.formats import export_prediction
+    store = target
+    if fmt != "zarr":
+        check_exportable(args, fmt)
+        store = target.rstrip("/") + ".volarray.zarr"
+        if os.path.exists(target) and args.resume:  # exports are moved into place whole
+            _remove_work_store(store)
+            if not args.quiet:
+                print(f"{target} is complete: skipped")
+            return 0
+        export_prediction(None, target, fmt, like=source, overwrite=args.overwrite,
+                          check_only=True)  # before the run, not after it
+    t0 = time.perf_counter()
+    from tqdm.dask import TqdmCallback
+    # tasks done, rate and time left (on a cluster, its dashboard shows the same)
+    bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
+    with bar if client is None and not args.quiet else contextlib.nullcontext():
+        result = write(scheduler, source, store, args.resume or (
+            fmt != "zarr" and os.path.exists(store) and not args.overwrite))
     results = result if isinstance(result, tuple) else (result,)
+    code = _preview(args, source, results[0], target) if args.preview else 0
+    if fmt != "zarr":
+        export_prediction(results[0], target, fmt, like=source, overwrite=args.overwrite)
+        _remove_work_store(store)
     if not args.quiet:
         for r in results:
-            print(f"wrote {out}/{r.basename} {r.shape} in {time.perf_counter() - t0:.1f} s, "
+            where = target if fmt != "zarr" else f"{target}/{r.basename}"
+            print(f"wrote {where} {r.shape} in {time.perf_counter() - t0:.1f} s, "
                   f"peak RSS {_peak_rss_gb():.2f} GB")
-    if args.preview:
-        try:
-            preview(open_volume(args.input, args.var, args.storage_options), results[0],
-                    args.preview)
-        except Exception as e:  # the run is finished and stays so
-            print(f"volarray: error: the output {str(out)!r} is complete, but the preview "
-                  f"{args.preview!r} could not be drawn ({type(e).__name__}: {e})",
-                  file=sys.stderr)
-            return 1
-        if not args.quiet:
+        if args.preview and not code:
             print(f"preview: {args.preview}")
+    return code
+
+
+def check_exportable(args, fmt: str) -> None:
+    """Outputs a NIfTI, SEG-Y or TIFF file cannot hold, refused before the run."""
+    if getattr(args, "ensemble", None):
+        raise CLIError(f"--ensemble writes NAME_mean and NAME_std; --format {fmt} holds one "
+                       "array: write zarr")
+    if getattr(args, "output_dtype", None) == "uint8":
+        raise CLIError(f"--output-dtype uint8 keeps its 1/255 scale in zarr's attributes, "
+                       f"which --format {fmt} would lose: write float16 or zarr")
+
+
+def _remove_work_store(store: str) -> None:
+    from volarray.location import Location
+    from volarray.outputs import remove_output
+    remove_output(Location.of(store), missing_ok=True)
+
+
+def _preview(args, source, result, target) -> int:
+    from volarray.io import open_volume
+    try:
+        preview(open_volume(source, args.var, args.storage_options), result, args.preview)
+    except Exception as e:  # the run is finished and stays so
+        print(f"volarray: error: the output {str(target)!r} is complete, but the preview "
+              f"{args.preview!r} could not be drawn ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -300,8 +387,11 @@ def _channel_list(text: str) -> list[int]:
 
 
 def _model_args(p, nnunet: bool = False):
-    p.add_argument("input", help="zarr array, zarr group (with --var) or .npy: a path, or a "
-                                 "URL (s3://, gs://, file://) read through fsspec")
+    p.add_argument("input", help="zarr array, zarr group (with --var), .npy, SEG-Y (.sgy), "
+                                 "MDIO (.mdio), NIfTI (.nii, .nii.gz) or TIFF (a .tif file or a "
+                                 "folder of slices): a path, a URL (s3://, gs://, file://) "
+                                 "read through fsspec, or a quoted glob pattern "
+                                 "('scans/*.nii.gz') for a batch into the output folder")
     model_help = "MODULE:CALLABLE returning a torch.nn.Module"
     if nnunet:
         which = p.add_mutually_exclusive_group(required=True)
@@ -319,6 +409,10 @@ def _model_args(p, nnunet: bool = False):
                    help="fsspec options for URL inputs and outputs, e.g. "
                         "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'")
     p.add_argument("--var", help="array name inside a zarr group")
+    p.add_argument("--normalize", type=_normalize,
+                   help="whole-volume normalization: zscore, percentile (0.5-99.5, or "
+                        "percentile:LO,HI), or given statistics MEAN,STD or MEAN,STD,CLIP_LO,"
+                        "CLIP_HI (a training set's)")
     p.add_argument("--chunks", type=_sides, help="chunk side N or Z,Y,X (default: planned)")
     p.add_argument("--mode", default="exact", choices=["exact", "window"],
                    help="exact (the whole-volume answer) or window (sliding window)")
@@ -342,6 +436,25 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object ({{...}})")
     return value
+
+
+def _normalize(text: str):
+    """--normalize: zscore | percentile[:LO,HI] | MEAN,STD[,CLIP_LO,CLIP_HI]."""
+    if text in ("zscore", "percentile"):
+        return text
+    try:
+        if text.startswith("percentile:"):
+            lo, hi = (float(v) for v in text.split(":", 1)[1].split(","))
+            return {"percentiles": (lo, hi)}
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        return {"mean": values[0], "std": values[1]}
+    if len(values) == 4:
+        return {"mean": values[0], "std": values[1], "clip": tuple(values[2:])}
+    raise argparse.ArgumentTypeError(f"{text!r} is not zscore, percentile, percentile:LO,HI, "
+                                     "MEAN,STD or MEAN,STD,CLIP_LO,CLIP_HI")
 
 
 def _index_or_key(text: str):
@@ -398,7 +511,8 @@ def parser() -> argparse.ArgumentParser:
                                        "volume into a zarr store")
     _model_args(p, nnunet=True)
     p.add_argument("output", help="zarr store to write (a group holding --name): a path or "
-                                  "a URL")
+                                  "a URL; a .nii.gz, .sgy or (--format tiff) folder for the "
+                                  "field's formats; a folder for a batch")
     p.add_argument("--name", default="prediction", help="output array name")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
     p.add_argument("--scheduler", default="threads",
@@ -409,6 +523,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", default="auto", choices=["auto", "disk", "memory"],
                    help="where exact mode keeps tensors between stages (auto: on disk beside "
                         "the output past 256 MB)")
+    p.add_argument("--format", choices=["zarr", "nifti", "segy", "tiff"],
+                   help="output format (default: from the output's suffix, .nii/.nii.gz "
+                        "NIfTI with the input's affine, .sgy/.segy SEG-Y with the input's "
+                        "headers, else zarr); tiff writes a folder of slices")
     p.add_argument("--quiet", action="store_true")
     _predict_args(p)
     p.set_defaults(func=cmd_predict)
@@ -447,6 +565,7 @@ def main(argv=None) -> int:
 
 API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
              ("trust_checkpoint=True", "--trust-checkpoint"), ("normalize=False", "--no-normalize"),
+             ("normalize=", "--normalize "),
              ("folds=", "--folds "), ("checkpoint=", "--checkpoint "),
              ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
              ("var=", "--var"), ("memory_limit", "--memory-limit"), ("keep=", "--keep "),

@@ -19,6 +19,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .geometry import Box, Interval, chunk_range, grid_boxes
+from .heap import release_freed_memory
 from .io import RegionReader, check_finite
 from .ops.local import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
@@ -325,8 +326,11 @@ def open_scratch(where):
 def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, gnames, gvalues,
              write_to=None):
     box = Box.from_bounds(*out_bounds)
-    y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
-                   dict(zip(gnames, gvalues)), _origins(names, boxes))
+    try:
+        y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
+                       dict(zip(gnames, gvalues)), _origins(names, boxes))
+    finally:
+        release_freed_memory()  # the task's intermediates, before the next task
     if write_to is None:
         return y
     # a completion token; readers wait for it, then go to the scratch store
@@ -335,9 +339,12 @@ def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, 
 
 def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scratch, gnames,
                gvalues):
-    return runner.stats(barrier, Box.from_bounds(*out_bounds),
-                        _sources(names, boxes, channels, parts, scratch),
-                        dict(zip(gnames, gvalues)), _origins(names, boxes))
+    try:
+        return runner.stats(barrier, Box.from_bounds(*out_bounds),
+                            _sources(names, boxes, channels, parts, scratch),
+                            dict(zip(gnames, gvalues)), _origins(names, boxes))
+    finally:
+        release_freed_memory()
 
 
 def _origins(names, boxes) -> dict:

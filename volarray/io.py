@@ -8,6 +8,7 @@ import weakref
 import dask.array as da
 import numpy as np
 import torch
+from dask.base import tokenize
 
 from .location import Location
 from .errors import InputError
@@ -15,10 +16,15 @@ from .errors import InputError
 
 def open_volume(source, var: str | None = None, storage_options: dict | None = None):
     """An array from a path or URL (zarr array, zarr group + ``var``, local ``.npy`` as a
-    memmap), or ``source`` itself when it already is an array. ``storage_options`` go to
+    memmap, a SEG-Y, MDIO, NIfTI or TIFF volume as a lazy DataArray), or ``source``
+    itself when it already is an array. ``storage_options`` go to
     fsspec for URLs (``s3://``, ``gs://``, ``memory://``...)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
+    from .formats import format_of, open_dataarray
+    kind = format_of(source) if "://" not in str(source) and os.path.exists(source) else None
+    if kind is not None:  # SEG-Y, MDIO, NIfTI, TIFF: a lazy DataArray
+        return open_dataarray(source, **({"var": var} if kind == "mdio" else {}))
     loc = Location.of(str(source), storage_options)
     if not loc.refresh().exists():
         raise InputError(f"input {str(source)!r} does not exist; pass the path or URL of a zarr "
@@ -51,22 +57,22 @@ def open_volume(source, var: str | None = None, storage_options: dict | None = N
 
 def as_dask_volume(volume, integers: bool = False) -> da.Array:
     """Canonical (C, Z, Y, X) float dask array; raises InputError naming the problem.
-    ``integers=True`` also takes integer volumes as they are, for a caller that
-    normalizes them itself (nnU-Net's pipeline casts to float32 first, as nnU-Net does)."""
+    Integer volumes (uint8 and uint16 CT stacks, int16 scans) are cast to float32 region
+    by region; ``integers=True`` keeps them as they are, for a caller that normalizes
+    them itself (nnU-Net's pipeline casts to float32 first, as nnU-Net does)."""
     volume = _from_torch(volume)
+    if type(volume).__name__ == "DataArray":
+        volume = volume.data  # numpy or dask; a field format's reader stays registered
+    source = _READERS.get(volume.name) if isinstance(volume, da.Array) else None
     if _is_zarr_array(volume):
         volume = CheckedReader(volume)
     if isinstance(volume, da.Array):
         arr = volume
     elif hasattr(volume, "shape") and hasattr(volume, "dtype"):
-        # numpy, zarr, h5py, memmap, xarray.DataArray (its .data)
-        data = getattr(volume, "data", None) if type(volume).__name__ == "DataArray" else volume
-        if isinstance(data, da.Array):
-            arr = data
-        else:
-            arr = da.from_array(data, chunks=_natural_chunks(data),
-                                asarray=isinstance(data, np.ndarray) or None,
-                                name=getattr(data, "dask_name", None))
+        data = volume  # numpy, zarr, h5py, memmap
+        arr = da.from_array(data, chunks=_natural_chunks(data),
+                            asarray=isinstance(data, np.ndarray) or None,
+                            name=getattr(data, "dask_name", None))
     else:
         raise InputError(f"volume of type {type(volume).__name__} is not an array; pass a numpy, "
                          "dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X)")
@@ -75,17 +81,71 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
     if arr.ndim != 4:
         raise InputError(f"volume has shape {tuple(arr.shape)} ({arr.ndim} dims); volarray needs "
                          "(Z, Y, X) for one channel or (C, Z, Y, X)")
-    if not (np.issubdtype(arr.dtype, np.floating) or
-            (integers and np.issubdtype(arr.dtype, np.integer))):
-        raise InputError(f"volume has dtype {arr.dtype}; pass floating-point data "
-                         "(e.g. volume.astype('float32')) scaled as the model was trained")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"volume has dtype {arr.dtype}; pass numbers (floating-point or "
+                         "integer data, e.g. volume.astype('float32'))")
     if not arr.dtype.isnative:  # big-endian numbers (SEG-Y conversions): torch needs native
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
     if not isinstance(volume, da.Array) and isinstance(data, (np.ndarray, CheckedReader)):
         _READERS[arr.name] = data
+    elif source is not None and arr.shape[1:] == volume.shape[-3:] and \
+            arr.numblocks[0] == 1 and arr.dtype == volume.dtype:
+        _READERS[arr.name] = source  # the same array, given a channel axis
+    if np.issubdtype(arr.dtype, np.integer) and not integers:
+        arr = map_volume(arr, to_float32)
     return arr
+
+
+def lazy_array(source, chunks) -> da.Array:
+    """A dask array over the array-like ``source`` (a field format's reader), whose
+    tasks in `predict` read their regions straight from it, as from a zarr array."""
+    path = getattr(source, "path", None)
+    stamp = (os.stat(path).st_size, os.stat(path).st_mtime_ns) \
+        if path is not None and os.path.isfile(path) else None  # a rewritten file differs
+    name = "read-" + tokenize(type(source).__name__, path or id(source), stamp, source.shape,
+                              str(source.dtype), chunks)
+    arr = da.from_array(source, chunks=chunks, asarray=False, name=name)
+    _READERS[arr.name] = source
+    return arr
+
+
+def to_float32(block: np.ndarray) -> np.ndarray:
+    return block.astype(np.float32)
+
+
+def map_volume(arr: da.Array, fn) -> da.Array:
+    """The pointwise ``fn`` (float32 out) over the (C, Z, Y, X) volume, region by region.
+    A volume that tasks read straight from its zarr or numpy array stays so: they read
+    their regions through ``fn``."""
+    name = "mapped-" + tokenize(arr.name, fn)
+    data = _READERS.get(arr.name)
+    if data is None:  # fn is per channel: every block holds all channels
+        return arr.rechunk({0: -1}).map_blocks(fn, dtype=np.float32, name=name)
+    view = MappedSource(data, fn)
+    out = da.from_array(view, chunks=arr.chunks, asarray=False, name=name)
+    _READERS[out.name] = view
+    return out
+
+
+class MappedSource:
+    """A (C, Z, Y, X) float32 view of a (Z, Y, X) or (C, Z, Y, X) array whose regions
+    come out through a pointwise function (an integer cast, a normalization)."""
+
+    def __init__(self, data, fn):
+        self.data, self.fn = data, fn
+        shape = tuple(data.shape)
+        self.shape = shape if len(shape) == 4 else (1,) + shape
+        self.ndim, self.dtype = 4, np.dtype(np.float32)
+
+    def __getitem__(self, index):
+        index = tuple(index) + (slice(None),) * (4 - len(tuple(index)))
+        if len(self.data.shape) == 3:
+            block = np.asarray(self.data[index[1:]])[None]
+        else:  # every channel: fn is per channel
+            block = np.asarray(self.data[(slice(None),) + index[1:]])
+        return self.fn(block.astype(block.dtype.newbyteorder("="), copy=False))[index[:1]]
 
 
 # dask array name -> the zarr or numpy array it reads (alive while the graph holds it):
@@ -151,7 +211,6 @@ class CheckedReader:
         path = getattr(array, "path", "") or ""
         root = getattr(getattr(array, "store", None), "root", None)
         self.where = f"{root}/{path}".rstrip("/") if root is not None else repr(array)
-        from dask.base import tokenize
         self.dask_name = "zarr-" + tokenize(self.where, self.shape, str(self.dtype), self.chunks)
 
     def __getitem__(self, index):

@@ -212,7 +212,7 @@ def remove_output(loc: Location, missing_ok: bool = False) -> None:
             loc.remove_if_empty()
             return
         raise InputError(f"{loc.url!r} is not a volarray output; it was left as it is")
-    for name in list(marker.get("arrays", [])) + [DONE]:
+    for name in list(marker.get("arrays", [])) + list(marker.get("coordinates", [])) + [DONE]:
         entry = loc.child(name) if isinstance(name, str) and name.strip(".") \
             and "/" not in name else None
         if entry is not None and entry.is_dir():

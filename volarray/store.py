@@ -24,6 +24,7 @@ from .api import QUANTIZED_ATTRS, _predict, predict
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
 from .location import Location
+from .normalize import resolve as resolve_normalize
 from .outputs import DONE, RunInterrupted
 
 PREDICT_DEFAULTS = {name: p.default for name, p in inspect.signature(predict).parameters.items()
@@ -146,7 +147,10 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     action, out = outputs.check_target(store, inputs, overwrite=overwrite, resume=resume,
                                        storage_options=storage_options)
     # validates before anything is traced or written
-    source = as_dask_volume(src, integers=predictor is not None)
+    source = as_dask_volume(src, integers=predictor is not None or
+                            options.get("normalize") is not None)
+    if options.get("normalize") is not None:  # once, recorded in the arrays' attributes
+        options = dict(options, normalize=resolve_normalize(options["normalize"], source))
     if action != "create":
         outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
     space = ScratchSpace(out, scratch)
@@ -154,18 +158,22 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
         result = (predictor(source) if predictor is not None
                   else _predict(model, source, scratch=space, **options))
         arrays = _named_arrays(result, name)
+        axes = spatial_axes(src, arrays)
         run_id = _run_id(model, volume, var, source, arrays, options,
                          getattr(predictor, "token", None), storage_options)
         if action == "resume":
             _write(out, _open_for_resume(out, run_id, arrays), arrays, scheduler)
         elif action == "create":
             _write(out, None, arrays, scheduler,
-                   lambda: _create_output(out, run_id, arrays, model, options, predictor))
+                   lambda: _create_output(out, run_id, arrays, model, options, predictor,
+                                          axes))
         else:  # replace: the old output stays whole until the new one is complete
-            outputs.check_replaceable(out, list(arrays))
+            outputs.check_replaceable(out, list(arrays) + [d for d, v in axes.items()
+                                                           if v is not None])
             staging = outputs.make_staging(out)
             _write(staging, None, arrays, scheduler,
-                   lambda: _create_output(staging, run_id, arrays, model, options, predictor),
+                   lambda: _create_output(staging, run_id, arrays, model, options, predictor,
+                                          axes),
                    replacing=out)
             outputs.swap_in(staging, out)
     finally:
@@ -228,17 +236,20 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
 
 
 def _create_output(out: Location, run_id: dict, arrays: dict, model, options: dict,
-                   predictor=None):
+                   predictor=None, axes=None):
     """A new output group; its volarray mark comes first, so that a run stopped while
     creating it leaves a store volarray recognises (and may remove)."""
     group = out.open_group("w-")
     group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
+                                   "coordinates": [d for d, v in (axes or {}).items()
+                                                   if v is not None],
                                    "version": _version()}
+    _write_coordinates(group, axes or {})
     first = next(iter(arrays.values()))
     group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
                        fill_value=0, dimension_names=("z_chunk", "y_chunk", "x_chunk"))
     for n, a in arrays.items():
-        spatial_dims = ("z", "y", "x")
+        spatial_dims = tuple(axes) if axes else ("z", "y", "x")
         group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
                            dtype=a.dtype, dimension_names=(
                                spatial_dims if a.ndim == 3 else ("channel",) + spatial_dims),
@@ -247,8 +258,28 @@ def _create_output(out: Location, run_id: dict, arrays: dict, model, options: di
                                        "volarray_version": _version(),
                                        **(QUANTIZED_ATTRS if a.dtype == np.uint8
                                           and options.get("output_dtype") == "uint8" else {}),
+                                       **getattr(options.get("normalize"), "attrs", {}),
                                        **getattr(predictor, "attrs", {})})
     return group
+
+
+def spatial_axes(src, arrays: dict) -> dict:
+    """The input's spatial dims and their coordinates (a field format's inline,
+    crossline and sample numbers; a scan's mm), for an output of the same spatial shape:
+    the output group gets them as its dimension names and coordinate arrays."""
+    if type(src).__name__ != "DataArray" or src.ndim not in (3, 4):
+        return {}
+    dims = src.dims[-3:]
+    if any(a.shape[-3:] != tuple(src.shape[-3:]) for a in arrays.values()) or \
+            set(dims) & (set(arrays) | {DONE}):
+        return {}
+    return {d: (np.asarray(src[d].values) if d in src.coords else None) for d in dims}
+
+
+def _write_coordinates(group, axes: dict) -> None:
+    for dim, values in axes.items():
+        if values is not None:
+            group.create_array(dim, data=values, dimension_names=(dim,))
 
 
 def _open_for_resume(out: Location, run_id: dict, arrays: dict):

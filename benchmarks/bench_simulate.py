@@ -1,0 +1,246 @@
+"""SIMULATION, not a measurement of inference: volarray's real graph for a big volume
+(every task and dependency as planned, 4096^3 by default) run on a dask LocalCluster of
+many single-thread workers, each task's work replaced by a sleep and a small payload.
+
+What it tells: how dask's scheduler copes with the graph (tasks per second), the
+critical path, how long the normalization barriers hold workers idle, and the wall
+time projected on 8, 64 and 512 GPUs; where the scheduler, not compute, is the limit.
+
+How a task's time is modelled:
+
+- compute: the task's MACs (its stage's MACs, halos and recomputation included, shared
+  by the volume of its output region) over a rate: ``--gpu-rate`` TMAC/s per GPU, an
+  assumed effective rate until a GPU run measures one (no GPU has run volarray yet), or
+  ``--rate cpu`` for the rate measured here on this CPU;
+- I/O: the bytes the task reads (its sources' regions, halo included) and writes (its
+  output region) over ``--bandwidth`` GB/s per worker, as from a parallel file system or
+  object store (predict_to_zarr's tasks read the input and kept tensors from storage
+  and write there);
+- payload: a task returns its output's bytes divided by ``--payload-scale`` (the real
+  payload, hundreds of terabytes, would not fit this machine); dask moves those bytes
+  between workers as it would move the real ones;
+- time: sleeps are multiplied by a time scale (1 unless the run would take longer than
+  ``--budget`` seconds; the table states it), and walls are divided by it back. A time
+  scale below 1 overstates the scheduler's share (its overhead is not scaled), so such
+  projections are upper bounds.
+
+Every worker lives in this one process (LocalCluster(processes=False)): the scheduler
+shares its two cores and its GIL with up to 512 workers' event loops, so the scheduler
+throughput here is a floor for a scheduler on a node of its own.
+
+    python benchmarks/bench_simulate.py [--size 4096] [--models FaultSeg3D InstanceNormUNet]
+        [--gpus 8 64 512] [--gpu-rate 20] [--bandwidth 2] [--payload-scale 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import defaultdict
+from graphlib import TopologicalSorter
+
+import numpy as np
+import torch
+import zarr
+from dask.core import get_dependencies, istask
+from distributed import Client, LocalCluster, get_task_stream
+
+import volarray
+from volarray import models
+from volarray.execute import combine_task, eval_task, run_task, stats_task, value_task
+
+FLOAT_BYTES = 4
+
+
+def lazy_volume(size: int) -> zarr.Array:
+    """A (size,)^3 float32 zarr array in memory with no chunk written: metadata only, so
+    tasks read it straight from the array (the graph of a zarr input) and nothing is
+    allocated."""
+    return zarr.create_array(store=zarr.storage.MemoryStore(), shape=(size,) * 3,
+                             chunks=(256,) * 3, dtype="float32")
+
+
+def box_voxels(lo, hi) -> int:
+    return math.prod(int(b) - int(a) for a, b in zip(lo, hi))
+
+
+class TaskCost:
+    """MACs and bytes of each task of volarray's graph, from the plan it was built from."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.out_channels = {s.index: plan.graph.nodes[s.output].channels for s in plan.stages}
+
+    @staticmethod
+    def domain(bounds) -> int:
+        return math.prod(int(b[-1]) - int(b[0]) for b in bounds)
+
+    def of(self, task) -> tuple[float, int, int, str]:
+        """(MACs, bytes read, bytes written, kind) of one task of the graph."""
+        fn = task[0]
+        if fn in (run_task, stats_task):
+            index, (lo, hi), boxes, channels = task[2], task[3], task[5], task[6]
+            part = self.plan.stages[index] if fn is run_task else self.plan.barriers[index]
+            macs = part.macs * box_voxels(lo, hi) / self.domain(part.bounds)
+            read = sum(box_voxels(*b) * c for b, c in zip(boxes, channels)) * FLOAT_BYTES
+            if fn is run_task:
+                return macs, read, box_voxels(lo, hi) * self.out_channels[index] * FLOAT_BYTES, \
+                    f"stage {index}"
+            return macs, read, 0, f"statistics {part.name}"
+        if fn is value_task:
+            return 0.0, 0, 0, f"value {task[2]}"
+        if fn in (combine_task, eval_task):
+            return 0.0, 0, 0, "combine"
+        return 0.0, 0, 0, "other"
+
+
+def simulated(dsk: dict, cost: TaskCost, rate: float, bandwidth: float):
+    """The graph with each task replaced by ``(sleep_task, seconds, payload bytes, *deps)``,
+    and each task's modelled seconds and kind."""
+    seconds, kinds, writes, deps = {}, {}, {}, {}
+    for key, task in dsk.items():
+        macs, read, write, kind = cost.of(task) if istask(task) else (0.0, 0, 0, "other")
+        seconds[key] = macs / rate + (read + write) / bandwidth
+        kinds[key], writes[key] = kind, write
+        deps[key] = sorted(get_dependencies(dsk, key), key=str)
+    return seconds, kinds, writes, deps
+
+
+def sleep_task(seconds, payload, *deps):
+    time.sleep(seconds)
+    return bytes(payload)
+
+
+def critical_path(seconds: dict, deps: dict) -> float:
+    finish = {}
+    for key in TopologicalSorter(deps).static_order():
+        finish[key] = seconds[key] + max((finish[d] for d in deps[key]), default=0.0)
+    return max(finish.values())
+
+
+def run_simulation(workers: int, seconds, writes, deps, scale: float, payload_scale: float):
+    """Run the sleep graph on ``workers`` single-thread workers; the wall (seconds) and the
+    task stream."""
+    graph = {k: (sleep_task, seconds[k] * scale, int(writes[k] / payload_scale)) + tuple(deps[k])
+             for k in seconds}
+    needed = set().union(*deps.values())
+    sinks = [k for k in graph if k not in needed]
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
+                      dashboard_address=":0", silence_logs=50) as cluster, \
+            Client(cluster) as client:
+        with get_task_stream(client) as ts:
+            t0 = time.perf_counter()
+            futures = client.get(graph, sinks, sync=False)
+            client.gather(futures)
+            wall = time.perf_counter() - t0
+        stream = ts.data
+    return wall, stream
+
+
+def utilization(stream, kinds, workers: int) -> tuple[float, float]:
+    """(busy fraction of the workers over the run, worker-seconds idle while barriers
+    wait: from a barrier's last statistics tile to its value, the time no worker spent
+    on any task)."""
+    spans = [(ss["start"], ss["stop"], kinds.get(rec["key"], "other"))
+             for rec in stream for ss in rec["startstops"] if ss["action"] == "compute"]
+    if not spans:
+        return 0.0, 0.0
+    t0, t1 = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+    busy = sum(e - s for s, e, _ in spans) / ((t1 - t0) * workers)
+    tiles_end, value_end = defaultdict(float), {}
+    for s, e, k in spans:
+        if k.startswith("statistics "):
+            tiles_end[k[11:]] = max(tiles_end[k[11:]], e)
+        elif k.startswith("value "):
+            value_end[k[6:]] = e
+    idle = 0.0
+    for name, lo in tiles_end.items():
+        hi = value_end.get(name, lo)
+        worked = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, _ in spans)
+        idle += (hi - lo) * workers - worked
+    return busy, idle
+
+
+def scheduler_throughput(deps, workers: int) -> tuple[float, int]:
+    """Tasks per second dask's scheduler reaches on this graph when tasks take no time."""
+    zero = {k: 0.0 for k in deps}
+    wall, _ = run_simulation(workers, zero, {k: 0 for k in deps}, deps, 1.0, 1.0)
+    return len(deps) / wall, len(deps)
+
+
+def cpu_rate(model) -> float:
+    """MACs per second of plain ``model(volume)`` on this CPU (all its threads), 96^3."""
+    x = torch.randn(1, 1, 96, 96, 96)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        dt = time.perf_counter() - t0
+    p = volarray.plan(model, np.zeros((96,) * 3, np.float32))
+    return p.model_macs / dt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--models", nargs="+", default=["FaultSeg3D", "InstanceNormUNet"])
+    ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 512])
+    ap.add_argument("--gpu-rate", type=float, default=20.0,
+                    help="assumed effective TMAC/s of one GPU on 3D convolutions")
+    ap.add_argument("--rate", choices=["gpu", "cpu"], default="gpu")
+    ap.add_argument("--bandwidth", type=float, default=2.0, help="GB/s of storage per worker")
+    ap.add_argument("--payload-scale", type=float, default=10_000)
+    ap.add_argument("--budget", type=float, default=120.0,
+                    help="seconds a simulated run may take before its sleeps are scaled down")
+    ap.add_argument("--keep", default="1x", help="the plan's keep budget (predict_to_zarr's default)")
+    a = ap.parse_args(argv)
+    rows, notes = [], []
+    for name in a.models:
+        model = models.seeded(getattr(models, name))
+        rate = a.gpu_rate * 1e12 if a.rate == "gpu" else cpu_rate(model)
+        vol = lazy_volume(a.size)
+        t0 = time.perf_counter()
+        p = volarray.plan(model, vol, keep=a.keep)
+        y = volarray.predict(model, vol, keep=a.keep)
+        dsk = dict(y.__dask_graph__())
+        build = time.perf_counter() - t0
+        seconds, kinds, writes, deps = simulated(dsk, TaskCost(p), rate, a.bandwidth * 1e9)
+        total = sum(seconds.values())
+        cp = critical_path(seconds, deps)
+        tput, n = scheduler_throughput(deps, max(a.gpus[0], 8))
+        notes.append(f"{name} {a.size}^3: {n:,} tasks ({len(p.barriers)} barriers), graph built "
+                     f"in {build:.1f} s, compute {p.compute_ratio:.2f}x one forward, rate "
+                     f"{rate / 1e12:.3g} TMAC/s ({a.rate}), one-worker time {total:,.0f} s, "
+                     f"critical path {cp:.2f} s, mean task {total / n * 1e3:.1f} ms; scheduler "
+                     f"throughput with zero-time tasks: {tput:,.0f} tasks/s, so it is the "
+                     f"limit past about {total / n * tput:,.0f} workers")
+        print("- " + notes[-1], file=sys.stderr, flush=True)  # progress: runs take minutes
+        for g in a.gpus:
+            ideal = max(total / g, cp)
+            scale = min(1.0, a.budget / ideal)
+            wall, stream = run_simulation(g, seconds, writes, deps, scale, a.payload_scale)
+            busy, idle = utilization(stream, kinds, g)
+            rows.append((name, g, ideal, wall / scale, scale, len(deps) / wall, busy,
+                         idle / scale, "scheduler" if len(deps) / tput > total / g else "compute"))
+            print(row_text(rows[-1]), file=sys.stderr, flush=True)
+    print(f"SIMULATION of volarray's {a.size}^3 graphs (sleep tasks, modelled times; see the "
+          f"module docstring): {a.gpu_rate:g} TMAC/s per GPU (assumed), {a.bandwidth:g} GB/s "
+          f"per worker, payloads / {a.payload_scale:g}, keep {a.keep}\n")
+    print("| model | GPUs | compute-bound wall s | simulated wall s | time scale "
+          "| tasks/s | workers busy | idle at barriers (worker-s) | limit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(row_text(r))
+    print()
+    for n in notes:
+        print("- " + n)
+
+
+def row_text(r) -> str:
+    return (f"| {r[0]} | {r[1]} | {r[2]:,.1f} | {r[3]:,.1f} | {r[4]:.3g} | {r[5]:,.0f} "
+            f"| {r[6]:.0%} | {r[7]:,.1f} | {r[8]} |")
+
+
+if __name__ == "__main__":
+    main()
