@@ -118,9 +118,7 @@ def export_prediction(result, target, fmt: str, *, like=None, overwrite: bool = 
         return nifti.write_nifti(data, target, like=like, overwrite=overwrite)
     if fmt == "segy":
         return segy.write_segy(data, target, like=like, overwrite=overwrite)
-    if fmt == "tiff":
-        return tiff.write_tiff(data, target, overwrite=overwrite)
-    raise InputError(f"format={fmt!r} is not zarr, nifti, segy or tiff")
+    return tiff.write_tiff(data, target, overwrite=overwrite)
 
 
 def _not_the_input(target, source) -> None:

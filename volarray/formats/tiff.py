@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .common import lazy_dataarray, require, unused_folder
+from .common import lazy_dataarray, require, stream_blocks, unused_folder
 
 SUFFIXES = (".tif", ".tiff")
 DIMS = ("slice", "row", "column")
@@ -101,10 +101,7 @@ def write_tiff(array, folder, *, overwrite: bool = False, prefix: str = "slice")
     staging = tempfile.mkdtemp(prefix=".volarray-tiff-", dir=parent)
     try:
         digits = max(5, len(str(data.shape[0])))
-        step = max(1, (64 * 2**20) // max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize))
-        for lo in range(0, data.shape[0], step):
-            block = data[lo:lo + step]
-            block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        for lo, block in stream_blocks(data, axis=0):
             for i, page in enumerate(block):
                 tifffile.imwrite(os.path.join(staging, f"{prefix}_{lo + i:0{digits}d}.tif"), page)
         if os.path.isdir(folder):
