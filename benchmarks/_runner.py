@@ -47,7 +47,7 @@ def run(a, model, vol):
     if a.engine == "monai":
         from monai.inferers import sliding_window_inference
         with torch.inference_mode():
-            return sliding_window_inference(torch.from_numpy(vol)[None, None], a.window, 1, model,
+            return sliding_window_inference(torch.from_numpy(vol)[None, None], a.roi_size, 1, model,
                                             overlap=0.25, mode="gaussian")[0].numpy()
     if a.out and a.path == "to_zarr":  # the README's first example: a lazy result, stored
         import zarr
@@ -59,7 +59,7 @@ def run(a, model, vol):
         return volarray.predict_to_zarr(model, vol, a.out, chunks=a.chunks, overwrite=True,
                                         memory_limit=a.memory_limit, scheduler=a.scheduler)
     t0 = time.perf_counter()
-    extra = {"mode": "window", "window": a.window} if a.mode == "window" else {}
+    extra = {"method": "window", "roi_size": a.roi_size} if a.method == "window" else {}
     y = volarray.predict(model, vol, chunks=a.chunks, memory_limit=a.memory_limit, **extra)
     a.build_seconds = time.perf_counter() - t0
     return y.compute(scheduler=a.scheduler)
@@ -78,8 +78,8 @@ def main(argv=None):
     ap.add_argument("--path", default="predict_to_zarr", choices=["predict_to_zarr", "to_zarr"],
                     help="with --out: volarray.predict_to_zarr, or predict(...).to_zarr")
     ap.add_argument("--crop", type=int, help="torch/monai: run on the corner crop of this side")
-    ap.add_argument("--window", type=int, default=96, help="monai / window mode: window side")
-    ap.add_argument("--mode", default="exact", choices=["exact", "window"], help="volarray mode")
+    ap.add_argument("--roi-size", type=int, default=96, help="monai / window mode: window side")
+    ap.add_argument("--method", default="exact", choices=["exact", "window"], help="volarray mode")
     ap.add_argument("--warmup", action="store_true", help="one small run first")
     ap.add_argument("--save")
     ap.add_argument("--compare")
@@ -88,7 +88,7 @@ def main(argv=None):
     vol = load(a)
     if a.warmup:  # both engines: first-call costs (oneDNN kernels, torch's lazy imports)
         small = seismic((48, 48, 48), seed=2)[0]
-        run(argparse.Namespace(**{**vars(a), "out": None, "window": 32}), model, small)
+        run(argparse.Namespace(**{**vars(a), "out": None, "roi_size": 32}), model, small)
         a.build_seconds = 0.0
     base = peak_rss()
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def main(argv=None):
            "build_seconds": getattr(a, "build_seconds", 0.0), "peak_rss": rss,
            "baseline_rss": base}
     if a.engine == "volarray":
-        if a.mode == "exact":
+        if a.method == "exact":
             res["plan_peak"] = volarray.plan(model, vol if not isinstance(vol, str) else
                                              volarray.io.open_volume(vol), chunks=a.chunks,
                                              memory_limit=a.memory_limit).peak_bytes

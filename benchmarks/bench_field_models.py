@@ -32,7 +32,7 @@ def monai_nets():
     yield "HighResNet", lambda: nets.HighResNet(3, 1, 2), (24, 32, 28)
     yield "FlexibleUNet", lambda: nets.FlexibleUNet(1, 2, "efficientnet-b0", pretrained=False,
                                                     spatial_dims=3), (32, 64, 32)
-    # global attention: refused in exact mode, naming mode="window"
+    # global attention: refused in exact mode, naming method="window"
     yield "UNETR", lambda: nets.UNETR(1, 2, (32, 32, 32), feature_size=8, hidden_size=48,
                                       mlp_dim=96, num_heads=4), (32, 32, 32)
     yield "SwinUNETR", lambda: nets.SwinUNETR(in_channels=1, out_channels=2,

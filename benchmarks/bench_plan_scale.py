@@ -19,7 +19,7 @@ import dask.array as da
 import torch
 
 from volarray import models
-from volarray.plan import _fmt_bytes, make_plan
+from volarray.planner import format_bytes, make_plan
 from volarray.trace import trace
 
 MODELS = ["FaultSeg3D", "MultiScaleNet", "InstanceNormUNet", "GroupNormNet",
@@ -38,15 +38,19 @@ def row(name, graph, side, keep, build_max, traced):
     planned = time.perf_counter() - t0 + traced
     built = ""
     if side <= build_max:
-        from volarray.api import _build
+        from volarray.execute import build_graph
+        from volarray.geometry import chunk_bounds
+        from volarray.io import rechunk_to
         t0 = time.perf_counter()
-        y = _build(plan, lazy_volume(side), "cpu", None, 0, None, None)
+        arr = lazy_volume(side)
+        arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], plan.chunks)])
+        y = build_graph(plan, arr, "cpu")
         n_keys = len(y.__dask_graph__())
         built = f"{time.perf_counter() - t0:.0f} s ({n_keys:,} keys)"
     input_bytes = 4 * side ** 3
-    return (f"| {name} | {side}^3 | {keep} | {_fmt_bytes(plan.kept_bytes)} "
+    return (f"| {name} | {side}^3 | {keep} | {format_bytes(plan.kept_bytes)} "
             f"({plan.kept_bytes / input_bytes:.2f}x) | {plan.compute_ratio:.2f}x | "
-            f"{plan.n_tasks:,} | {_fmt_bytes(plan.peak_bytes)} | {planned:.1f} s | {built} |")
+            f"{plan.n_tasks:,} | {format_bytes(plan.peak_bytes)} | {planned:.1f} s | {built} |")
 
 
 def main():

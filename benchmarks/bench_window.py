@@ -19,7 +19,7 @@ from volarray.synthetic import seismic
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 192])
-    ap.add_argument("--window", type=int, default=96)
+    ap.add_argument("--roi-size", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="FaultSeg3D")
     a = ap.parse_args()
@@ -31,14 +31,14 @@ def main():
             runs = {"monai": [], "volarray": []}
             for r in range(a.repeats):
                 runs["monai"].append(measure("monai", a.model, n, vol, [
-                    "--warmup", "--window", str(a.window)] + (["--save", str(ref)] if r == 0 else [])))
+                    "--warmup", "--roi-size", str(a.roi_size)] + (["--save", str(ref)] if r == 0 else [])))
                 runs["volarray"].append(measure("volarray", a.model, n, vol, [
-                    "--warmup", "--mode", "window", "--window", str(a.window), "--compare",
+                    "--warmup", "--method", "window", "--roi-size", str(a.roi_size), "--compare",
                     str(ref)]))
             med = {e: {k: statistics.median(x[k] for x in rs) for k in ("seconds", "peak_rss")}
                    for e, rs in runs.items()}
             rows.append((n, med, max(x["max_abs_diff"] for x in runs["volarray"])))
-    print(f"\n{a.model}, window {a.window}, overlap 0.25, gaussian, threaded scheduler, median of "
+    print(f"\n{a.model}, window {a.roi_size}, overlap 0.25, gaussian, threaded scheduler, median of "
           f"{a.repeats}, one process per run\n")
     print("| volume | MONAI s | volarray window s | MONAI peak RSS | volarray peak RSS | "
           "max abs diff |")

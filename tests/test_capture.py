@@ -49,7 +49,7 @@ def test_isinstance_guard_is_exact_never_wrong():
         y = volarray.predict(model, vol, chunks=(6, 8, 5)).compute()
         assert_volume_close(y, whole_volume(model, vol))
     shape = (1, 1) + vol.shape
-    with pytest.raises(volarray.TraceError, match=r"after module 'c'.*mode='window'"):
+    with pytest.raises(volarray.TraceError, match=r"after module 'c'.*method='window'"):
         _trace_fx(IsinstanceGuard().eval(), shape, None, torch.float32)
     with pytest.raises(volarray.TraceError, match="calls module 'c' where the forward calls 'b'"):
         _trace_fx(GuardedModuleCall().eval(), shape, None, torch.float32)
@@ -157,9 +157,9 @@ class DeepSupervision(nn.Module):
 def test_several_outputs_select_one(mode):
     torch.manual_seed(2)
     vol = random_volume((12, 16, 10), seed=3)
-    kw = {"mode": mode, "chunks": (6, 8, 10)}
+    kw = {"method": mode, "chunks": (6, 8, 10)}
     if mode == "window":
-        kw["window"] = vol.shape
+        kw["roi_size"] = vol.shape
     model = DeepSupervision().eval()
     with torch.inference_mode():
         ref = model(torch.from_numpy(vol)[None, None])[0][0].numpy()

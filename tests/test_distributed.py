@@ -52,12 +52,11 @@ def test_survives_a_lost_worker(tmp_path):
 
 
 def test_gpu_tasks_carry_a_gpu_resource():
-    from volarray.api import _plan
     from volarray.execute import build_graph
     from volarray.io import as_dask_volume
     model = seeded(FaultSeg3D, width=4)
     arr = as_dask_volume(random_volume((16, 16, 16)))
-    plan = _plan(model, arr, 8, "exact", "cpu", None)
+    plan = volarray.plan(model, arr, chunks=8)
     y = build_graph(plan, arr.rechunk((1, 8, 8, 8)), "cuda")  # built, never run here
     layer = y.__dask_graph__().layers[y.name]
     assert layer.annotations == {"resources": {"GPU": 1}}
@@ -70,14 +69,13 @@ def test_one_named_layer_per_stage_and_barrier():
     shows); statistics tiles run on the GPU, their combine tree does not; the combine
     fan-in follows dask's split_every setting."""
     import dask
-    from volarray.api import _plan
     from volarray.execute import build_graph
     from volarray.io import as_dask_volume
     from volarray.models.norms import InstanceNormUNet
     torch.manual_seed(0)
     model = InstanceNormUNet(width=4).eval()
     arr = as_dask_volume(random_volume((16, 16, 16)))
-    plan = _plan(model, arr, 4, "exact", "cpu", None)
+    plan = volarray.plan(model, arr, chunks=4)
     layers = build_graph(plan, arr, "cuda").__dask_graph__().layers
     for stage in plan.stages:
         assert any(n.startswith(f"volarray-{stage.output}-") for n in layers)
@@ -99,7 +97,7 @@ def test_reduced_precision_under_autocast(dtype, tol):
     model = seeded(FaultSeg3D, width=8)
     vol = random_volume((24, 24, 24), seed=3)
     ref = whole_volume(model, vol)
-    out = volarray.predict(model, vol, chunks=12, dtype=dtype).compute()
+    out = volarray.predict(model, vol, chunks=12, compute_dtype=dtype).compute()
     assert out.dtype == np.float32
     err = np.abs(out - ref).max()
     assert 0 < err < tol  # reduced precision really ran, and stays close
@@ -119,7 +117,7 @@ def test_lazy_keep_budget_is_the_clusters_memory(local_cluster):
     its workers' memory, not of the machine that builds the graph."""
     import psutil
     from distributed import Client
-    from volarray.plan import run_memory
+    from volarray.planner import run_memory
     assert run_memory() == psutil.virtual_memory().total  # no default client
     workers = local_cluster.scheduler_info()["workers"].values()
     with Client(local_cluster.scheduler.address, set_as_default=True):

@@ -17,7 +17,7 @@ def model():
 VOL = random_volume((16, 16, 16))
 
 
-@pytest.mark.parametrize("chunks,needle", [(0, "non-positive"), ((8, -1, 8), "non-positive"),
+@pytest.mark.parametrize("chunks,needle", [(0, "non-positive"), ((8, -2, 8), "non-positive"),
                                            ((8, 8), "three ints"), ("big", "three ints")])
 def test_bad_chunks(model, chunks, needle):
     with pytest.raises(volarray.InputError, match=needle):
@@ -52,8 +52,10 @@ def test_not_a_model():
 
 
 def test_bad_mode_and_device(model):
-    with pytest.raises(volarray.InputError, match="mode='magic'"):
-        volarray.predict(model, VOL, mode="magic")
+    with pytest.raises(volarray.InputError, match="method='magic'"):
+        volarray.predict(model, VOL, method="magic")
+    with pytest.raises(volarray.InputError, match="blend: pass method='window', blend_mode="):
+        volarray.predict(model, VOL, method="gaussian")  # MONAI's mode= is a blend
     with pytest.raises(volarray.InputError, match="device='tpu'"):
         volarray.predict(model, VOL, device="tpu")
 

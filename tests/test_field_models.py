@@ -112,5 +112,5 @@ def test_transformers_are_refused_naming_window_mode(make):
     torch.manual_seed(0)
     vol = np.random.default_rng(0).standard_normal((64, 64, 64)).astype(np.float32)
     with pytest.raises(volarray.UnsupportedOpError,
-                       match=r"(?s)transformer's global attention.*mode='window'"):
+                       match=r"(?s)transformer's global attention.*method='window'"):
         volarray.predict(make().eval(), vol)

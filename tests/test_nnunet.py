@@ -325,7 +325,7 @@ def test_cli_writes_labels(tmp_path, folder):
     assert out.dtype == np.uint8 and out.shape == vol.shape and out.chunks == (16, 16, 16)
     expected = predict_nnunet(folder, vol, folds=(0, 1), output="labels", mirror=False)
     assert (out[...] == expected.compute()).all()
-    assert out.attrs["mode"] == "nnunet"
+    assert out.attrs["method"] == "nnunet"
 
 
 def test_cli_refusals(tmp_path, folder, capsys, monkeypatch):

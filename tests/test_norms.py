@@ -105,7 +105,7 @@ def test_running_stats_instance_norm_is_pointwise():
     model = nn.Sequential(nn.Conv3d(1, 2, 1), m).eval()
     vol = random_volume((6, 7, 8))
     plan = volarray.plan(model, vol, chunks=3)
-    assert plan.barriers == []
+    assert plan.barriers == ()
     assert_volume_close(volarray.predict(model, vol, chunks=3).compute(), whole_volume(model, vol))
 
 

@@ -29,8 +29,8 @@ def test_argmax_labels_equal_whole_volume_argmax(classes, dtype):
 def test_argmax_in_window_mode():
     model = seeded(MultiScaleNet)
     vol = random_volume((20, 22, 18), seed=2)
-    scores = volarray.predict(model, vol, mode="window", window=10).compute()
-    labels = volarray.predict(model, vol, mode="window", window=10, output="argmax").compute()
+    scores = volarray.predict(model, vol, method="window", roi_size=10).compute()
+    labels = volarray.predict(model, vol, method="window", roi_size=10, output="argmax").compute()
     np.testing.assert_array_equal(labels, scores.argmax(0))
 
 
@@ -53,12 +53,12 @@ def test_coords_are_global(mode):
     grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in vol.shape],
                        indexing="ij")
     full = np.stack([vol, *grid])
-    kw = {"window": (6, 8, 7)} if mode == "window" else {}
-    out = volarray.predict(model, vol, coords=True, mode=mode, chunks=(5, 8, 6), **kw).compute()
+    kw = {"roi_size": (6, 8, 7)} if mode == "window" else {}
+    out = volarray.predict(model, vol, coords=True, method=mode, chunks=(5, 8, 6), **kw).compute()
     if mode == "exact":
         ref = whole_volume(model, full)
     else:
-        ref = volarray.predict(model, full, mode="window", chunks=(5, 8, 6), **kw).compute()
+        ref = volarray.predict(model, full, method="window", chunks=(5, 8, 6), **kw).compute()
     assert_volume_close(out, ref, atol=1e-5)
 
 
@@ -103,9 +103,9 @@ def test_ensemble_exact_reproducible_for_any_chunking():
     assert_volume_close(std_a.compute(), std_b.compute(), atol=1e-6)
     assert float(std_a.mean().compute()) > 1e-3  # the samples do differ
     # the mean of the samples, each one a whole prediction of its own
-    # (one sample on its own: the internal entry ensemble= uses, where dropout may be active)
-    singles = [volarray.api._predict(model, vol, seed=3 + s, chunks=6, stochastic=True).compute()
-               for s in range(5)]
+    # (one sample on its own: Exact.sample, what ensemble= draws, where dropout may be active)
+    exact = volarray.Exact(model, chunks=6)
+    singles = [exact.sample(vol, seed=3 + s).compute() for s in range(5)]
     assert_volume_close(mean_a.compute(), np.mean(singles, axis=0), atol=1e-5)
     assert_volume_close(std_a.compute(), np.std(singles, axis=0), atol=1e-5)
 
@@ -114,14 +114,14 @@ def test_ensemble_window_reproducible_for_any_chunking():
     torch.manual_seed(0)
     model = NoisySampler().eval()
     vol = random_volume((16, 18, 14), seed=8)
-    a = volarray.predict(model, vol, mode="window", window=8, ensemble=4, chunks=5)
-    b = volarray.predict(model, vol, mode="window", window=8, ensemble=4, chunks=(16, 9, 7))
+    a = volarray.predict(model, vol, method="window", roi_size=8, ensemble=4, chunks=5)
+    b = volarray.predict(model, vol, method="window", roi_size=8, ensemble=4, chunks=(16, 9, 7))
     for x, y in zip(a, b):
         assert x.shape == (2, 16, 18, 14)
         assert_volume_close(x.compute(), y.compute(), atol=1e-6)
     assert float(a[1].mean().compute()) > 1e-3
     with pytest.raises(volarray.InputError, match="ensemble=1"):
-        volarray.predict(model, vol, mode="window", window=8, ensemble=1)
+        volarray.predict(model, vol, method="window", roi_size=8, ensemble=1)
 
 
 def test_argmax_head_runs_in_class_blocks():

@@ -1,9 +1,15 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 import volarray
-from volarray.models import FaultSeg3D, MultiScaleNet, seeded
+from volarray.models import FaultSeg3D, GroupNormNet, MultiScaleNet, seeded
 from volarray.testing import assert_volume_close
+
+from conftest import random_volume, whole_volume
+
+import volarray.planner as PLAN
 
 
 def test_plan_is_printable_and_complete():
@@ -16,7 +22,57 @@ def test_plan_is_printable_and_complete():
     assert plan.n_tasks == sum(s.n_tasks for s in plan.stages)
     assert plan.output_stage.n_tasks == 2 * 2 * 1
     assert plan.compute_ratio >= 1.0
-    assert "<pre>" in plan._repr_html_()
+    fmt = PLAN.format_bytes
+    assert repr(plan) == (f"<volarray.Plan exact: 2 stages, {plan.n_tasks} tasks, chunks "
+                          f"(32, 24, 40), peak {fmt(plan.peak_bytes)}/task, compute "
+                          f"{plan.compute_ratio:.2f}x, kept {fmt(plan.kept_bytes)}>")
+    page = plan._repr_html_()
+    assert page.count("<tr>") == 1 + len(plan.stages) and "<th>peak/task</th>" in page
+    assert "\n" not in repr(plan) and str(plan).startswith("volarray plan: exact mode")
+
+
+def test_plan_is_frozen_and_html_is_escaped():
+    plan = volarray.plan(seeded(GroupNormNet), np.zeros((23, 22, 19), np.float32), chunks=8)
+    assert isinstance(plan.stages, tuple) and isinstance(plan.barriers, tuple)
+    assert isinstance(plan.notes, tuple)
+    for obj, name in ((plan, "chunks"), (plan.stages[0], "slab"), (plan.barriers[0], "macs")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+    page = plan._repr_html_()
+    assert page.count("<tr>") == 1 + len(plan.stages) + len(plan.barriers)
+    assert f", {len(plan.barriers)} barriers, " in repr(plan)
+    noted = dataclasses.replace(plan, notes=("a <b> & 'c'",))
+    assert "a &lt;b&gt; &amp; &#x27;c&#x27;" in noted._repr_html_()
+    assert "<b>" not in noted._repr_html_() and noted.stages is plan.stages
+
+
+def test_validate_counts_barrier_tasks():
+    """Barrier tasks run a program over their regions as stages do: with keep=0 and
+    8^3 chunks, GroupNormNet's statistics tasks are its largest, and a limit between
+    the largest stage's and the largest barrier's peak is refused, naming the barrier."""
+    plan = volarray.plan(seeded(GroupNormNet), np.zeros((23, 22, 19), np.float32),
+                         chunks=8, keep=0)
+    stage_peak = max(s.peak_bytes for s in plan.stages)
+    barrier = max(plan.barriers, key=lambda b: b.peak_bytes)
+    assert barrier.peak_bytes > stage_peak > 0
+    assert plan.largest_task is barrier and plan.peak_bytes == barrier.peak_bytes
+    assert "peak" in str(plan).split("barrier", 1)[1]
+    limit = (stage_peak + barrier.peak_bytes) // 2
+    with pytest.raises(volarray.MemoryBudgetError,
+                       match=r"^barrier .*, the statistics of .*, needs .*smaller chunks"):
+        plan.validate(limit)
+    assert plan.validate(barrier.peak_bytes) is plan
+    # the planner, given that limit, stops merging the barriers' coarse chunks, as it
+    # does a stage's, so that its barrier tasks fit too (and the result stays exact)
+    vol = random_volume((23, 22, 19), seed=2)
+    fitted = volarray.plan(seeded(GroupNormNet), vol, memory_limit=limit, keep=0)
+    assert fitted.validate() is fitted and fitted.peak_bytes <= limit
+    assert sum(b.n_tasks for b in fitted.barriers) > sum(b.n_tasks for b in plan.barriers)
+    y = volarray.predict(seeded(GroupNormNet), vol, memory_limit=limit, keep=0)
+    assert_volume_close(y.compute(), whole_volume(seeded(GroupNormNet), vol), atol=1e-5)
+    with pytest.raises(volarray.MemoryBudgetError,
+                       match=r"^(stage|barrier) .* needs .*smallest chunks.*memory_limit >="):
+        volarray.plan(seeded(GroupNormNet), vol, memory_limit=stage_peak // 2, keep=0).validate()
 
 
 def test_halo_and_projection_grow_with_chunks():
@@ -34,8 +90,7 @@ def test_planner_respects_memory_limit():
     for limit in ("2MB", "20MB"):
         plan = volarray.plan(model, vol, memory_limit=limit)
         plan.validate()
-        assert plan.peak_bytes <= volarray.plan.__globals__["make_plan"].__globals__[
-            "parse_bytes"](limit)
+        assert plan.peak_bytes <= PLAN.parse_bytes(limit)
 
 
 def test_assert_volume_close_reports_location():
@@ -86,3 +141,70 @@ def test_terabyte_plan_keeps_within_the_input_with_few_tasks():
     lazy = volarray.plan(model, da.zeros((4096,) * 3, np.float32, chunks=512))
     assert lazy.kept_bytes <= psutil.virtual_memory().total / 8
     assert lazy.compute_ratio <= 2.27 and lazy.n_tasks <= 50_000, str(lazy)
+
+
+VOL = random_volume((40, 48, 56), seed=5)  # odd per axis after FaultSeg3D's 3 max-pools
+
+
+@pytest.fixture(scope="module")
+def fault():
+    return seeded(FaultSeg3D, width=4)
+
+
+@pytest.mark.parametrize("chunks,want", [
+    (-1, (40, 48, 56)),  # dask's -1: the whole axis, here on every axis
+    ((32, -1, 48), (32, 48, 48)),
+    ((100, 20, 100), (40, 20, 56)),  # sides past the volume are clipped to it
+    ({0: 32, 1: -1, 2: 24}, (32, 48, 24)),
+    ({-3: 32, -2: 16, -1: 8}, (32, 16, 8)),
+])
+def test_chunks_in_dasks_forms(fault, chunks, want):
+    plan = volarray.plan(fault, VOL, chunks=chunks)
+    assert plan.chunks == want and plan.planned_axes == ()
+    assert plan.output_stage.chunk_shape == want
+    assert not any("chosen" in n for n in plan.notes)
+
+
+def test_auto_chunks_are_the_planners():
+    plans = [volarray.plan(seeded(FaultSeg3D, width=4), VOL, chunks=c, memory_limit="30MB")
+             for c in (None, "auto", (None, "auto", None), {})]
+    assert len({p.chunks for p in plans}) == 1
+    assert all(p.planned_axes == (0, 1, 2) and "chosen:" in p.notes[0] for p in plans)
+
+
+def test_axes_left_out_are_the_planners_choice(fault):
+    """A dict's missing axes (and None / 'auto' in a tuple) are chosen by the planner,
+    the axes named stay as given; with a limit, the free sides shrink to fit it."""
+    roomy = volarray.plan(fault, VOL, chunks={0: 8})
+    assert roomy.chunks == (8, 48, 56) and roomy.planned_axes == (1, 2)
+    assert "chosen on y, x (the others given)" in roomy.notes[0]
+    limit = roomy.peak_bytes // 3
+    tight = volarray.plan(fault, VOL, chunks=(8, None, "auto"), memory_limit=limit)
+    assert tight.chunks[0] == 8 and tight.chunks[1] < 48 and tight.chunks[2] < 56
+    assert tight.chunks[1] == tight.chunks[2] and tight.chunks[1] % 8 == 0  # aligned
+    assert tight.validate() is tight
+    with pytest.raises(volarray.MemoryBudgetError,
+                       match=r"chunks=\(8, 8, 56\).*smallest chunks the planner can align "
+                             r"on z, y, so pass a smaller side on x or memory_limit >="):
+        volarray.plan(fault, VOL, chunks={2: 56}, memory_limit="1kB").validate()
+
+
+def test_whole_axis_chunks_equal_the_whole_volume_forward(fault):
+    y = volarray.predict(fault, VOL, chunks=(-1, 40, -1))
+    assert y.chunks[1:] == ((40,), (40, 8), (56,))
+    assert_volume_close(y.compute(), whole_volume(fault, VOL), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks,needle", [
+    ((8, -2, 8), "non-positive side -2 on axis y.*-1 for the whole axis"),
+    ((8, 8.0, 8), r"8\.0 on axis y, which is not a chunk side"),
+    ((8, True, 8), "True on axis y"),
+    ({3: 8}, "names axis 3.*0, 1, 2"),
+    ({0: 8, -3: 8}, "names axis z twice"),
+    ("big", "not a chunk shape.*three ints"),
+    ((8, 8, 8, 8), "has 4 sides"),
+])
+def test_bad_chunks_name_the_value_and_the_fix(fault, chunks, needle):
+    with pytest.raises(volarray.InputError, match=needle) as info:
+        volarray.plan(fault, VOL, chunks=chunks)
+    assert f"chunks={chunks!r}" in str(info.value) and info.value.parameter == "chunks"

@@ -199,9 +199,9 @@ def test_cli_signal_keeps_finished_chunks_and_resumes_bitwise(tmp_path, sig, cod
 def test_non_finite_input_is_refused_naming_the_voxel(value):
     vol = random_volume((16, 16, 16))
     vol[3, 4, 5] = value
-    for mode, kw in (("exact", {}), ("window", {"window": 8})):
+    for mode, kw in (("exact", {}), ("window", {"roi_size": 8})):
         with pytest.raises(volarray.InputError, match=r"voxel \(z, y, x\) = \(3, 4, 5\)"):
-            volarray.predict(seeded(FaultSeg3D, width=4), vol, mode=mode, chunks=8,
+            volarray.predict(seeded(FaultSeg3D, width=4), vol, method=mode, chunks=8,
                              **kw).compute(scheduler="sync")
 
 
@@ -271,7 +271,7 @@ def test_argmax_of_one_channel_is_refused_and_threshold_offered(tmp_path):
     with pytest.raises(volarray.InputError, match="threshold=0.5"):
         volarray.predict(model, vol, output="argmax")
     with pytest.raises(volarray.InputError, match="threshold=0.5"):
-        volarray.predict(model, vol, output="argmax", mode="window", window=8)
+        volarray.predict(model, vol, output="argmax", method="window", roi_size=8)
     ref = whole_volume(model, vol)[0] > 0.5
     labels = volarray.predict(model, vol, threshold=0.5, chunks=8)
     assert labels.dtype == np.uint8 and labels.shape == vol.shape
@@ -310,8 +310,8 @@ class BatchNormNet(nn.Module):
 
 def test_training_mode_is_refused_in_every_mode():
     model, vol = BatchNormNet().train(), random_volume((8, 8, 8))
-    for kw in ({}, {"mode": "window", "window": 8}, {"ensemble": 2},
-               {"mode": "window", "window": 8, "ensemble": 2}):
+    for kw in ({}, {"method": "window", "roi_size": 8}, {"ensemble": 2},
+               {"method": "window", "roi_size": 8, "ensemble": 2}):
         with pytest.raises(volarray.InputError, match=r"training mode.*'bn'.*model\.eval\(\)"):
             volarray.predict(model, vol, **kw)
     model.eval()
@@ -353,20 +353,20 @@ def test_accessors_take_labels_and_ensembles():
     out = ds.volinfer.predict(model, var="amp", name="facies", output="argmax", chunks=8)
     assert out.facies.dims == ("z", "y", "x") and out.facies.dtype == np.uint8
     np.testing.assert_array_equal(out.facies.values, whole_volume(model, vol).argmax(0))
-    out = ds.volinfer.predict(model, var="amp", name="p", mode="window", window=8, ensemble=2)
+    out = ds.volinfer.predict(model, var="amp", name="p", method="window", roi_size=8, ensemble=2)
     assert set(out.data_vars) == {"amp", "p_mean", "p_std"}
     assert out.p_mean.dims == ("p_class", "z", "y", "x")
-    mean, std = ds.amp.volinfer.predict(model, mode="window", window=8, ensemble=2)
+    mean, std = ds.amp.volinfer.predict(model, method="window", roi_size=8, ensemble=2)
     assert mean.shape == (3, 8, 16, 8) and std.dims == ("class", "z", "y", "x")
 
 
 def test_predict_to_zarr_takes_every_predict_option(tmp_path):
     model, vol = seeded(MultiScaleNet), random_volume((8, 16, 12), seed=8)
-    kw = dict(mode="window", window=8, overlap=0.5, blend="constant", tta="flips")
+    kw = dict(method="window", roi_size=8, overlap=0.5, blend_mode="constant", tta="flips")
     z = volarray.predict_to_zarr(model, vol, tmp_path / "w.zarr", chunks=8, **kw)
     np.testing.assert_array_equal(z[...], volarray.predict(model, vol, chunks=8, **kw).compute())
-    mean, std = volarray.predict_to_zarr(model, vol, tmp_path / "e.zarr", mode="window",
-                                         window=8, ensemble=2, name="facies")
+    mean, std = volarray.predict_to_zarr(model, vol, tmp_path / "e.zarr", method="window",
+                                         roi_size=8, ensemble=2, name="facies")
     assert (mean.basename, std.basename) == ("facies_mean", "facies_std")
     with pytest.raises(volarray.InputError, match="unknown option"):
         volarray.predict_to_zarr(model, vol, tmp_path / "x.zarr", windw=8)
@@ -376,10 +376,10 @@ def test_predict_to_zarr_takes_every_predict_option(tmp_path):
 def test_cli_window_mode(project):
     proj, vol = project
     r = cli("predict", "in.zarr", "w.zarr", "--model", "volarray.models:MultiScaleNet",
-            "--weights", "facies.pt", "--mode", "window", "--window", "8,8,16", "--overlap", "0.5", "--quiet", cwd=proj)
+            "--weights", "facies.pt", "--method", "window", "--roi-size", "8,8,16", "--overlap", "0.5", "--quiet", cwd=proj)
     assert r.returncode == 0, r.stderr
     got = zarr.open_group(str(proj / "w.zarr"), mode="r")["prediction"][...]
-    ref = volarray.predict(seeded(MultiScaleNet), vol, mode="window", window=(8, 8, 16),
+    ref = volarray.predict(seeded(MultiScaleNet), vol, method="window", roi_size=(8, 8, 16),
                            overlap=0.5).compute()
     np.testing.assert_array_equal(got, ref)
 
@@ -447,7 +447,7 @@ def snapshot(model):
             list(model.named_buffers(remove_duplicate=False))}
 
 
-@pytest.mark.parametrize("kw", [{}, {"mode": "window", "window": 8}, {"tta": "flips"},
+@pytest.mark.parametrize("kw", [{}, {"method": "window", "roi_size": 8}, {"tta": "flips"},
                                 {"output": "argmax"}, {"pad": "zeros"}])
 def test_no_mode_changes_the_callers_model(kw):
     torch.manual_seed(0)
@@ -517,9 +517,9 @@ def test_bad_array_names_are_refused_before_writing(tmp_path, name):
 def test_options_that_would_be_silently_wrong_are_refused():
     model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
     with pytest.raises(volarray.InputError, match="sigma_scale=0 must be positive"):
-        volarray.predict(model, vol, mode="window", window=8, sigma_scale=0)
-    with pytest.raises(volarray.InputError, match="dtype='float16' applies to mode='exact'"):
-        volarray.predict(model, vol, mode="window", window=8, dtype="float16")
+        volarray.predict(model, vol, method="window", roi_size=8, sigma_scale=0)
+    with pytest.raises(volarray.InputError, match="compute_dtype='float16' applies to method='exact'"):
+        volarray.predict(model, vol, method="window", roi_size=8, compute_dtype="float16")
     ds = xr.Dataset({"amp": (("z", "y", "x"), vol)})
     with pytest.raises(volarray.InputError, match="already has"):
         ds.volinfer.predict(model, var="amp", name="amp")

@@ -1,6 +1,6 @@
 """Tasks swept in slabs along z: each node keeps the rows the next slab reads, so a
 task's result equals one whole-volume forward while its memory is one slab's."""
-import sys
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from volarray.testing import assert_volume_close
 
 from conftest import random_volume, whole_volume
 
-PLAN = sys.modules["volarray.plan"]  # volarray.plan is also the function
+import volarray.planner as PLAN
 
 CASES = {  # odd shapes, chunks that do not divide them
     "FaultSeg3D": (lambda: seeded(FaultSeg3D), (40, 32, 48), (21, 17, 29)),
@@ -27,10 +27,11 @@ CASES = {  # odd shapes, chunks that do not divide them
 def thin_slabs(monkeypatch):
     """Every task sweeps its region in the thinnest slabs the alignment allows (on
     these small volumes the planner would rather run each region whole)."""
-    def thinnest(graph, stage, shapes, target, unit):
+    def thinnest(graph, stage, shapes, target, unit):  # stages are frozen: a new one
         if stage.chunk_shape[0] > unit and stage.program.order:
-            stage.slab = unit
-            stage.peak_bytes = PLAN.sweep_peak(graph, stage, shapes, unit)
+            return dataclasses.replace(stage, slab=unit,
+                                       peak_bytes=PLAN.sweep_peak(graph, stage, shapes, unit))
+        return stage
     monkeypatch.setattr(PLAN, "choose_slab", thinnest)
 
 
@@ -52,7 +53,7 @@ def test_swept_tasks_equal_the_whole_volume_forward(thin_slabs, name, keep):
 def test_sweep_reuses_rows_instead_of_recomputing(monkeypatch, thin_slabs):
     """The sweep computes each node's rows once: the conv runs over exactly the rows of
     the whole region, however many slabs there are."""
-    from volarray.ops.local import Conv
+    from volarray.ops.conv import Conv
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1),
                                 torch.nn.Conv3d(2, 1, 5, padding=2)).eval()
     vol = random_volume((40, 9, 11), seed=1)

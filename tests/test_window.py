@@ -33,7 +33,7 @@ def model():
 ])
 def test_window_equals_monai(model, blend, overlap, shape, roi, chunks):
     vol = random_volume(shape, seed=1)
-    out = volarray.predict(model, vol, mode="window", window=roi, overlap=overlap, blend=blend,
+    out = volarray.predict(model, vol, method="window", roi_size=roi, overlap=overlap, blend_mode=blend,
                            chunks=chunks)
     assert out.chunks[1:] == tuple(tuple(np.diff(list(range(0, n, c)) + [n])) for n, c in
                                    zip(shape, chunks))
@@ -43,10 +43,10 @@ def test_window_equals_monai(model, blend, overlap, shape, roi, chunks):
 
 def test_window_sigma_scale_and_callable_blend(model):
     vol = random_volume((30, 26, 20), seed=2)
-    out = volarray.predict(model, vol, mode="window", window=12, sigma_scale=0.25).compute()
+    out = volarray.predict(model, vol, method="window", roi_size=12, sigma_scale=0.25).compute()
     assert_volume_close(out, monai(model, vol, 12, 0.25, "gaussian", 0.25), atol=1e-5)
-    ones = volarray.predict(model, vol, mode="window", window=12,
-                            blend=lambda shape: np.ones(shape)).compute()
+    ones = volarray.predict(model, vol, method="window", roi_size=12,
+                            blend_mode=lambda shape: np.ones(shape)).compute()
     assert_volume_close(ones, monai(model, vol, 12, 0.25, "constant"), atol=1e-5)
 
 
@@ -70,14 +70,14 @@ def test_untraceable_model_in_window_mode():
     vol = random_volume((20, 24, 18), seed=3)
     with pytest.raises(volarray.TraceError):
         volarray.predict(model, vol)
-    out = volarray.predict(model, vol, mode="window", window=(8, 12, 10), chunks=7)
+    out = volarray.predict(model, vol, method="window", roi_size=(8, 12, 10), chunks=7)
     assert_volume_close(out.compute(), monai(model, vol, (8, 12, 10), 0.25, "gaussian"))
 
 
 def test_window_task_memory_is_local(model):
     """No task holds the whole output: each blend task reads only the windows it overlaps."""
     vol = random_volume((48, 48, 48), seed=4)
-    y = volarray.predict(model, vol, mode="window", window=16, chunks=16)
+    y = volarray.predict(model, vol, method="window", roi_size=16, chunks=16)
     graph = dict(y.__dask_graph__())
     blends = [v for k, v in graph.items() if isinstance(k, tuple) and k[0] == y.name]
     windows = [k for k in graph if isinstance(k, tuple) and str(k[0]).startswith("volarray-window-")]
@@ -87,12 +87,12 @@ def test_window_task_memory_is_local(model):
 
 def test_window_errors(model):
     vol = random_volume((12, 12, 12))
-    with pytest.raises(volarray.InputError, match="window="):
-        volarray.predict(model, vol, mode="window")
+    with pytest.raises(volarray.InputError, match="roi_size="):
+        volarray.predict(model, vol, method="window")
     with pytest.raises(volarray.InputError, match="overlap=1.5"):
-        volarray.predict(model, vol, mode="window", window=8, overlap=1.5)
-    with pytest.raises(volarray.InputError, match="blend='fancy'"):
-        volarray.predict(model, vol, mode="window", window=8, blend="fancy")
+        volarray.predict(model, vol, method="window", roi_size=8, overlap=1.5)
+    with pytest.raises(volarray.InputError, match="blend_mode='fancy'"):
+        volarray.predict(model, vol, method="window", roi_size=8, blend_mode="fancy")
 
 
 def test_window_placement_callable(model):
@@ -101,27 +101,27 @@ def test_window_placement_callable(model):
 
     from volarray.window import predict_window, scan_starts
     vol = da.from_array(random_volume((1, 30, 26, 20), seed=2), chunks=(1, 11, 13, 20))
-    same = predict_window(model, vol, window=12, chunks=(10, 10, 10),
+    same = predict_window(model, vol, roi_size=12, chunks=(10, 10, 10),
                           placement=lambda n, r: scan_starts(n, r, 0.25))
     assert_volume_close(same.compute(),
-                        predict_window(model, vol, window=12, chunks=(10, 10, 10)).compute(),
+                        predict_window(model, vol, roi_size=12, chunks=(10, 10, 10)).compute(),
                         atol=0)
-    halves = predict_window(model, vol, window=12, placement=lambda n, r: range(0, n - r + 1, 6)
+    halves = predict_window(model, vol, roi_size=12, placement=lambda n, r: range(0, n - r + 1, 6)
                             if (n - r) % 6 == 0 else list(range(0, n - r, 6)) + [n - r])
     assert_volume_close(halves.compute(), monai(model, vol[0].compute(), 12, 0.5, "gaussian"),
                         atol=1e-5)
     with pytest.raises(volarray.InputError, match=r"window starts \[0\] .* cover the axis"):
-        predict_window(model, vol, window=12, placement=lambda n, r: [0])
+        predict_window(model, vol, roi_size=12, placement=lambda n, r: [0])
     with pytest.raises(volarray.InputError, match="placement='nnunet'"):
-        predict_window(model, vol, window=12, placement="nnunet")
+        predict_window(model, vol, roi_size=12, placement="nnunet")
 
 
 @pytest.mark.parametrize("mode", ["exact", "window"])
 def test_tta_flips_equals_mean_of_flipped_forwards(model, mode):
     import itertools
     vol = random_volume((15, 22, 19), seed=6)
-    kw = dict(window=(8, 12, 10)) if mode == "window" else {}
-    out = volarray.predict(model, vol, mode=mode, tta="flips", chunks=(7, 9, 8), **kw).compute()
+    kw = dict(roi_size=(8, 12, 10)) if mode == "window" else {}
+    out = volarray.predict(model, vol, method=mode, tta="flips", chunks=(7, 9, 8), **kw).compute()
     ref = 0
     for flips in itertools.product((False, True), repeat=3):
         axes = tuple(i for i, f in enumerate(flips) if f)

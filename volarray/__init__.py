@@ -5,12 +5,14 @@ from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpErr
                      VolarrayError)
 from .formats import open_dataarray
 from .normalize import Normalization
-from .plan import Plan
+from .planner import Plan
+from .predictors import Exact, MeanStd, Window, ensemble, flips, labels
 from .store import predict_to_zarr
 
 __version__ = "0.1.0"
 
-__all__ = ["predict", "predict_to_zarr", "plan", "Plan", "normalization", "Normalization",
+__all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "flips", "ensemble",
+           "labels", "MeanStd", "normalization", "Normalization",
            "open_dataarray",
            "VolarrayError", "InputError", "UnsupportedOpError", "TraceError",
            "MemoryBudgetError", "__version__"]

@@ -12,7 +12,7 @@ from .normalize import resolve
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
                       channel_dim: str = "class", squeeze: bool = True, **kwargs):
     """``volarray.predict`` on a DataArray: spatial coordinates and attributes carry
-    over; the result records the model, the mode and the volarray version.
+    over; the result records the model, the method and the volarray version.
 
     The model sees the spatial dims in the DataArray's own order, or in the order
     ``dims=`` names them; nothing else reorders them. A fourth dim is the channel
@@ -41,7 +41,7 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         normalization = kwargs["normalize"].attrs
     y = predict(model, arr.data, **kwargs)
     attrs = dict(arr.attrs, volarray_model=type(model).__name__,
-                 volarray_mode=kwargs.get("mode", "exact"), volarray_version=__version__,
+                 volarray_method=kwargs.get("method", "exact"), volarray_version=__version__,
                  **normalization)
 
     def wrap(a, suffix=""):

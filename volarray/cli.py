@@ -118,18 +118,20 @@ def check_preview_path(path: str | None) -> None:
 
 def predict_options(args) -> dict:
     """`predict`'s keyword arguments from the command line's flags."""
-    return dict(chunks=args.chunks, mode=args.mode, device=args.device,
-                memory_limit=args.memory_limit, window=args.window, overlap=args.overlap,
-                blend=args.blend, sigma_scale=args.sigma_scale, tta=args.tta,
+    return dict(chunks=args.chunks, method=args.method, device=args.device,
+                memory_limit=args.memory_limit, roi_size=args.roi_size, overlap=args.overlap,
+                blend_mode=args.blend_mode, sigma_scale=args.sigma_scale, tta=args.tta,
                 output=args.output_kind, threshold=args.threshold, coords=args.coords,
-                ensemble=args.ensemble, seed=args.seed, dtype=args.dtype, pad=args.pad,
+                ensemble=args.ensemble, seed=args.seed, compute_dtype=args.compute_dtype,
+                pad=args.pad,
                 select=args.select, output_dtype=args.output_dtype, keep=args.keep,
                 channels=args.channels, normalize=args.normalize)
 
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
-NOT_NNUNET = ("weights", "mode", "memory_limit", "keep", "pad", "select", "window", "overlap",
-              "blend", "sigma_scale", "threshold", "tta", "ensemble", "seed", "coords", "dtype",
+NOT_NNUNET = ("weights", "method", "memory_limit", "keep", "pad", "select", "roi_size",
+              "overlap", "blend_mode", "sigma_scale", "threshold", "tta", "ensemble", "seed",
+              "coords", "compute_dtype",
               "scratch", "output_dtype", "channels", "normalize")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
@@ -207,7 +209,7 @@ def cmd_predict(args) -> int:
             if code:
                 return code
     except RunInterrupted as e:
-        print(f"volarray: {_cli_words(str(e))}", file=sys.stderr)
+        print(f"volarray: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         if client is not None:
@@ -325,8 +327,7 @@ def cmd_plan(args) -> int:
     from volarray.io import open_volume
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var, args.storage_options),
-                         chunks=args.chunks,
-                         mode=args.mode, memory_limit=args.memory_limit, pad=args.pad,
+                         chunks=args.chunks, memory_limit=args.memory_limit, pad=args.pad,
                          select=args.select, keep=args.keep, scratch=True)
     print(plan)
     plan.validate()
@@ -368,11 +369,14 @@ def cmd_demo(args) -> int:
 
 
 def _sides(text: str):
-    """'96' -> 96, '64,128,128' -> (64, 128, 128) (for --chunks and --window)."""
+    """'96' -> 96, '64,128,128' -> (64, 128, 128), -1 for a whole axis, 'auto' (for
+    --chunks and --roi-size)."""
+    if text == "auto":
+        return text
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not N, Z,Y,X or auto") from None
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
     return values[0] if len(values) == 1 else tuple(values)
@@ -413,8 +417,9 @@ def _model_args(p, nnunet: bool = False):
                    help="whole-volume normalization: zscore, percentile (0.5-99.5, or "
                         "percentile:LO,HI), or given statistics MEAN,STD or MEAN,STD,CLIP_LO,"
                         "CLIP_HI (a training set's)")
-    p.add_argument("--chunks", type=_sides, help="chunk side N or Z,Y,X (default: planned)")
-    p.add_argument("--mode", default="exact", choices=["exact", "window"],
+    p.add_argument("--chunks", type=_sides,
+                   help="chunk side N or Z,Y,X, -1 for a whole axis (default: auto, planned)")
+    p.add_argument("--method", default="exact", choices=["exact", "window"],
                    help="exact (the whole-volume answer) or window (sliding window)")
     p.add_argument("--memory-limit", help="per task, e.g. 4GB")
     p.add_argument("--keep", help="exact mode: bytes of tensors kept between stages, e.g. "
@@ -462,11 +467,11 @@ def _index_or_key(text: str):
 
 
 def _predict_args(p):
-    w = p.add_argument_group("window mode")
-    w.add_argument("--window", type=_sides, help="window (patch) size: N or Z,Y,X")
-    w.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
-    w.add_argument("--blend", default="gaussian", choices=["gaussian", "constant"])
-    w.add_argument("--sigma-scale", type=float, default=0.125, help="gaussian sigma / window")
+    w = p.add_argument_group("window mode (--method window)")
+    w.add_argument("--roi-size", type=_sides, help="window (patch) size: N or Z,Y,X")
+    w.add_argument("--overlap", type=float, help="window overlap (0.25)")
+    w.add_argument("--blend-mode", choices=["gaussian", "constant"], help="(gaussian)")
+    w.add_argument("--sigma-scale", type=float, help="gaussian sigma / window (0.125)")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", dest="output_kind", default="probabilities",
                    choices=["probabilities", "argmax", "labels", "logits"],
@@ -478,7 +483,7 @@ def _predict_args(p):
                    help="N samples of a stochastic model: writes NAME_mean and NAME_std")
     o.add_argument("--seed", type=int, default=0, help="seed of the ensemble's samples")
     o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
-    o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    o.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
                    help="exact mode: run tiles under torch.autocast in this type")
     o.add_argument("--channels", type=_channel_list,
                    help="store only these output channels, e.g. 1 or 0,2")
@@ -559,30 +564,28 @@ def main(argv=None) -> int:
     except (CLIError, VolarrayError) as e:
         if args.debug:
             raise
-        print(f"volarray: error: {_cli_words(str(e))}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 
-API_WORDS = (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
-             ("trust_checkpoint=True", "--trust-checkpoint"), ("normalize=False", "--no-normalize"),
-             ("normalize=", "--normalize "),
-             ("folds=", "--folds "), ("checkpoint=", "--checkpoint "),
-             ("configuration=", "--configuration "), ("tile_step_size=", "--step "),
-             ("var=", "--var"), ("memory_limit", "--memory-limit"), ("keep=", "--keep "),
-             ("threshold=", "--threshold "),
-             ("output_dtype=", "--output-dtype "), ("channels=", "--channels "),
-             ("select=", "--select "),
-             ("output='argmax'", "--output argmax"), ("pad='reflect'", "--pad reflect"),
-             ("pad='zeros'", "--pad zeros"), ("mode='window'", "--mode window"),
-             ("mode='exact'", "--mode exact"), ("ensemble=", "--ensemble "), ("tta=", "--tta "),
-             ("window=", "--window "), ("chunks=", "--chunks "), ("weights=", "--weights "))
+# parameters whose flag is not --<name with dashes>; None: the API's only
+FLAG_OF = {"output": "--output", "tile_step_size": "--step", "mirror": "--no-mirror",
+           "crop_nonzero": "--no-crop", "store": None, "volume": None, "name": None,
+           "dims": None, "placement": None, "channel_dim": None, "predictor": None}
 
 
-def _cli_words(msg: str) -> str:
-    """The command line's words for the fixes an API message names."""
-    for api, flag in API_WORDS:
-        msg = msg.replace(api, flag)
-    return msg
+def flag_of(parameter: str | None) -> str | None:
+    """The command line's name for the API parameter an error names, if it has one."""
+    if parameter is None:
+        return None
+    return FLAG_OF.get(parameter, "--" + parameter.replace("_", "-"))
+
+
+def error_line(e: Exception) -> str:
+    """``volarray: error: [--flag: ]message``: the flag of the parameter at fault, from
+    the error's ``parameter`` (the message itself is the API's)."""
+    flag = flag_of(getattr(e, "parameter", None))
+    return f"volarray: error: {flag + ': ' if flag else ''}{e}"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,20 @@ Messages name the value given, what was required, and the argument to change.
 
 
 class VolarrayError(Exception):
-    """Base class of all errors raised by volarray."""
+    """Base class of all errors raised by volarray. ``parameter``: the argument of the
+    call whose value is at fault (``"roi_size"``, ``"chunks"``...), or None; the command
+    line names its flag from it."""
+
+    def __init__(self, *args, parameter: str | None = None):
+        super().__init__(*args)
+        self.parameter = parameter
+
+    def __reduce__(self):  # keeps ``parameter`` across processes (distributed workers)
+        return _rebuild, (type(self), self.args, self.parameter)
+
+
+def _rebuild(cls, args, parameter):
+    return cls(*args, parameter=parameter)
 
 
 class InputError(VolarrayError, ValueError):

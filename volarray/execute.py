@@ -21,9 +21,9 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from .geometry import Box, Interval, chunk_range, grid_boxes
 from .heap import release_freed_memory
 from .io import RegionReader, check_finite
-from .ops.local import resolve
+from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
-from .plan import Plan
+from .planner import Plan
 
 COMBINE_FAN_IN = 8  # partial statistics merged per combine task
 

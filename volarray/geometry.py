@@ -100,46 +100,94 @@ class Box:
         return "Box(" + ", ".join(map(repr, self.axes)) + ")"
 
 
-def coerce_chunks(chunks, shape: Sequence[int]) -> tuple[int, int, int] | None:
-    """Canonicalize the user's ``chunks`` (int or 3-tuple, per spatial axis) once."""
-    if chunks is None:
+AXIS_NAMES = ("z", "y", "x")
+
+_CHUNK_FORMS = ("pass an int, three ints (z, y, x) or a dict {axis: int} over axes 0, 1, 2; "
+                "a side is >= 1, -1 for the whole axis, or None / 'auto' for the planner's "
+                "choice")
+
+
+def _chunks_error(message: str) -> InputError:
+    return InputError(message, parameter="chunks")
+
+
+def _is_auto(value) -> bool:
+    return value is None or (isinstance(value, str) and value == "auto")
+
+
+def _chunk_side(side, n: int, chunks, axis: int) -> int | None:
+    """One axis of ``chunks``: a side >= 1 (clipped to the axis), -1 for the whole
+    axis, or None / 'auto' for the planner's choice (None)."""
+    if _is_auto(side):
         return None
-    if isinstance(chunks, (int, np.integer)):
-        chunks = (int(chunks),) * SPATIAL
-    try:
-        chunks = tuple(chunks)
-    except TypeError:
-        raise InputError(
-            f"chunks={chunks!r} is neither an int nor a (z, y, x) tuple; "
-            "pass e.g. chunks=128 or chunks=(64, 128, 128)") from None
-    if len(chunks) != SPATIAL or not all(isinstance(c, (int, np.integer)) for c in chunks):
-        raise InputError(
-            f"chunks={chunks!r} must be one int or three ints (z, y, x); "
-            "pass e.g. chunks=(64, 128, 128)")
-    if any(c <= 0 for c in chunks):
-        raise InputError(f"chunks={chunks!r} has a non-positive size; every chunk side must be >= 1")
-    return tuple(min(int(c), int(n)) for c, n in zip(chunks, shape))
+    if isinstance(side, (bool, np.bool_)) or not isinstance(side, (int, np.integer)):
+        raise _chunks_error(f"chunks={chunks!r} has {side!r} on axis {AXIS_NAMES[axis]}, "
+                            f"which is not a chunk side; {_CHUNK_FORMS}")
+    if side == -1:
+        return int(n)
+    if side <= 0:
+        raise _chunks_error(f"chunks={chunks!r} has a non-positive side {int(side)} on axis "
+                            f"{AXIS_NAMES[axis]}: every side must be >= 1, or -1 for the "
+                            "whole axis (as in dask)")
+    return min(int(side), int(n))
+
+
+def _sides_of_dict(chunks: dict) -> tuple:
+    """``{axis: side}`` as three sides, None (the planner's) on the axes not named."""
+    sides = [None] * SPATIAL
+    named = set()
+    for axis, side in chunks.items():
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) \
+                or not -SPATIAL <= axis < SPATIAL:
+            raise _chunks_error(f"chunks={chunks!r} names axis {axis!r}; a dict's keys are the "
+                                "spatial axes 0, 1, 2 (z, y, x) or -3, -2, -1, e.g. "
+                                "chunks={0: 64}")
+        a = int(axis) % SPATIAL
+        if a in named:
+            raise _chunks_error(f"chunks={chunks!r} names axis {AXIS_NAMES[a]} twice; name "
+                                "each axis once, e.g. chunks={0: 64, 2: 128}")
+        named.add(a)
+        sides[a] = side
+    return tuple(sides)
+
+
+def coerce_chunks(chunks, shape: Sequence[int]) -> tuple[int | None, ...] | None:
+    """Canonicalize the user's ``chunks``, the spatial (z, y, x) chunk shape of the
+    output, once. Accepted, in dask's forms:
+
+    - None or ``"auto"``: the planner chooses every side (returns None);
+    - an int: that side on every axis; ``-1``: the whole volume as one chunk;
+    - three sides (z, y, x), each an int >= 1, ``-1`` for the whole axis (as in dask),
+      or None / ``"auto"``: the planner chooses that side, the others fixed (dask's
+      None means "keep the input's chunking"; the output has none to keep);
+    - a dict ``{axis: side}`` over axes 0, 1, 2 (or -3, -2, -1), sides as above; the
+      axes not named are the planner's choice, as None is.
+
+    Returns None where the planner chooses every side, else three sides, each an int
+    clipped to the volume or None where the planner chooses. Anything else raises
+    `InputError` naming the value and the forms accepted.
+    """
+    if _is_auto(chunks):
+        return None
+    if isinstance(chunks, dict):
+        sides = _sides_of_dict(chunks)
+    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, (bool, np.bool_)):
+        sides = (chunks,) * SPATIAL
+    elif isinstance(chunks, (str, bytes, bool, np.bool_)) or not hasattr(chunks, "__iter__"):
+        raise _chunks_error(f"chunks={chunks!r} is not a chunk shape; {_CHUNK_FORMS}, "
+                            "e.g. chunks=128 or chunks=(64, 128, 128)")
+    else:
+        sides = tuple(chunks)
+        if len(sides) != SPATIAL:
+            raise _chunks_error(f"chunks={chunks!r} has {len(sides)} sides; pass one int or "
+                                "three ints (z, y, x), e.g. chunks=(64, 128, 128)")
+    out = tuple(_chunk_side(c, n, chunks, a) for a, (c, n) in enumerate(zip(sides, shape)))
+    return None if all(c is None for c in out) else out
 
 
 def chunk_bounds(n: int, chunk: int) -> tuple[int, ...]:
     """Chunk boundaries ``0, c, 2c, ..., n`` along one axis."""
     return tuple(range(0, n, chunk)) + (n,)
-
-
-def scaled_bounds(bounds: Sequence[int], scale: Fraction, n: int) -> tuple[int, ...]:
-    """Map chunk boundaries of the input grid onto a node's grid of size ``n``.
-
-    Any partition is exact (tiles compute arbitrary regions); mapping the input
-    grid keeps the tiles of all stages aligned to the cumulative stride.
-    """
-    out = [0]
-    for b in bounds[1:-1]:
-        m = min(n, int(round(b * scale)))
-        if m > out[-1]:
-            out.append(m)
-    if n > out[-1]:
-        out.append(n)
-    return tuple(out)
 
 
 def intervals(bounds: Sequence[int]) -> list[Interval]:

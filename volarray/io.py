@@ -50,7 +50,7 @@ def open_volume(source, var: str | None = None, storage_options: dict | None = N
             var = names[0]
         if var is None or var not in names:
             raise InputError(f"input {str(source)!r} is a zarr group with arrays {names}; "
-                             f"pass var= one of them (got {var!r})")
+                             f"pass var= one of them (got {var!r})", parameter="var")
         return node[var]
     return node
 

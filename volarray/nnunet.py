@@ -193,7 +193,7 @@ class NnUNetModel:
                 mirror: bool = True, normalize: bool = True, crop_nonzero: bool = True,
                 chunks=None, device="cpu") -> da.Array:
         """See `predict_nnunet`."""
-        from .api import _device, check_model
+        from .predictors import check_model, resolve_device
         from .window import predict_window
         _check_options(output, tile_step_size)
         arr = as_dask_volume(volume, integers=True)
@@ -212,21 +212,23 @@ class NnUNetModel:
             crop = crop.map_blocks(_checked, box_lo=tuple(a for a, _ in box), dtype=np.float32)
         tf = self.transpose_forward
         net_in = crop.transpose((0,) + tuple(t + 1 for t in tf)) if tf != (0, 1, 2) else crop
-        window_chunks = (self.patch_size if chunks_in is None
-                         else tuple(chunks_in[t] for t in tf))
+        window_chunks = (self.patch_size if chunks_in is None  # None per axis: the patch's
+                         else tuple(p if chunks_in[t] is None else chunks_in[t]
+                                    for t, p in zip(tf, self.patch_size)))
         model = self.ensemble(mirror)
         check_model(model)
         step = float(tile_step_size)
         logits = predict_window(
-            model, net_in.rechunk({0: -1}), window=self.patch_size, overlap=0.0,
-            blend=self.gaussian, placement=_NnUNetSteps(step),
-            chunks=coerce_chunks(window_chunks, net_in.shape[1:]), device=_device(device))
+            model, net_in.rechunk({0: -1}), roi_size=self.patch_size, overlap=0.0,
+            blend_mode=self.gaussian, placement=_NnUNetSteps(step),
+            chunks=coerce_chunks(window_chunks, net_in.shape[1:]), device=resolve_device(device))
         y = self._convert(logits, output)
         tb = self.transpose_backward
         if tb != (0, 1, 2):
             y = y.transpose((0,) + tuple(t + 1 for t in tb)) if y.ndim == 4 else y.transpose(tb)
         y = self._uncrop(y, box, shape, output)
-        final = chunks_in or tuple(self.patch_size[t] for t in tb)
+        final = tuple(p if c is None else c for c, p in
+                      zip(chunks_in or (None,) * 3, (self.patch_size[t] for t in tb)))
         return y.rechunk(y.chunks[:-3] + tuple(min(c, n) for c, n in zip(final, shape)))
 
     def normalize(self, arr: da.Array, box_lo=(0, 0, 0)) -> da.Array:
@@ -339,7 +341,7 @@ class NnUNetPipeline:
         self.token = tokenize(model.token(), sorted(
             (k, v) for k, v in options.items() if k not in ("chunks", "device")))
         self.attrs = {"model": f"nnU-Net {model.trainer_name} {model.configuration}",
-                      "mode": "nnunet", "nnunet_folds": [str(f) for f in model.folds],
+                      "method": "nnunet", "nnunet_folds": [str(f) for f in model.folds],
                       "nnunet_output": options.get("output", "probabilities")}
 
     def __call__(self, source):

@@ -189,8 +189,9 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
                              "resume=True only finishes a store volarray started")
         return "resume", out
     if not overwrite:
-        raise InputError(f"output {str(store)!r} exists; pass overwrite=True to replace it "
-                         "or resume=True to finish an interrupted run into it")
+        raise InputError(f"output {str(store)!r} exists; pass overwrite=True (--overwrite) "
+                         "to replace it or resume=True (--resume) to finish an interrupted run "
+                         "into it", parameter="store")
     if not ours:
         kind = "file" if out.is_file() else "folder"
         raise InputError(f"output {str(store)!r} is a {kind} that volarray did not write; "

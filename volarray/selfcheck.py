@@ -78,7 +78,7 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
         raise TraceError(f"the graph torch.fx captured from {type(model).__name__} fails on a "
                          f"probe input of shape {probe} where the model's own forward runs "
                          f"({type(e).__name__}: {e}); the capture took another path through "
-                         "forward: run mode='window', which calls the model as it is") from e
+                         "forward: run method='window', which calls the model as it is") from e
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
         return  # several outputs: the graph builder says what it supports
     scale = max(1.0, float(want.abs().max()))
@@ -91,7 +91,7 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
         f"on a {tuple(probe[2:])} probe input (max difference {diff:.3g}, max |y| "
         f"{scale:.3g}): {_where(want_modules, got_modules)}. Python control flow in forward "
         "that looks at a tensor (isinstance(..., torch.Tensor), a branch on a value) is "
-        "resolved once at capture; make it static, or run mode='window', which calls the "
+        "resolved once at capture; make it static, or run method='window', which calls the "
         "model as it is")
 
 
@@ -108,7 +108,7 @@ def _same_ops(model, gm, probe_gm, probe) -> None:
         f"{type(model).__name__} calls other ops at the volume's shape than at a congruent "
         f"{tuple(probe[2:])} probe (op {i}: {ops[i] if i < len(ops) else 'none'} against "
         f"{probe_ops[i] if i < len(probe_ops) else 'none'}, in '{where}'): its forward "
-        "branches on the input's size in a way the probe cannot check; run mode='window', "
+        "branches on the input's size in a way the probe cannot check; run method='window', "
         "which calls the model as it is")
 
 

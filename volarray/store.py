@@ -20,7 +20,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
-from .api import QUANTIZED_ATTRS, _predict, predict
+from .api import QUANTIZED_ATTRS, predict, prediction
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
 from .location import Location
@@ -110,7 +110,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     ``name`` (zarr v3, dims channel, z, y, x; labels z, y, x). Returns the zarr array,
     or for ``ensemble=`` the pair of arrays ``<name>_mean`` and ``<name>_std``.
 
-    ``options`` are `predict`'s (mode, window, tta, output, threshold, ensemble, ...).
+    ``options`` are `predict`'s (method, roi_size, tta, output, threshold, ensemble, ...).
     ``volume``: an array, or a path or URL (zarr array, zarr group with ``var``, .npy).
     ``store`` and ``volume`` may be URLs (``s3://bucket/out.zarr``, ``gs://``,
     ``file://``, ``memory://``) read and written through fsspec, with
@@ -156,7 +156,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     space = ScratchSpace(out, scratch)
     try:
         result = (predictor(source) if predictor is not None
-                  else _predict(model, source, scratch=space, **options))
+                  else prediction(model, source, scratch=space, **options))
         arrays = _named_arrays(result, name)
         axes = spatial_axes(src, arrays)
         run_id = _run_id(model, volume, var, source, arrays, options,
@@ -220,7 +220,7 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
     path when it has one, so that fixing a bad voxel in place keeps finished chunks
     valid), the options that change the numbers, and the output's arrays and chunking
     (the memory limit and the device only choose how it runs)."""
-    from .window import _weights_token
+    from .window import weights_token
     source = ((Location.of(str(volume), storage_options).url, var, input_sample(source_array))
               if isinstance(volume, (str, os.PathLike)) else source_array.name)
     given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
@@ -228,7 +228,7 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
                                                      else set())  # seeds draw ensembles only
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
                      if k not in ignored)
-    return {"model weights": tokenize(_weights_token(model)), "input": tokenize(source),
+    return {"model weights": tokenize(weights_token(model)), "input": tokenize(source),
             "options": tokenize(changes) if predictor_token is None
             else tokenize(changes, predictor_token),
             "arrays and chunks": tokenize([(n, a.shape, a.chunks, str(a.dtype))
@@ -254,7 +254,7 @@ def _create_output(out: Location, run_id: dict, arrays: dict, model, options: di
                            dtype=a.dtype, dimension_names=(
                                spatial_dims if a.ndim == 3 else ("channel",) + spatial_dims),
                            attributes={"model": type(model).__name__,
-                                       "mode": options.get("mode", "exact"),
+                                       "method": options.get("method", "exact"),
                                        "volarray_version": _version(),
                                        **(QUANTIZED_ATTRS if a.dtype == np.uint8
                                           and options.get("output_dtype") == "uint8" else {}),
@@ -320,7 +320,8 @@ def _write(out: Location, group, arrays: dict, scheduler, create=None,
             sig, code = outputs.signal_name(e)
             raise RunInterrupted(f"stopped by {sig}: {where}", code) from None
         if isinstance(e, VolarrayError):
-            raise type(e)(f"{e}. {where[0].upper()}{where[1:]}") from None
+            raise type(e)(f"{e}. {where[0].upper()}{where[1:]}",
+                          parameter=getattr(e, "parameter", None)) from None
         raise
 
 
@@ -329,13 +330,13 @@ def _after_stop(out: Location, fresh: bool, replacing: Location | None) -> str:
     if replacing is not None:
         outputs.remove_output(out, missing_ok=True)
         return (f"the existing output {replacing.url!r} was left as it was; run again with "
-                "overwrite=True to replace it")
+                "overwrite=True (--overwrite) to replace it")
     finished, total = outputs.chunk_counts(out)
     if fresh and not finished:
         outputs.remove_output(out, missing_ok=True)  # it holds nothing: as if never started
         return f"nothing was written to {out.url!r}"
     return (f"{finished} of {total} chunks are finished and kept in {out.url!r}; run again "
-            "with resume=True to compute the rest")
+            "with resume=True (--resume) to compute the rest")
 
 
 def _write_graph(out: Location, arrays: dict, todo) -> Delayed:

@@ -58,23 +58,22 @@ def window_starts(size: int, roi: int, overlap: float, placement="monai") -> lis
     return starts
 
 
-def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
+def importance_map(roi, blend_mode="gaussian", sigma_scale=0.125) -> np.ndarray:
     """The per-window weights (MONAI's compute_importance_map), float32."""
-    if callable(blend):
-        w = np.asarray(blend(tuple(roi)), dtype=np.float32)
+    if callable(blend_mode):
+        w = np.asarray(blend_mode(tuple(roi)), dtype=np.float32)
         if w.shape != tuple(roi):
-            raise InputError(f"blend callable returned weights of shape {w.shape}; the window is "
-                             f"{tuple(roi)}")
+            raise InputError(f"blend_mode callable returned weights of shape {w.shape}; the "
+                             f"window is {tuple(roi)}", parameter="blend_mode")
         return w
-    if blend == "constant":
+    if blend_mode == "constant":
         return np.ones(roi, dtype=np.float32)
-    if blend != "gaussian":
-        raise InputError(f"blend={blend!r} is not 'gaussian', 'constant' or a callable "
-                         "window_shape -> weights")
+    check_blend_mode(blend_mode)
     scales = sigma_scale if isinstance(sigma_scale, (tuple, list)) else (sigma_scale,) * 3
     if len(scales) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
         raise InputError(f"sigma_scale={sigma_scale!r} must be positive (one number or three); "
-                         "the gaussian's sigma is sigma_scale x the window, 0.125 by default")
+                         "the gaussian's sigma is sigma_scale x the window, 0.125 by default",
+                         parameter="sigma_scale")
     w = None
     for size, s in zip(roi, scales):
         x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
@@ -82,6 +81,29 @@ def importance_map(roi, blend="gaussian", sigma_scale=0.125) -> np.ndarray:
         w = x if w is None else w.unsqueeze(-1) * x
     w = torch.clamp(w, min=max(torch.min(w).item(), 1e-3))
     return w.numpy().astype(np.float32)
+
+
+def check_blend_mode(blend_mode) -> None:
+    if not callable(blend_mode) and blend_mode not in ("gaussian", "constant"):
+        raise InputError(f"blend_mode={blend_mode!r} is not 'gaussian', 'constant' or a "
+                         "callable roi_shape -> weights", parameter="blend_mode")
+
+
+def check_window(roi_size, overlap, blend_mode) -> tuple[int, int, int]:
+    """The window's (z, y, x) size from ``roi_size``; bad settings refused by name."""
+    if roi_size is None:
+        raise InputError("method='window' needs roi_size=, the model's patch size, e.g. 96 "
+                         "or (64, 128, 128)", parameter="roi_size")
+    sides = (roi_size,) * 3 if np.isscalar(roi_size) else tuple(roi_size)
+    if len(sides) != 3 or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+                                  and w > 0 for w in sides):
+        raise InputError(f"roi_size={roi_size!r} must be one positive int or three",
+                         parameter="roi_size")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or \
+            not 0 <= overlap < 1:
+        raise InputError(f"overlap={overlap!r} must be in [0, 1)", parameter="overlap")
+    check_blend_mode(blend_mode)
+    return tuple(int(w) for w in sides)
 
 
 class WindowRunner(OnDevice):
@@ -147,31 +169,26 @@ def blend_chunk(weights, lo, hi, windows):
     return out
 
 
-def predict_window(model, arr: da.Array, *, window, overlap=0.25, blend="gaussian",
+def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="gaussian",
                    sigma_scale=0.125, chunks=None, device="cpu", select=None,
-                   ensemble: int = 0, seed: int = 0, placement="monai"):
+                   ensemble: int = 0, seed: int = 0, placement="monai", model_token=None):
     """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array; with
     ``ensemble=N``, the (mean, std) over N seeded samples. ``placement``: "monai", or a
-    callable (size, window) -> starts along one axis (see `window_starts`)."""
+    callable (size, window) -> starts along one axis (see `window_starts`).
+    ``model_token``: the model's `weights_token`, when the caller has it already."""
     shape = tuple(arr.shape[1:])
-    if window is None:
-        raise InputError("mode='window' needs window=, the model's patch size, e.g. 96 or "
-                         "(64, 128, 128)")
-    roi = (int(window),) * 3 if np.isscalar(window) else tuple(int(w) for w in window)
-    if len(roi) != 3 or min(roi) <= 0:
-        raise InputError(f"window={window!r} must be one positive int or three")
-    if not 0 <= overlap < 1:
-        raise InputError(f"overlap={overlap!r} must be in [0, 1)")
+    roi = check_window(roi_size, overlap, blend_mode)
     image = tuple(max(s, r) for s, r in zip(shape, roi))
     pad = tuple((i - s) // 2 for i, s in zip(image, shape))  # volumes smaller than the window
     starts = [window_starts(i, r, overlap, placement) for i, r in zip(image, roi)]
-    weights = importance_map(roi, blend, sigma_scale)
+    weights = importance_map(roi, blend_mode, sigma_scale)
     runner = WindowRunner(model, device, weights, select)
-    chunks = roi if chunks is None else chunks
+    chunks = roi if chunks is None else tuple(r if c is None else c for c, r in zip(chunks, roi))
     out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
     in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
-    token = tokenize(arr.name, roi, overlap, blend if not callable(blend) else weights,
-                     sigma_scale, chunks, device, select, ensemble, seed, _weights_token(model),
+    token = tokenize(arr.name, roi, overlap, blend_mode if not callable(blend_mode) else weights,
+                     sigma_scale, chunks, device, select, ensemble, seed,
+                     model_token or weights_token(model),
                      *(() if placement == "monai" else (starts,)))
     model_key = f"volarray-window-model-{token}"
     wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
@@ -218,6 +235,7 @@ def _out_channels(model, c_in: int, roi, device, select=None) -> int:
     return int(pick_output(y, select).shape[1])
 
 
-def _weights_token(model) -> str:
+def weights_token(model) -> str:
+    """A deterministic token of the model's class and weights."""
     return tokenize(type(model).__name__,
                     [(k, v.detach().cpu().numpy()) for k, v in model.state_dict().items()])

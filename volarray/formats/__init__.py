@@ -66,7 +66,8 @@ def open_mdio(path, *, var: str | None = None, chunks=None):
     var = var or ("amplitude" if "amplitude" in names else (names[0] if len(names) == 1
                                                             else None))
     if var not in names:
-        raise InputError(f"{path!r}: pass var= one of its 3-D variables {names}")
+        raise InputError(f"{path!r}: pass var= one of its 3-D variables {names}",
+                         parameter="var")
     arr = ds[var]
     if not hasattr(arr.data, "dask"):  # never the whole survey in memory
         arr = arr.chunk({})

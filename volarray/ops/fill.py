@@ -31,6 +31,16 @@ class Fill:
 INSIDE = Fill("inside")
 ZEROS = Fill("constant", 0.0)
 NEG_INF = Fill("constant", float("-inf"))
+_BY_MODE = {"zeros": ZEROS, "reflect": Fill("reflect"), "replicate": Fill("replicate"),
+            "circular": Fill("circular")}
+
+
+def fill_for(mode: str, value: float = 0.0) -> Fill | None:
+    """The fill of a padding mode (nn.Conv3d's padding_mode, F.pad's mode); None for a
+    mode without one."""
+    if mode == "constant":
+        return Fill("constant", float(value))
+    return _BY_MODE.get(mode)
 
 
 def index_map(idx: np.ndarray, n: int, fill: Fill) -> np.ndarray:

@@ -3,7 +3,8 @@
 Statistics of a tensor are computed over each chunk's own region (never its
 halo), per channel or per group, and merged with Chan et al.'s parallel update,
 in float64, as a dask tree (chunk -> combine -> aggregate). Whole-volume
-InstanceNorm, GroupNorm and global average pooling then follow exactly.
+InstanceNorm, GroupNorm (`volarray.ops.norm`) and global average pooling (built
+here) then follow exactly.
 """
 from __future__ import annotations
 
@@ -11,17 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .fill import INSIDE
-from .local import LocalOp, resolve
-
-
-@dataclass(frozen=True)
-class GlobalArg:
-    """A whole-volume value (statistics, a pooled vector) inside call arguments."""
-
-    name: str
+from .base import LocalOp, triple
 
 
 @dataclass
@@ -84,41 +76,7 @@ def stats_value(stats: np.ndarray, node: GlobalNode, dtype=torch.float32):
     return stats
 
 
-# ------------------------------------------------------------ tile ops using them
-@dataclass
-class NormApply(LocalOp):
-    """(x - mean) / sqrt(var + eps) * weight + bias with whole-volume statistics."""
-
-    stats: str = ""  # GlobalNode name
-    groups: int = 1
-    eps: float = 1e-5
-    weight: object = None
-    bias: object = None
-
-    def __post_init__(self):
-        self.fills = (INSIDE,)
-
-    @property
-    def globals(self) -> tuple[str, ...]:
-        return (self.stats,)
-
-    def need(self, axis, out):
-        return (out,)
-
-    def run(self, ctx, inputs, out):
-        x = inputs[0]
-        c = x.shape[1]
-        n, mean, m2 = ctx.global_value(self.stats)
-        per = c // self.groups
-
-        def channel(v):  # group statistics repeated per channel
-            return torch.as_tensor(np.repeat(v, per), dtype=x.dtype, device=x.device)
-        w, b = resolve((self.weight, self.bias), ctx)
-        # eval-mode batch_norm with the whole-volume statistics: one fused pass, as
-        # PyTorch's own instance_norm is batch_norm with per-instance statistics
-        return F.batch_norm(x, channel(mean), channel(m2 / n), w, b, False, 0.0, self.eps)
-
-
+# ------------------------------------------------------------ spreading a value
 @dataclass
 class Broadcast(LocalOp):
     """A whole-volume (1, C, 1, 1, 1) value spread over the tile (interpolate or
@@ -141,3 +99,40 @@ class Broadcast(LocalOp):
         v = ctx.global_value(self.source)
         return v.reshape(v.shape[:2] + (1, 1, 1)).expand(v.shape[:2] + out.shape).contiguous(
             memory_format=torch.channels_last_3d)
+
+
+# ------------------------------------------------------------ global means
+def global_mean(ctx) -> GlobalNode | None:
+    """The mean of the volume per channel, a barrier's value (SE blocks, ASPP image
+    pooling); None when the tensor averaged is not the volume."""
+    source = ctx.spatial_input(0)
+    if source is None:
+        return None
+    return GlobalNode(ctx.name, "reduce", ctx.where, source=source, groups=ctx.c_in,
+                      output="mean", shape=tuple(ctx.value.shape))
+
+
+def adaptive_avg_pool(ctx, size) -> GlobalNode | None:
+    """Adaptive average pooling is exact to size 1 only: a global mean."""
+    if triple(size) != (1, 1, 1):
+        size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+        ctx.unsupported(f"adaptive pooling to {size} (only to 1, a global mean, is exact)")
+    return global_mean(ctx)
+
+
+def adaptive_avg_pool_module(ctx) -> GlobalNode | None:
+    return adaptive_avg_pool(ctx, ctx.module.output_size)
+
+
+def adaptive_avg_pool_function(ctx) -> GlobalNode | None:
+    return adaptive_avg_pool(ctx, ctx.param(1, "output_size"))
+
+
+def mean(ctx) -> GlobalNode | None:
+    """torch.mean(x, dim) and x.mean(dim) over the three spatial dims; other means have
+    no tile kernel."""
+    dims = ctx.param(1, "dim")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if sorted(d % 5 for d in dims) != [2, 3, 4]:
+        return None
+    return global_mean(ctx)

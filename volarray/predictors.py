@@ -1,0 +1,341 @@
+"""The composable pieces `predict` is made of.
+
+A predictor maps a volume to lazy class scores, (C_out, Z', Y', X'):
+
+- `Exact`: the model traced once per input shape and planned once, its layers run as a
+  graph of halo-overlapped tiles; the result equals one whole-volume forward.
+- `Window`: MONAI's sliding-window inference, out of core (the model is called as is).
+
+Each is a frozen object, called as ``predictor(volume)``; the same predictor serves
+many calls on volumes of one shape (the 8 flips of `flips`, the samples of `ensemble`)
+without tracing or hashing the model again. `flips`, `ensemble` and `labels` compose
+them, and each returns one type.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import dask.array as da
+import numpy as np
+import torch
+
+from .errors import InputError
+from .execute import build_graph
+from .geometry import chunk_bounds, coerce_chunks
+from .io import as_dask_volume, rechunk_to, region_reader
+from .ops.conv import ArgmaxConv
+from .planner import Plan, make_plan
+from .trace import fuse_argmax_head, trace
+
+
+class MeanStd(NamedTuple):
+    """Per-voxel mean and population standard deviation over an ensemble's samples."""
+
+    mean: da.Array
+    std: da.Array
+
+
+def resolve_device(device) -> str:
+    """'cpu', 'cuda' or 'cuda:N' from ``device`` (None: 'cpu'; 'auto': CUDA if present)."""
+    if device is None or device == "auto":
+        return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise InputError(f"device={device!r} is not 'cpu', 'cuda', 'cuda:N' or 'auto'",
+                         parameter="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'",
+                         parameter="device")
+    return device
+
+
+AUTOCAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                  torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
+
+
+def autocast_type(compute_dtype) -> torch.dtype | None:
+    """The torch.autocast type of ``compute_dtype``, None for float32 (no autocast)."""
+    if compute_dtype in (None, "float32", torch.float32):
+        return None
+    if compute_dtype not in AUTOCAST_TYPES:
+        raise InputError(f"compute_dtype={compute_dtype!r} is not 'float32', 'float16' or "
+                         "'bfloat16'", parameter="compute_dtype")
+    return AUTOCAST_TYPES[compute_dtype]
+
+
+TRAINING_SAFE = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                 torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def check_model(model, stochastic: bool = False) -> None:
+    """Refuse, before anything runs, a model that would not give its eval() answer:
+    modules in training mode (batch statistics, active dropout) or weights on the meta
+    device. With ``stochastic`` (an ensemble), active dropout is what is sampled."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module",
+                         parameter="model")
+    meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
+            if p.is_meta]
+    if meta:
+        raise InputError(f"the model's weights are on the meta device (e.g. {meta[0]!r}): they "
+                         "hold no values; load real weights (model.to_empty(device='cpu') and "
+                         "load_state_dict) before predicting", parameter="model")
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and not (stochastic and isinstance(m, TRAINING_SAFE))]
+    if training:
+        listed = ", ".join(repr(n) for n in training[:5])
+        more = f" and {len(training) - 5} more" if len(training) > 5 else ""
+        hint = ("; for an ensemble of samples leave only the dropout modules in train()"
+                if not stochastic else "")
+        count = f"{len(training)} module{'s' if len(training) > 1 else ''}"
+        raise InputError(f"the model is in training mode ({count}: {listed}"
+                         f"{more}), which uses batch statistics and active dropout; call "
+                         f"model.eval() before predicting{hint}", parameter="model")
+
+
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever a module, its mode or a weight of ``model`` changes (a tensor's
+    version counter moves with every in-place write, load_state_dict included)."""
+    return (tuple((id(m), m.training) for m in model.modules()),
+            tuple((id(t), t._version) for t in itertools.chain(model.parameters(),
+                                                               model.buffers())))
+
+
+@dataclass(frozen=True, eq=False)
+class Exact:
+    """Exact mode: ``Exact(model, chunks=..., keep=...)(volume)`` equals
+    ``model(volume[None])[0]``, lazily, tile by tile. The model is traced and planned
+    once per input shape; `plan` shows what will run. See `volarray.predict` for the
+    meaning of each argument. ``spill``: kept tensors may go to a scratch store, so the
+    default keep budget is the input's bytes (what `predict_to_zarr` runs, with its
+    ``scratch`` store)."""
+
+    model: torch.nn.Module
+    chunks: Any = None
+    device: Any = None
+    memory_limit: Any = None
+    keep: Any = None
+    select: Any = None
+    pad: str | None = None
+    compute_dtype: Any = None
+    scratch: Any = None
+    spill: bool = False
+    traced: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        check_model(self.model, stochastic=True)  # dropout is checked per call
+        if self.pad not in (None, "reflect", "zeros"):
+            raise InputError(f"pad={self.pad!r} is not None, 'reflect' or 'zeros'",
+                             parameter="pad")
+        object.__setattr__(self, "device", resolve_device(self.device))
+        autocast_type(self.compute_dtype)
+
+    def __call__(self, volume, seed: int = 0) -> da.Array:
+        """The scores of ``volume`` (C, Z, Y, X) or (Z, Y, X)."""
+        check_model(self.model)
+        arr, crop = self.padded(as_dask_volume(volume))
+        return crop(self.scores(arr, seed))
+
+    def sample(self, volume, seed: int) -> da.Array:
+        """One sample of a stochastic model (dropout left active), seeded by ``seed``
+        and each voxel's global position."""
+        check_model(self.model, stochastic=True)
+        arr, crop = self.padded(as_dask_volume(volume))
+        return crop(self.scores(arr, seed))
+
+    def plan(self, volume, *, argmax: bool = False) -> Plan:
+        """The plan of a run over ``volume`` (only its shape matters); with ``argmax``,
+        of labels with the classifier fused where the head allows."""
+        return self.plan_for(self.padded(as_dask_volume(volume))[0], argmax)
+
+    def argmax(self, volume) -> da.Array:
+        """Labels (Z', Y', X'): the classifier conv fused with the argmax and computed in
+        blocks of classes, where the head allows; else the argmax of the scores."""
+        check_model(self.model)
+        arr, crop = self.padded(as_dask_volume(volume))
+        p = self.plan_for(arr, argmax=True)
+        head = p.graph.nodes[p.graph.output].op
+        if not isinstance(head, ArgmaxConv):
+            return labels(crop(self.scores(arr, 0)))
+        if head.classes < 2:
+            raise InputError(ONE_CHANNEL_ARGMAX, parameter="output")
+        dt = label_dtype(head.classes)
+        fused = self.build(p, arr, 0).map_blocks(lambda b: b[0].astype(dt), dtype=dt,
+                                                 drop_axis=0)
+        return crop(fused[None])[0]
+
+    def scores(self, arr: da.Array, seed: int = 0) -> da.Array:
+        """The scores of ``arr`` (C, Z, Y, X), already padded as `padded` pads it."""
+        return self.build(self.plan_for(arr), arr, seed)
+
+    def padded(self, arr: da.Array):
+        """``arr`` padded to the network's multiple (``pad=``), and how to crop back."""
+        if self.pad is None:
+            return arr, (lambda y: y)
+        from .padding import crop_output, pad_volume, padded_shape, required_multiple
+        shape = tuple(arr.shape[1:])
+        multiple = required_multiple(self.model, arr.shape[0], shape)
+        if multiple is None:  # the shape already suits the network
+            return arr, (lambda y: y)
+        return (pad_volume(arr, multiple, self.pad),
+                lambda y: crop_output(y, shape, padded_shape(shape, multiple)))
+
+    def graph(self, shape):
+        """The traced graph for an input of ``shape`` (C, Z, Y, X), traced once."""
+        key = ("graph", tuple(shape), weights_version(self.model))
+        if key not in self.traced:
+            self.traced.clear()  # a new shape or new weights: older traces are stale
+            self.traced[key] = trace(self.model, (1,) + tuple(shape), self.select)
+        return self.traced[key]
+
+    def plan_for(self, arr: da.Array, argmax: bool = False) -> Plan:
+        graph = self.graph(arr.shape)
+        key = ("plan", tuple(arr.shape), argmax, weights_version(self.model))
+        if key not in self.traced:
+            if argmax:  # on a copy: the scores' plan keeps the whole head
+                graph = copy.copy(graph)
+                graph.nodes = dict(graph.nodes)
+                fuse_argmax_head(graph)
+            self.traced[key] = make_plan(
+                graph, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
+                "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
+                spill=self.spill)
+        return self.traced[key]
+
+    def build(self, p: Plan, arr: da.Array, seed: int) -> da.Array:
+        """The dask graph of plan ``p`` over ``arr``."""
+        if self.memory_limit is not None:
+            p.validate()  # a budget the user stated is one no task may exceed
+        reader = region_reader(arr)  # tasks read their regions straight from zarr or numpy
+        if reader is None:
+            arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
+        paths = self.scratch.arrays_for(p) if self.scratch is not None else None
+        return build_graph(p, arr, self.device, scratch=paths, seed=seed,
+                           autocast=autocast_type(self.compute_dtype), reader=reader)
+
+    def ensemble(self, volume, n: int, seed: int = 0) -> MeanStd:
+        """Mean and std over ``n`` samples, seeded from ``seed``."""
+        samples = da.stack([self.sample(volume, seed + s) for s in range(n)])
+        return MeanStd(samples.mean(axis=0), samples.std(axis=0))
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """Sliding-window inference equal to MONAI's ``sliding_window_inference`` with the
+    same ``roi_size``, ``overlap``, ``blend_mode`` ("gaussian", "constant" or a callable
+    roi shape -> weights) and ``sigma_scale``, aggregated per output chunk (``chunks``,
+    default the roi). The model is called as it is, never traced."""
+
+    model: torch.nn.Module
+    roi_size: Any = None
+    overlap: float = 0.25
+    blend_mode: Any = "gaussian"
+    sigma_scale: float = 0.125
+    chunks: Any = None
+    device: Any = None
+    select: Any = None
+    tokens: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        from .window import check_window
+        check_model(self.model, stochastic=True)
+        check_window(self.roi_size, self.overlap, self.blend_mode)
+        object.__setattr__(self, "device", resolve_device(self.device))
+
+    def __call__(self, volume, seed: int = 0) -> da.Array:
+        """The scores of ``volume`` (C, Z, Y, X) or (Z, Y, X)."""
+        check_model(self.model)
+        return self.run(volume, 0, seed)
+
+    def padded(self, arr: da.Array):
+        """Window mode pads its windows itself: ``arr`` as it is."""
+        return arr, (lambda y: y)
+
+    def scores(self, arr: da.Array, seed: int = 0) -> da.Array:
+        return self.run(arr, 0, seed)
+
+    def argmax(self, volume) -> da.Array:
+        return labels(self(volume))
+
+    def ensemble(self, volume, n: int, seed: int = 0) -> MeanStd:
+        """Mean and std over ``n`` samples, each window's draws seeded by its position."""
+        check_model(self.model, stochastic=True)
+        return MeanStd(*self.run(volume, n, seed))
+
+    def run(self, volume, samples: int, seed: int):
+        from .window import predict_window
+        arr = as_dask_volume(volume)
+        return predict_window(self.model, arr.astype("float32").rechunk({0: -1}),
+                              roi_size=self.roi_size, overlap=self.overlap,
+                              blend_mode=self.blend_mode, sigma_scale=self.sigma_scale,
+                              chunks=coerce_chunks(self.chunks, arr.shape[1:]),
+                              device=self.device, select=self.select, ensemble=samples,
+                              seed=seed, model_token=self.weights_token())
+
+    def weights_token(self) -> str:
+        """The model's weights hashed once while they stay the same."""
+        from .window import weights_token
+        key = weights_version(self.model)
+        if key not in self.tokens:
+            self.tokens.clear()
+            self.tokens[key] = weights_token(self.model)
+        return self.tokens[key]
+
+
+def flips(predictor, volume) -> da.Array:
+    """The mean of ``predictor`` over the 8 mirrorings of the three spatial axes, each
+    flipped back (nnU-Net's test-time mirroring); one trace and plan serve all 8. A
+    padding predictor pads once and mirrors the padded volume."""
+    check_model(predictor.model)
+    arr, crop = predictor.padded(as_dask_volume(volume))
+    total = None
+    for flipped in itertools.product((False, True), repeat=3):
+        axes = tuple(1 + i for i, f in enumerate(flipped) if f)
+        y = predictor.scores(da.flip(arr, axes) if axes else arr)
+        y = da.flip(y, axes) if axes else y
+        total = y if total is None else total + y.rechunk(total.chunks)
+    return crop(total / 8)
+
+
+def ensemble(predictor, volume, n: int, seed: int = 0) -> MeanStd:
+    """Per-voxel ``(mean, std)`` over ``n`` seeded samples of a stochastic model (dropout
+    left active; in window mode noise drawn in ``forward`` too), the same for any
+    chunking; no sample of the whole volume is stored."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise InputError(f"ensemble={n!r} must be an int >= 2 (samples per voxel)",
+                         parameter="ensemble")
+    return predictor.ensemble(volume, n, seed)
+
+
+ONE_CHANNEL_ARGMAX = ("output='argmax' over a model with one output channel labels every voxel "
+                      "0; pass threshold=0.5 (--threshold 0.5) for a sigmoid head (or threshold=0.0 "
+                      "for logits) "
+                      "to get labels y > threshold")
+
+
+def labels(scores: da.Array, threshold: float | None = None) -> da.Array:
+    """Per-voxel labels (Z', Y', X') from class scores, chunk by chunk: the argmax over
+    classes (uint8, uint16 past 256 classes), or ``scores > threshold`` (uint8) for a
+    one-channel head."""
+    classes = scores.shape[0]
+    if threshold is not None:
+        if classes != 1:
+            raise InputError(f"threshold={threshold!r} needs a one-channel model; this one "
+                             f"has {classes} output channels: pass output='argmax' for labels",
+                             parameter="threshold")
+        return scores.map_blocks(lambda b: (b[0] > threshold).astype(np.uint8),
+                                 dtype=np.uint8, drop_axis=0)
+    if classes < 2:
+        raise InputError(ONE_CHANNEL_ARGMAX, parameter="output")
+    return scores.map_blocks(argmax_block, dtype=label_dtype(classes), drop_axis=0)
+
+
+def label_dtype(classes: int):
+    return np.uint8 if classes <= 256 else np.uint16
+
+
+def argmax_block(block: np.ndarray) -> np.ndarray:
+    return np.argmax(block, axis=0).astype(label_dtype(block.shape[0]))
