@@ -1,4 +1,4 @@
-"""The field's formats: SEG-Y, NIfTI and TIFF volumes written with the field's own
+"""The field's formats: SEG-Y, MDIO, NIfTI and TIFF volumes written with the field's own
 libraries, opened lazily with their coordinates, predicted exactly, written back."""
 import json
 import os
@@ -118,6 +118,34 @@ def test_segy_from_the_command_line_to_zarr_and_to_segy(survey, tmp_path):
     assert list(back.inline.values) == ilines
     assert np.abs(back.values - reference(seeded(FaultSeg3D), cube)[0]).max() < 1e-5
     assert not [n for n in os.listdir(tmp_path) if "volarray" in n]  # no work store left
+
+
+MDIO_SURVEY = os.path.join(os.path.dirname(__file__), "data", "survey.mdio")
+
+
+def test_mdio_store_written_by_multidimio(tmp_path):
+    """A real MDIO v1 store (tests/data/survey.mdio, written by multidimio 1.1.3's
+    segy_to_mdio from the irregular SEG-Y of the `survey` fixture: the script beside it):
+    read lazily with its inline / crossline / time geometry, predicted exactly through the
+    accessor and the command line, the numbering carried into the output."""
+    import shutil
+    store = tmp_path / "survey.mdio"
+    shutil.copytree(MDIO_SURVEY, store)
+    cube = np.random.default_rng(0).standard_normal((24, 16, 24)).astype(np.float32)
+    ilines = [100, 102, 104, 110, 112] + list(range(120, 160, 2))[:19]
+    amp = open_dataarray(store)
+    assert amp.dims == ("inline", "crossline", "time") and hasattr(amp.data, "dask")
+    assert list(amp.inline.values) == ilines and list(amp.time.values) == list(range(0, 96, 4))
+    assert np.array_equal(amp.values, cube)
+    faults = amp.volinfer.predict(seeded(FaultSeg3D), chunks=(8, 16, 8))
+    assert list(faults.inline.values) == ilines
+    assert np.abs(faults.values - reference(seeded(FaultSeg3D), cube)[0]).max() < 1e-5
+    res = cli(tmp_path, "predict", store, "f.zarr", "--model", MODEL, "--chunks", "12",
+              "--quiet")
+    assert res.returncode == 0, res.stderr
+    ds = xr.open_zarr(tmp_path / "f.zarr", consolidated=False)
+    assert list(ds.inline.values) == ilines and ds["prediction"].dims == ("inline",
+                                                                          "crossline", "time")
 
 
 def nifti_affine():

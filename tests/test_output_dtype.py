@@ -32,7 +32,11 @@ def test_float16_and_uint8_scores(case):
     q = volarray.predict(model, vol, chunks=8, output_dtype="uint8").compute()
     assert q.dtype == np.uint8
     assert np.abs(q / 255 - ref).max() <= 0.5 / 255 + 1e-6
-    mean, std = volarray.predict(model, vol, chunks=8, ensemble=2, output_dtype="uint8")
+    torch.manual_seed(0)  # an ensemble samples a model with dropout left active
+    dropout = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Dropout3d(0.2),
+                                  torch.nn.Sigmoid()).eval()
+    dropout[1].train()
+    mean, std = volarray.predict(dropout, vol, chunks=8, ensemble=2, output_dtype="uint8")
     assert mean.dtype == std.dtype == np.uint8
 
 

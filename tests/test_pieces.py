@@ -115,3 +115,52 @@ def test_errors_name_their_parameter_and_the_cli_its_flag(capsys, tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("volarray: error: --roi-size: method='window' needs")
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_what_would_be_silently_wrong_is_refused_before_any_work(monkeypatch):
+    import volarray.normalize
+    model, vol = seeded(FaultSeg3D, width=4), random_volume((16, 16, 16))
+    monkeypatch.setattr(volarray.normalize, "resolve", lambda *a: pytest.fail("computed"))
+    with pytest.raises(volarray.InputError, match="roi_size=8 applies to method='window'"):
+        volarray.predict(model, vol, normalize="percentile", roi_size=8)
+    monkeypatch.undo()
+    with pytest.raises(volarray.InputError, match="no dropout .* is active") as e:
+        volarray.predict(model, vol, ensemble=3)  # every sample would be the same
+    assert e.value.parameter == "ensemble"
+    with pytest.raises(volarray.InputError, match="seed=3 seeds the samples"):
+        volarray.predict(model, vol, seed=3)
+    with pytest.raises(volarray.InputError, match="sigma_scale=0.2 shapes the gaussian"):
+        volarray.predict(model, vol, method="window", roi_size=8, blend_mode="constant",
+                         sigma_scale=0.2)
+    with pytest.raises(volarray.InputError, match="sigma_scale=-1 must be positive"):
+        volarray.Window(model, roi_size=8, sigma_scale=-1)
+    with pytest.raises(volarray.InputError, match="has no token"):
+        volarray.predict_to_zarr(model, vol, "never.zarr", predictor=volarray.Exact(model))
+
+
+def test_a_predictor_follows_its_models_weights_and_threads_and_pickles(tmp_path):
+    import pickle
+    import threading
+    model = seeded(FaultSeg3D, width=4)
+    exact = volarray.Exact(model, chunks=8)
+    small, other = random_volume((16, 16, 16), seed=5), random_volume((16, 24, 16), seed=6)
+    before = exact(small).compute()
+    weight = next(model.parameters())
+    weight.data = weight.data * 2  # new storage: no version counter moves
+    after = exact(small).compute()
+    assert_volume_close(after, whole_volume(model, small))
+    assert np.abs(after - before).max() > 1e-3
+    errors = []
+
+    def call(vol):
+        try:
+            for _ in range(3):
+                exact(vol)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=call, args=(v,)) for v in (small, other, small, other)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and not [n for n, p in model.named_parameters() if p.is_meta]
+    copy = pickle.loads(pickle.dumps(exact))  # the caches stay behind
+    assert_volume_close(copy(small).compute(), after, atol=0)

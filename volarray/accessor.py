@@ -7,6 +7,7 @@ from .api import QUANTIZED_ATTRS
 from .errors import InputError
 from .io import as_dask_volume
 from .normalize import resolve
+from .predictors import MeanStd
 
 
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
@@ -57,7 +58,7 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=scores_attrs,
                             name=label)
     if isinstance(y, tuple):  # ensemble
-        return wrap(y[0], "_mean"), wrap(y[1], "_std")
+        return MeanStd(wrap(y.mean, "_mean"), wrap(y.std, "_std"))
     return wrap(y)
 
 

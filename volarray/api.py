@@ -8,7 +8,7 @@ import numpy as np
 from .errors import InputError
 from .io import as_dask_volume, map_volume
 from .planner import Plan
-from .predictors import Exact, Window, ensemble as ensemble_of, flips, labels
+from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, flips, labels
 
 METHODS = ("exact", "window")
 # arguments that mean something for one method only: given for the other, refused
@@ -47,7 +47,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
     ``chunks`` is the spatial chunk shape of the result: an int, (z, y, x), -1 for a
-    whole axis, a dict {axis: size}, or None / "auto" to let the planner choose from
+    whole axis, a dict {axis: size} (spatial axes: 0 is z), or None / "auto" to let the
+    planner choose from
     ``memory_limit`` (bytes or '4GB', per task; a limit no task can fit is refused,
     naming the smallest that works). ``device`` is 'cpu' (default), 'cuda', 'cuda:N' or
     'auto'. Nothing runs until the result is computed or stored. The model must be in
@@ -105,9 +106,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     the whole volume is ever stored. In exact mode active dropout draws its masks from a
     hash of the seed and the voxel's global position.
 
-    The pieces this composes are public: `volarray.Exact` and `volarray.Window`
-    (predictors: ``predictor(volume)`` gives scores), `volarray.flips`,
-    `volarray.ensemble` and `volarray.labels`.
+    The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
+    ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
     return prediction(model, volume, method=method, chunks=chunks, device=device,
                       memory_limit=memory_limit, keep=keep, pad=pad,
@@ -124,15 +124,15 @@ def prediction(model, volume, *, scratch=None, coords=False, normalize=None,
     exact mode's kept tensors on disk."""
     check_options(**{k: options.get(k, d) for k, d in (
         ("method", "exact"), ("output", "probabilities"), ("threshold", None), ("tta", None),
-        ("ensemble", None))})
+        ("ensemble", None), ("seed", 0))})
     output_dtype = check_output_dtype(output_dtype, options)
+    predictor = make_predictor(model, scratch, **options)  # refusals before any statistics
     arr = as_dask_volume(volume, integers=normalize is not None)
     if normalize is not None:  # statistics of the whole volume (integers as they are), once
         from .normalize import resolve
         arr = map_volume(arr, resolve(normalize, arr))
     if coords:
         arr = with_coordinates(arr)
-    predictor = make_predictor(model, scratch, **options)
     y = compose(predictor, arr, **{k: options.get(k) for k in ("tta", "output", "threshold",
                                                                 "ensemble", "seed")})
     return cast_output(select_channels(y, channels, options), output_dtype)
@@ -152,6 +152,10 @@ def make_predictor(model, scratch=None, *, method="exact", chunks=None, device=N
                              f"({other[name]}); leave it out with method='{method}'",
                              parameter=name)
     if method == "window":
+        if "sigma_scale" in given and given.get("blend_mode", "gaussian") != "gaussian":
+            raise InputError(f"sigma_scale={given['sigma_scale']!r} shapes the gaussian blend; "
+                             f"blend_mode={given['blend_mode']!r} has none: leave it out",
+                             parameter="sigma_scale")
         return Window(model, chunks=chunks, device=device, select=select,
                       **{**WINDOW_DEFAULTS, **given})
     return Exact(model, chunks=chunks, device=device, select=select, scratch=scratch,
@@ -207,7 +211,12 @@ def select_channels(y, channels, options):
         raise InputError(f"channels={channels!r} is not a list of distinct output channels; "
                          f"this model has {n} (0 to {n - 1})", parameter="channels")
     picked = [int(c) for c in picked]
-    return type(y)(a[picked] for a in y) if isinstance(y, tuple) else y[picked]
+    return each(y, lambda a: a[picked])
+
+
+def each(y, fn):
+    """``fn`` of the array ``y``, or of each array of an ensemble's `MeanStd`."""
+    return MeanStd(*map(fn, y)) if isinstance(y, tuple) else fn(y)
 
 
 def makes_labels(options) -> bool:
@@ -235,7 +244,7 @@ def cast_output(y, output_dtype):
     if output_dtype in (None, "float32"):
         return y
     if isinstance(y, tuple):
-        return type(y)(cast_output(a, output_dtype) for a in y)
+        return each(y, lambda a: cast_output(a, output_dtype))
     if output_dtype == "float16":
         return y.astype(np.float16)
     return y.map_blocks(quantize_probabilities, dtype=np.uint8)
@@ -251,7 +260,7 @@ def quantize_probabilities(block: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(block, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def check_options(*, method, output, threshold, tta, ensemble) -> None:
+def check_options(*, method, output, threshold, tta, ensemble, seed=0) -> None:
     """The option values and combinations, refused before anything is traced."""
     if method not in METHODS:
         hint = (f"; {method!r} is a blend: pass method='window', blend_mode={method!r}"
@@ -279,6 +288,10 @@ def check_options(*, method, output, threshold, tta, ensemble) -> None:
             raise InputError("ensemble= combines with neither tta=, output='argmax' nor "
                              "threshold=; reduce the returned mean yourself",
                              parameter="ensemble")
+    elif seed not in (0, None):
+        raise InputError(f"seed={seed!r} seeds the samples of ensemble=; without it the "
+                         "prediction draws nothing: leave it out or pass ensemble=N",
+                         parameter="seed")
 
 
 def with_coordinates(arr: da.Array) -> da.Array:

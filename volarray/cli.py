@@ -325,6 +325,9 @@ def _preview(args, source, result, target) -> int:
 def cmd_plan(args) -> int:
     import volarray
     from volarray.io import open_volume
+    if args.method != "exact":
+        raise CLIError(f"--method {args.method}: volarray plan shows exact mode's plan; window "
+                       "mode runs one task per window and one per output chunk, nothing to plan")
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var, args.storage_options),
                          chunks=args.chunks, memory_limit=args.memory_limit, pad=args.pad,
@@ -570,8 +573,9 @@ def main(argv=None) -> int:
 
 # parameters whose flag is not --<name with dashes>; None: the API's only
 FLAG_OF = {"output": "--output", "tile_step_size": "--step", "mirror": "--no-mirror",
-           "crop_nonzero": "--no-crop", "store": None, "volume": None, "name": None,
-           "dims": None, "placement": None, "channel_dim": None, "predictor": None}
+           "crop_nonzero": "--no-crop", "store": None, "volume": None, "dims": None,
+           "placement": None, "channel_dim": None, "predictor": None, "multiple": None,
+           "cache": None}
 
 
 def flag_of(parameter: str | None) -> str | None:

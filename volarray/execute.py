@@ -366,13 +366,13 @@ def eval_task(runner, name, gnames, gvalues):
 
 class _GraphBuilder:
     def __init__(self, plan: Plan, volume: da.Array, device: str, scratch=None, seed: int = 0,
-                 autocast=None, reader=None):
+                 autocast=None, reader=None, model_token=None):
         self.plan = plan
         self.volume = volume
         self.graph = plan.graph
         self.runner = ModelRunner(plan, device, seed, autocast)
         self.token = tokenize(volume.name, plan.chunks, device, seed, str(autocast),
-                              _model_token(self.graph.gm))
+                              model_token or weights_token(self.graph.gm))
         self.model_key = f"volarray-model-{self.token}"
         self.dsk = {self.model_key: self.runner}
         # kept tensor -> (key prefix, per-axis chunk boundaries)
@@ -517,14 +517,16 @@ def combine_fan_in() -> int:
 
 
 def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
-                seed: int = 0, autocast=None, reader=None) -> da.Array:
+                seed: int = 0, autocast=None, reader=None, model_token=None) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
     tensors to zarr arrays that hold them instead of memory; ``seed`` picks the sample
     of stochastic layers; ``reader`` (a RegionReader of the array ``volume`` was made
-    from) lets tasks read their input regions straight from it."""
-    return _GraphBuilder(plan, volume, device, scratch, seed, autocast, reader).build()
+    from) lets tasks read their input regions straight from it; ``model_token``: the
+    captured model's `weights_token`, when the caller has it already."""
+    return _GraphBuilder(plan, volume, device, scratch, seed, autocast, reader,
+                         model_token).build()
 
 
-def _model_token(gm) -> str:
+def weights_token(gm) -> str:
     """Deterministic token of the weights and code."""
     return tokenize(gm.code, [(k, v.detach().cpu().numpy()) for k, v in gm.state_dict().items()])

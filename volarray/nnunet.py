@@ -106,7 +106,7 @@ class NnUNetModel:
         if configuration is not None and configuration != self.configuration:
             raise InputError(f"configuration={configuration!r}, but the checkpoints in "
                              f"{str(folder)!r} were trained as {self.configuration!r}; pass "
-                             "that configuration's own model folder")
+                             "that configuration's own model folder", parameter='configuration')
         self.mirror_axes = tuple(first.get("inference_allowed_mirroring_axes") or ())
         self.plans_manager = PlansManager(self.plans)
         self.configuration_manager = cm = self.plans_manager.get_configuration(self.configuration)
@@ -145,7 +145,7 @@ class NnUNetModel:
             hint = (f"pass folds={found} or some of them, or " if found else "pass ")
             raise InputError(f"{str(path)!r} does not exist; the folds with {self.checkpoint} "
                              f"are {found or 'none'}: {hint}checkpoint='checkpoint_best.pth' "
-                             "if that is the file the folds hold")
+                             "if that is the file the folds hold", parameter="folds")
         return path
 
     def _build_network(self) -> torch.nn.Module:
@@ -424,11 +424,11 @@ def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "predicti
 
 def _check_options(output, tile_step_size):
     if output not in OUTPUTS:
-        raise InputError(f"output={output!r} is not one of {OUTPUTS}")
+        raise InputError(f"output={output!r} is not one of {OUTPUTS}", parameter='output')
     if isinstance(tile_step_size, bool) or not isinstance(tile_step_size, (int, float)) or \
             not 0 < tile_step_size <= 1:
         raise InputError(f"tile_step_size={tile_step_size!r} must be in (0, 1]: the step "
-                         "between tiles as a fraction of the patch (nnU-Net's default 0.5)")
+                         "between tiles as a fraction of the patch (nnU-Net's default 0.5)", parameter='tile_step_size')
 
 
 def _coerce_folds(folds):
@@ -442,9 +442,9 @@ def _coerce_folds(folds):
         try:
             out.append(int(f))
         except (TypeError, ValueError):
-            raise InputError(f"folds={folds!r}: each fold is an int or 'all'") from None
+            raise InputError(f"folds={folds!r}: each fold is an int or 'all'", parameter='folds') from None
     if not out:
-        raise InputError("folds=() names no fold; pass e.g. folds=(0,) or (0, 1, 2, 3, 4)")
+        raise InputError("folds=() names no fold; pass e.g. folds=(0,) or (0, 1, 2, 3, 4)", parameter='folds')
     return tuple(out)
 
 

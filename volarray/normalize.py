@@ -97,14 +97,14 @@ def resolve(normalize, arr: da.Array):
         if normalize not in SCHEMES:
             raise InputError(f"normalize={normalize!r} is not one of {SCHEMES}, a dict of "
                              "statistics ({'mean': m, 'std': s, 'clip': (lo, hi)}) or a "
-                             "pointwise callable")
+                             "pointwise callable", parameter='normalize')
         return zscore(arr) if normalize == "zscore" else percentile(arr, PERCENTILES)
     if isinstance(normalize, dict):
         return _from_dict(normalize, arr, channels)
     if callable(normalize):
         return checked_pointwise(normalize, arr)
     raise InputError(f"normalize={normalize!r} is not 'zscore', 'percentile', a dict of "
-                     "statistics or a callable")
+                     "statistics or a callable", parameter='normalize')
 
 
 def _from_dict(spec: dict, arr: da.Array, channels: int):
@@ -112,21 +112,21 @@ def _from_dict(spec: dict, arr: da.Array, channels: int):
         lo, hi = _pair(spec["percentiles"], "percentiles")
         if not 0 <= lo < hi <= 100:
             raise InputError(f"normalize percentiles {spec['percentiles']!r} must satisfy "
-                             "0 <= lo < hi <= 100")
+                             "0 <= lo < hi <= 100", parameter='normalize')
         return percentile(arr, (lo, hi))
     unknown = set(spec) - {"mean", "std", "clip"}
     if unknown or not {"mean", "std"} <= set(spec):
         raise InputError(f"normalize={spec!r}: give 'mean' and 'std' (and optionally 'clip': "
-                         "(lo, hi)), or only 'percentiles': (lo, hi)")
+                         "(lo, hi)), or only 'percentiles': (lo, hi)", parameter='normalize')
     mean = _per_channel(spec["mean"], channels, "mean")
     std = _per_channel(spec["std"], channels, "std")
     if any(s <= 0 for s in std):
-        raise InputError(f"normalize std={spec['std']!r} must be > 0")
+        raise InputError(f"normalize std={spec['std']!r} must be > 0", parameter='normalize')
     clip = None
     if spec.get("clip") is not None:
         lo, hi = _pair(spec["clip"], "clip")
         if not lo < hi:
-            raise InputError(f"normalize clip={spec['clip']!r} needs lo < hi")
+            raise InputError(f"normalize clip={spec['clip']!r} needs lo < hi", parameter='normalize')
         clip = ((lo, hi),) * channels
     return Normalization(mean, std, clip, scheme="given")
 
@@ -135,10 +135,10 @@ def _pair(value, what: str) -> tuple:
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise InputError(f"normalize {what}={value!r} is not a pair of numbers (lo, hi)") \
+        raise InputError(f"normalize {what}={value!r} is not a pair of numbers (lo, hi)", parameter='normalize') \
             from None
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise InputError(f"normalize {what}={value!r} must be finite")
+        raise InputError(f"normalize {what}={value!r} must be finite", parameter='normalize')
     return lo, hi
 
 
@@ -147,7 +147,7 @@ def _per_channel(value, channels: int, what: str) -> tuple:
     if len(values) != channels or not all(
             isinstance(v, numbers.Real) and np.isfinite(v) for v in values):
         raise InputError(f"normalize {what}={value!r} must be one finite number or one per "
-                         f"channel ({channels})")
+                         f"channel ({channels})", parameter='normalize')
     return tuple(float(v) for v in values)
 
 
@@ -212,19 +212,19 @@ def _check_finite_range(lows, highs) -> None:
            if not (np.isfinite(lo) and np.isfinite(hi))]
     if bad:
         raise InputError(f"normalize: channel {bad[0]} of the volume holds NaN or Inf; fill or "
-                         "mask non-finite values (np.nan_to_num) before predicting")
+                         "mask non-finite values (np.nan_to_num) before predicting", parameter='normalize')
 
 
 def _checked_std(std, what: str) -> tuple:
     std = tuple(float(s) for s in std)
     if not all(np.isfinite(std)):
         raise InputError(f"normalize: {what} holds NaN or Inf; fill or mask non-finite "
-                         "values (np.nan_to_num) before predicting")
+                         "values (np.nan_to_num) before predicting", parameter='normalize')
     flat = [c for c, s in enumerate(std) if not s > 0]
     if flat:
         raise InputError(f"normalize: channel {flat[0]} of {what} is constant (std 0); "
                          "z-scoring it would divide by zero: pass given statistics "
-                         "(normalize={'mean': m, 'std': s})")
+                         "(normalize={'mean': m, 'std': s})", parameter='normalize')
     return std
 
 
@@ -247,7 +247,7 @@ def _check_pointwise(fn, probe: np.ndarray) -> None:
     whole = np.asarray(fn(probe))
     if whole.shape != probe.shape:
         raise InputError(f"normalize={fn!r} changed a block's shape {probe.shape} to "
-                         f"{whole.shape}; it must map values one to one")
+                         f"{whole.shape}; it must map values one to one", parameter='normalize')
     for axis in (1, 2, 3):
         half = probe.shape[axis] // 2
         if half == 0:
@@ -258,4 +258,4 @@ def _check_pointwise(fn, probe: np.ndarray) -> None:
             raise InputError(f"normalize={fn!r} is not pointwise: applied to halves of a block "
                              "it gives other values than applied to the whole (statistics of "
                              "each chunk?); pass 'zscore', 'percentile' or given statistics, "
-                             "which are computed over the whole volume")
+                             "which are computed over the whole volume", parameter='normalize')

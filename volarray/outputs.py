@@ -154,7 +154,7 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
     and the store's location. Raises InputError for any target that could cost the
     user data."""
     if overwrite and resume:
-        raise InputError("overwrite=True and resume=True contradict each other; pass one")
+        raise InputError("overwrite=True and resume=True contradict each other; pass one", parameter='overwrite')
     if store is None or str(store).strip() == "":
         raise InputError(f"output {store!r} is empty; pass the path of a zarr store to "
                          "create, e.g. 'prediction.zarr'")

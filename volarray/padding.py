@@ -31,7 +31,7 @@ def check_pad_mode(mode) -> str:
     """``mode`` if it is one of PAD_MODES; an InputError naming it otherwise."""
     if not isinstance(mode, str) or mode not in PAD_MODES:
         raise InputError(f"pad={mode!r} is not one of {PAD_MODES}; pass pad='reflect' (mirror "
-                         "the volume at its high end) or pad='zeros'")
+                         "the volume at its high end) or pad='zeros'", parameter='pad')
     return mode
 
 
@@ -45,7 +45,7 @@ def _per_axis(multiple, n: int) -> tuple[int, ...]:
     if len(values) != n or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0
                                    for m in values):
         raise InputError(f"multiple={multiple!r} must be a positive int or {n} positive ints "
-                         "(one per spatial axis)")
+                         "(one per spatial axis)", parameter='multiple')
     return values
 
 
@@ -213,7 +213,7 @@ def pad_volume(arr, multiple, mode: str = "reflect") -> da.Array:
                 raise InputError(
                     f"pad='reflect' cannot pad side {AXES[a]}={n} by {w} voxels to a multiple "
                     f"of {multiple[a]}: reflection needs the padding to be smaller than the "
-                    "side; pass pad='zeros'")
+                    "side; pass pad='zeros'", parameter='pad')
     pad_width = [(0, 0)] + [(0, w) for w in widths]
     if mode == "reflect":
         out = da.pad(arr, pad_width, mode="reflect")

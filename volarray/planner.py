@@ -44,11 +44,11 @@ def parse_bytes(value) -> int | None:
             n = None
     if n is None:
         raise InputError(f"memory_limit={value!r} is not a size; pass bytes or a string "
-                         "like '4GB'")
+                         "like '4GB'", parameter='memory_limit')
     if n <= 0:
         raise InputError(f"memory_limit={value!r} is not a budget: it must be positive, e.g. "
                          f"'2GB'; omit it for the default ({format_bytes(default_memory_limit())} "
-                         "per task here)")
+                         "per task here)", parameter='memory_limit')
     return int(n)
 
 
@@ -205,7 +205,7 @@ class Plan:
             raise MemoryBudgetError(
                 f"{self.label(worst)} needs {format_bytes(worst.peak_bytes)} per task with "
                 f"chunks={self.chunks}, above memory_limit={format_bytes(limit)}; "
-                f"{self._budget_fix(worst.peak_bytes)}")
+                f"{self._budget_fix(worst.peak_bytes)}", parameter='memory_limit')
         return self
 
     def _budget_fix(self, need: int) -> str:
@@ -223,7 +223,7 @@ class Plan:
         parts = [_plural(len(self.stages), "stage")]
         if self.barriers:
             parts.append(_plural(len(self.barriers), "barrier"))
-        return (f"<volarray.Plan exact: {', '.join(parts)}, {self.n_tasks} tasks, chunks "
+        return (f"<volarray.Plan exact: {', '.join(parts)}, {_plural(self.n_tasks, 'task')}, chunks "
                 f"{self.chunks}, peak {format_bytes(self.peak_bytes)}/task, compute "
                 f"{self.compute_ratio:.2f}x, kept {format_bytes(self.kept_bytes)}>")
 
@@ -232,7 +232,8 @@ class Plan:
         g = self.graph
         inp, out = g.nodes[g.input], g.nodes[g.output]
         return [
-            f"volarray plan: exact mode, {len(self.stages)} stage(s), {self.n_tasks} tasks",
+            f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
+            f"{_plural(self.n_tasks, 'task')}",
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
             f"chunks {self.chunks}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
@@ -403,7 +404,7 @@ def parse_keep(keep, default: int, input_bytes: int) -> int:
         except ValueError:
             factor = -1.0
         if not (math.isfinite(factor) and factor >= 0):
-            raise InputError(f"keep={keep!r} is not a multiple of the input; pass e.g. '2x'")
+            raise InputError(f"keep={keep!r} is not a multiple of the input; pass e.g. '2x'", parameter='keep')
         return int(factor * input_bytes)
     if not isinstance(keep, bool) and keep in (0, "0"):
         return 0
@@ -411,7 +412,7 @@ def parse_keep(keep, default: int, input_bytes: int) -> int:
         return parse_bytes(keep)
     except InputError:
         raise InputError(f"keep={keep!r} is not a budget; pass bytes ('40GB'), a multiple of "
-                         "the input ('2x') or 0") from None
+                         "the input ('2x') or 0", parameter='keep') from None
 
 
 def default_keep(graph: Graph, spill: bool) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .execute import build_graph
+from .execute import build_graph, weights_token as graph_token
 from .geometry import chunk_bounds, coerce_chunks
 from .io import as_dask_volume, rechunk_to, region_reader
 from .ops.conv import ArgmaxConv
+from .ops.dropout import PositionalDropout
 from .planner import Plan, make_plan
 from .trace import fuse_argmax_head, trace
 
@@ -97,11 +99,42 @@ def check_model(model, stochastic: bool = False) -> None:
 
 
 def weights_version(model: torch.nn.Module) -> tuple:
-    """Changes whenever a module, its mode or a weight of ``model`` changes (a tensor's
-    version counter moves with every in-place write, load_state_dict included)."""
+    """Changes whenever a module, its mode or a weight of ``model`` changes: a tensor's
+    version counter moves with every in-place write (load_state_dict included), its
+    storage, type or device with ``.data =``, ``model.double()`` or ``.to()``. (A write
+    through ``p.data.mul_()`` moves none of them: the new weights reach results built
+    after `Exact` or `Window` is made anew.)"""
     return (tuple((id(m), m.training) for m in model.modules()),
-            tuple((id(t), t._version) for t in itertools.chain(model.parameters(),
-                                                               model.buffers())))
+            tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                  for t in itertools.chain(model.parameters(), model.buffers())))
+
+
+# Tracing swaps a model's weights for meta tensors while it runs (and puts them back):
+# one trace at a time, whichever predictor asks.
+TRACE_LOCK = threading.RLock()
+SHAPES_KEPT = 4  # traced shapes a predictor keeps (flips and ensembles use one)
+
+
+class Cache:
+    """Values computed once per key, thread-safe, the oldest dropped past ``size``; not
+    pickled (a copy in another process computes its own)."""
+
+    def __init__(self, size: int = SHAPES_KEPT * 2):
+        self.size, self.values, self.lock = size, {}, threading.RLock()
+
+    def get(self, key, compute):
+        with self.lock:
+            if key not in self.values:
+                if len(self.values) >= self.size:
+                    self.values.pop(next(iter(self.values)))
+                self.values[key] = compute()
+            return self.values[key]
+
+    def __getstate__(self):
+        return {"size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +146,7 @@ class Exact:
     default keep budget is the input's bytes (what `predict_to_zarr` runs, with its
     ``scratch`` store)."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module = field(repr=False)
     chunks: Any = None
     device: Any = None
     memory_limit: Any = None
@@ -121,9 +154,9 @@ class Exact:
     select: Any = None
     pad: str | None = None
     compute_dtype: Any = None
-    scratch: Any = None
+    scratch: Any = field(default=None, repr=False)
     spill: bool = False
-    traced: dict = field(default_factory=dict, init=False, repr=False)
+    traced: Cache = field(default_factory=Cache, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_model(self.model, stochastic=True)  # dropout is checked per call
@@ -184,26 +217,28 @@ class Exact:
                 lambda y: crop_output(y, shape, padded_shape(shape, multiple)))
 
     def graph(self, shape):
-        """The traced graph for an input of ``shape`` (C, Z, Y, X), traced once."""
-        key = ("graph", tuple(shape), weights_version(self.model))
-        if key not in self.traced:
-            self.traced.clear()  # a new shape or new weights: older traces are stale
-            self.traced[key] = trace(self.model, (1,) + tuple(shape), self.select)
-        return self.traced[key]
+        """The traced graph for an input of ``shape`` (C, Z, Y, X), and the token of its
+        weights: traced and hashed once per shape while the weights stay the same."""
+        def traced():
+            with TRACE_LOCK:
+                graph = trace(self.model, (1,) + tuple(shape), self.select)
+            return graph, graph_token(graph.gm)
+        return self.traced.get(("graph", tuple(shape), weights_version(self.model)), traced)
 
     def plan_for(self, arr: da.Array, argmax: bool = False) -> Plan:
-        graph = self.graph(arr.shape)
-        key = ("plan", tuple(arr.shape), argmax, weights_version(self.model))
-        if key not in self.traced:
+        graph = self.graph(arr.shape)[0]
+
+        def planned():
+            g = graph
             if argmax:  # on a copy: the scores' plan keeps the whole head
-                graph = copy.copy(graph)
-                graph.nodes = dict(graph.nodes)
-                fuse_argmax_head(graph)
-            self.traced[key] = make_plan(
-                graph, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
-                "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
-                spill=self.spill)
-        return self.traced[key]
+                g = copy.copy(graph)
+                g.nodes = dict(graph.nodes)
+                fuse_argmax_head(g)
+            return make_plan(g, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
+                             "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
+                             spill=self.spill)
+        return self.traced.get(("plan", tuple(arr.shape), argmax,
+                                weights_version(self.model)), planned)
 
     def build(self, p: Plan, arr: da.Array, seed: int) -> da.Array:
         """The dask graph of plan ``p`` over ``arr``."""
@@ -214,10 +249,20 @@ class Exact:
             arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
         paths = self.scratch.arrays_for(p) if self.scratch is not None else None
         return build_graph(p, arr, self.device, scratch=paths, seed=seed,
-                           autocast=autocast_type(self.compute_dtype), reader=reader)
+                           autocast=autocast_type(self.compute_dtype), reader=reader,
+                           model_token=self.graph(tuple(arr.shape))[1])
 
     def ensemble(self, volume, n: int, seed: int = 0) -> MeanStd:
-        """Mean and std over ``n`` samples, seeded from ``seed``."""
+        """Mean and std over ``n`` samples, seeded from ``seed``; a model that draws
+        nothing (no dropout left active) is refused: its samples would all be equal."""
+        check_model(self.model, stochastic=True)
+        arr = self.padded(as_dask_volume(volume))[0]
+        graph = self.plan_for(arr).graph
+        if not any(isinstance(node.op, PositionalDropout) for node in graph.nodes.values()):
+            raise InputError(f"ensemble={n} samples a stochastic model, but no dropout of "
+                             f"{type(self.model).__name__} is active, so every sample would "
+                             "be the same; leave the dropout modules in train() (model.eval(),"
+                             " then e.g. model.drop.train())", parameter="ensemble")
         samples = da.stack([self.sample(volume, seed + s) for s in range(n)])
         return MeanStd(samples.mean(axis=0), samples.std(axis=0))
 
@@ -229,7 +274,7 @@ class Window:
     roi shape -> weights) and ``sigma_scale``, aggregated per output chunk (``chunks``,
     default the roi). The model is called as it is, never traced."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module = field(repr=False)
     roi_size: Any = None
     overlap: float = 0.25
     blend_mode: Any = "gaussian"
@@ -237,12 +282,13 @@ class Window:
     chunks: Any = None
     device: Any = None
     select: Any = None
-    tokens: dict = field(default_factory=dict, init=False, repr=False)
+    tokens: Cache = field(default_factory=lambda: Cache(1), init=False, repr=False,
+                          compare=False)
 
     def __post_init__(self):
         from .window import check_window
         check_model(self.model, stochastic=True)
-        check_window(self.roi_size, self.overlap, self.blend_mode)
+        check_window(self.roi_size, self.overlap, self.blend_mode, self.sigma_scale)
         object.__setattr__(self, "device", resolve_device(self.device))
 
     def __call__(self, volume, seed: int = 0) -> da.Array:
@@ -278,11 +324,7 @@ class Window:
     def weights_token(self) -> str:
         """The model's weights hashed once while they stay the same."""
         from .window import weights_token
-        key = weights_version(self.model)
-        if key not in self.tokens:
-            self.tokens.clear()
-            self.tokens[key] = weights_token(self.model)
-        return self.tokens[key]
+        return self.tokens.get(weights_version(self.model), lambda: weights_token(self.model))
 
 
 def flips(predictor, volume) -> da.Array:

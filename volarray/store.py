@@ -52,7 +52,8 @@ class ScratchSpace:
 
     def __init__(self, out: Location, mode="auto"):
         if mode not in (True, False, "auto"):
-            raise InputError(f"scratch={mode!r} is not True, False or 'auto'")
+            raise InputError(f"scratch={mode!r} is not True, False or 'auto'",
+                             parameter="scratch")
         self.out, self.mode, self.dir, self.count = out, mode, None, 0
 
     @property
@@ -133,13 +134,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     change the numbers) joins the run's identity and its ``attrs`` the arrays'
     attributes. ``model`` then stands for the weights; ``options`` must be empty.
     """
-    if predictor is not None and options:
-        raise InputError(f"predict_to_zarr got predict options {sorted(options)} and a "
-                         "predictor; the predictor sets its own")
-    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
-    if unknown:
-        raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
-                         f"predict's options {list(PREDICT_OPTIONS)}")
+    check_options(predictor, options)
     check_name(name)
     src = open_volume(volume, var, storage_options)
     inputs = (outputs.input_paths(volume, storage_options)
@@ -183,12 +178,28 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     return zarr_arrays if len(zarr_arrays) > 1 else zarr_arrays[0]
 
 
+def check_options(predictor, options: dict) -> None:
+    """``predict``'s options, or a predictor with a token (what identifies its run)."""
+    if predictor is not None and not hasattr(predictor, "token"):
+        raise InputError(f"predictor={type(predictor).__name__} has no token (the settings "
+                         "that change its numbers), so a resumed run could not tell it from "
+                         "another; pass predict's options (method=, roi_size=, ...) instead",
+                         parameter="predictor")
+    if predictor is not None and options:
+        raise InputError(f"predict_to_zarr got predict options {sorted(options)} and a "
+                         "predictor; the predictor sets its own", parameter="predictor")
+    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
+    if unknown:
+        raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
+                         f"predict's options {list(PREDICT_OPTIONS)}")
+
+
 def check_name(name) -> None:
     """An array name that is one plain entry of the output group."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) \
             or name == DONE:
         raise InputError(f"name={name!r} is not an array name for the output: use letters, "
-                         f"digits, '_', '-' or '.', not starting with '.' and not {DONE!r}")
+                         f"digits, '_', '-' or '.', not starting with '.' and not {DONE!r}", parameter='name')
 
 
 def _named_arrays(result, name: str) -> dict:

@@ -496,15 +496,15 @@ def pick_output(y, select=None, what: str = "the model"):
         index = 0 if select is None else select
         if not isinstance(index, int) or isinstance(index, bool) or not -len(y) <= index < len(y):
             raise InputError(f"select={select!r}: {what} returns a {type(y).__name__} of "
-                             f"{len(y)} outputs; pass select= an index from 0 to {len(y) - 1}")
+                             f"{len(y)} outputs; pass select= an index from 0 to {len(y) - 1}", parameter='select')
         return y[index]
     if isinstance(y, dict):
         if select not in y:
             raise InputError(f"select={select!r}: {what} returns a dict with keys {list(y)}; "
-                             "pass select= the key of the prediction")
+                             "pass select= the key of the prediction", parameter='select')
         return y[select]
     if select not in (None, 0):
-        raise InputError(f"select={select!r}: {what} returns one output; pass select=None")
+        raise InputError(f"select={select!r}: {what} returns one output; pass select=None", parameter='select')
     return y
 
 

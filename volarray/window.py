@@ -69,11 +69,8 @@ def importance_map(roi, blend_mode="gaussian", sigma_scale=0.125) -> np.ndarray:
     if blend_mode == "constant":
         return np.ones(roi, dtype=np.float32)
     check_blend_mode(blend_mode)
+    check_sigma_scale(sigma_scale)
     scales = sigma_scale if isinstance(sigma_scale, (tuple, list)) else (sigma_scale,) * 3
-    if len(scales) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-        raise InputError(f"sigma_scale={sigma_scale!r} must be positive (one number or three); "
-                         "the gaussian's sigma is sigma_scale x the window, 0.125 by default",
-                         parameter="sigma_scale")
     w = None
     for size, s in zip(roi, scales):
         x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
@@ -89,7 +86,16 @@ def check_blend_mode(blend_mode) -> None:
                          "callable roi_shape -> weights", parameter="blend_mode")
 
 
-def check_window(roi_size, overlap, blend_mode) -> tuple[int, int, int]:
+def check_sigma_scale(sigma_scale) -> None:
+    scales = sigma_scale if isinstance(sigma_scale, (tuple, list)) else (sigma_scale,) * 3
+    if len(scales) != 3 or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                   and s > 0 for s in scales):
+        raise InputError(f"sigma_scale={sigma_scale!r} must be positive (one number or three); "
+                         "the gaussian's sigma is sigma_scale x the window, 0.125 by default",
+                         parameter="sigma_scale")
+
+
+def check_window(roi_size, overlap, blend_mode, sigma_scale=0.125) -> tuple[int, int, int]:
     """The window's (z, y, x) size from ``roi_size``; bad settings refused by name."""
     if roi_size is None:
         raise InputError("method='window' needs roi_size=, the model's patch size, e.g. 96 "
@@ -103,6 +109,7 @@ def check_window(roi_size, overlap, blend_mode) -> tuple[int, int, int]:
             not 0 <= overlap < 1:
         raise InputError(f"overlap={overlap!r} must be in [0, 1)", parameter="overlap")
     check_blend_mode(blend_mode)
+    check_sigma_scale(sigma_scale)
     return tuple(int(w) for w in sides)
 
 

@@ -47,6 +47,16 @@ def open_dataarray(path, **options):
     return READERS[kind](path, **options)
 
 
+def open_zarr_dataset(path):
+    """The stored values of a zarr Dataset, through its consolidated metadata where it has
+    them (one read), else array by array (MDIO v1 stores written by multidimio have none)."""
+    import xarray as xr
+    try:
+        return xr.open_zarr(path, chunks={}, mask_and_scale=False, consolidated=True)
+    except (KeyError, ValueError, FileNotFoundError):
+        return xr.open_zarr(path, chunks={}, mask_and_scale=False, consolidated=False)
+
+
 def open_mdio(path, *, var: str | None = None, chunks=None):
     """An MDIO v1 seismic store (a zarr store laid out as an xarray Dataset: ``amplitude``
     over inline, crossline and time or depth, with their coordinates) as a lazy
@@ -59,7 +69,7 @@ def open_mdio(path, *, var: str | None = None, chunks=None):
         ds = mdio.open_mdio(path)
     except ImportError:
         try:
-            ds = xr.open_zarr(path, chunks={}, mask_and_scale=False)  # the stored values
+            ds = open_zarr_dataset(path)
         except Exception as e:
             raise InputError(f"{path!r} is not a readable MDIO v1 store ({e})") from None
     names = [n for n in ds.data_vars if ds[n].ndim == 3]
@@ -97,7 +107,7 @@ def export_prediction(result, target, fmt: str, *, like=None, overwrite: bool = 
     be written."""
     from .common import unused_target
     if fmt not in ("nifti", "segy", "tiff"):
-        raise InputError(f"format={fmt!r} is not zarr, nifti, segy or tiff")
+        raise InputError(f"format={fmt!r} is not zarr, nifti, segy or tiff", parameter='format')
     if fmt == "segy" and (like is None or format_of(like) != "segy"):
         raise InputError(f"output {os.fspath(target)!r}: a SEG-Y output takes its geometry and "
                          "headers from a SEG-Y input; write zarr or NIfTI for this input")

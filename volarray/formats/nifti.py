@@ -110,7 +110,7 @@ def _cache_state(cache: str, identity: dict) -> str:
         if os.path.isdir(cache) and not os.listdir(cache):
             return "absent"
         raise InputError(f"cache={cache!r} exists and is not a volarray NIfTI cache; pass a new "
-                         "folder (it is filled with the decompressed scan)")
+                         "folder (it is filled with the decompressed scan)", parameter='cache')
     with open(mark) as f:
         saved = json.load(f)
     return "complete" if saved.get("complete") and saved.get("identity") == identity \
