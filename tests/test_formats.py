@@ -144,8 +144,8 @@ def test_mdio_store_written_by_multidimio(tmp_path):
               "--quiet")
     assert res.returncode == 0, res.stderr
     ds = xr.open_zarr(tmp_path / "f.zarr", consolidated=False)
-    assert list(ds.inline.values) == ilines and ds["prediction"].dims == ("inline",
-                                                                          "crossline", "time")
+    assert list(ds.inline.values) == ilines
+    assert ds["prediction"].dims == ("channel", "inline", "crossline", "time")
 
 
 def nifti_affine():

@@ -154,7 +154,8 @@ sys.exit(volarray.cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), pytest.param(
+    signal.SIGTERM, 143, marks=pytest.mark.slow)])  # the same path; SIGTERM in -m slow
 def test_cli_signal_keeps_finished_chunks_and_resumes_bitwise(tmp_path, sig, code):
     vol = random_volume((24, 24, 32), seed=4)
     np.save(tmp_path / "v.npy", vol)
@@ -221,8 +222,11 @@ def test_bad_input_mid_run_keeps_finished_chunks(tmp_path):
     # fixed in place, the same run finishes: only the missing chunks are computed
     vol[4, 4, 56] = 0.0
     np.save(tmp_path / "v.npy", vol)
+    with pytest.raises(volarray.InputError, match="seed=5 seeds the samples of ensemble="):
+        volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
+                                 resume=True, scheduler="sync", seed=5)  # draws nothing here
     out = volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
-                                   resume=True, scheduler="sync", seed=5)  # seeds: ensembles only
+                                   resume=True, scheduler="sync")
     assert_volume_close(out[...], whole_volume(model, vol))
     # another volume saved at the same path is another input: no silent mix of the two
     np.save(tmp_path / "v.npy", vol * 3 + 1)
