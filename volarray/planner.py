@@ -75,8 +75,20 @@ def grid_chunk_shape(bounds) -> tuple[int, ...]:
     return tuple(max(b[i + 1] - b[i] for i in range(len(b) - 1)) for b in bounds)
 
 
+class OnGrid:
+    """What a stage or a barrier's statistics (with per-axis ``bounds``) runs over."""
+
+    @property
+    def n_tasks(self) -> int:
+        return grid_tasks(self.bounds)
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return grid_chunk_shape(self.bounds)
+
+
 @dataclass(frozen=True)
-class Stage:
+class Stage(OnGrid):
     """A fused stage: its program runs per task of its output's chunk grid."""
 
     index: int
@@ -98,17 +110,9 @@ class Stage:
     def sources(self) -> tuple[str, ...]:
         return self.program.sources
 
-    @property
-    def n_tasks(self) -> int:
-        return grid_tasks(self.bounds)
-
-    @property
-    def chunk_shape(self) -> tuple[int, ...]:
-        return grid_chunk_shape(self.bounds)
-
 
 @dataclass(frozen=True)
-class Barrier:
+class Barrier(OnGrid):
     """Whole-volume statistics of one tensor: per-chunk partials merged by a tree.
     Each chunk's task runs ``program`` over its region, so it is projected as a
     stage's task is (``peak_bytes``, ``slab``)."""
@@ -119,14 +123,6 @@ class Barrier:
     macs: float = 0.0
     slab: int | None = None  # as Stage.slab
     peak_bytes: int = 0  # projected per task, as Stage.peak_bytes
-
-    @property
-    def n_tasks(self) -> int:
-        return grid_tasks(self.bounds)
-
-    @property
-    def chunk_shape(self) -> tuple[int, ...]:
-        return grid_chunk_shape(self.bounds)
 
     @property
     def recomputed(self) -> bool:
