@@ -68,6 +68,10 @@ def autocast_type(compute_dtype) -> torch.dtype | None:
     return AUTOCAST_TYPES[compute_dtype]
 
 
+# Tracing swaps a model's weights for meta tensors while it runs (and puts them back):
+# one trace at a time, whichever predictor asks, and nothing reads the weights meanwhile.
+TRACE_LOCK = threading.RLock()
+
 TRAINING_SAFE = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
                  torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
@@ -79,8 +83,9 @@ def check_model(model, stochastic: bool = False) -> None:
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model is a {type(model).__name__}; pass a torch.nn.Module",
                          parameter="model")
-    meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
-            if p.is_meta]
+    with TRACE_LOCK:
+        meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
+                if p.is_meta]
     if meta:
         raise InputError(f"the model's weights are on the meta device (e.g. {meta[0]!r}): they "
                          "hold no values; load real weights (model.to_empty(device='cpu') and "
@@ -104,14 +109,12 @@ def weights_version(model: torch.nn.Module) -> tuple:
     storage, type or device with ``.data =``, ``model.double()`` or ``.to()``. (A write
     through ``p.data.mul_()`` moves none of them: the new weights reach results built
     after `Exact` or `Window` is made anew.)"""
-    return (tuple((id(m), m.training) for m in model.modules()),
-            tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
-                  for t in itertools.chain(model.parameters(), model.buffers())))
+    with TRACE_LOCK:
+        return (tuple((id(m), m.training) for m in model.modules()),
+                tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                      for t in itertools.chain(model.parameters(), model.buffers())))
 
 
-# Tracing swaps a model's weights for meta tensors while it runs (and puts them back):
-# one trace at a time, whichever predictor asks.
-TRACE_LOCK = threading.RLock()
 SHAPES_KEPT = 4  # traced shapes a predictor keeps (flips and ensembles use one)
 
 
@@ -324,7 +327,10 @@ class Window:
     def weights_token(self) -> str:
         """The model's weights hashed once while they stay the same."""
         from .window import weights_token
-        return self.tokens.get(weights_version(self.model), lambda: weights_token(self.model))
+        def hashed():
+            with TRACE_LOCK:  # not while a trace holds the weights on the meta device
+                return weights_token(self.model)
+        return self.tokens.get(weights_version(self.model), hashed)
 
 
 def flips(predictor, volume) -> da.Array:
