@@ -51,7 +51,7 @@ from distributed import Client, LocalCluster, get_task_stream
 
 import volarray
 from volarray import models
-from volarray.execute import combine_task, eval_task, run_task, stats_task, value_task
+from volarray.worker import combine_task, eval_task, run_task, stats_task, value_task
 
 FLOAT_BYTES = 4
 

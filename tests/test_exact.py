@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import volarray
+import volarray.worker
 from volarray.models import FaultSeg3D, MultiScaleNet, seeded
 from volarray.testing import assert_volume_close
 
@@ -77,8 +78,8 @@ def test_float64_volume_runs_in_model_precision(cases):
 def test_building_the_graph_computes_nothing(cases, monkeypatch):
     model, vol, _, ref = cases["FaultSeg3D"]
     calls = []
-    orig = volarray.execute.ModelRunner.run
-    monkeypatch.setattr(volarray.execute.ModelRunner, "run",
+    orig = volarray.worker.ModelRunner.run
+    monkeypatch.setattr(volarray.worker.ModelRunner, "run",
                         lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
 
     def explode(block):
@@ -105,6 +106,6 @@ def test_tasks_hold_the_model_once(cases):
     model, vol, _, _ = cases["FaultSeg3D"]
     y = volarray.predict(model, vol, chunks=8)
     graph = dict(y.__dask_graph__())
-    runners = {k for k, v in graph.items() if isinstance(v, volarray.execute.ModelRunner)
+    runners = {k for k, v in graph.items() if isinstance(v, volarray.worker.ModelRunner)
                or type(getattr(v, "value", None)).__name__ == "ModelRunner"}
     assert len(runners) == 1

@@ -86,11 +86,11 @@ def test_every_task_returns_its_freed_heap(monkeypatch):
     next: without it glibc's per-thread arenas made a 512^3 run peak 15% higher."""
     import numpy as np
     import volarray
-    import volarray.execute
+    import volarray.worker
     from volarray.heap import release_freed_memory
     from volarray.models import InstanceNormUNet, seeded
     calls = []
-    monkeypatch.setattr(volarray.execute, "release_freed_memory",
+    monkeypatch.setattr(volarray.worker, "release_freed_memory",
                         lambda: calls.append(1) or release_freed_memory())
     vol = np.random.default_rng(0).standard_normal((40, 36, 32)).astype(np.float32)
     model = seeded(InstanceNormUNet)

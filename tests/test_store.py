@@ -86,7 +86,7 @@ def test_scratch_writes_behind_compute(tmp_path, model, volume, reference, monke
     """Kept tensors are written to scratch by a background thread while the worker goes
     on; a reader waits for the write it needs, so slow writes change nothing but time."""
     import threading
-    import volarray.execute as ex
+    import volarray.worker as ex
     writers, original = [], ex._write_region
 
     def slow(where, region, y):
@@ -106,7 +106,7 @@ def test_a_pending_write_leaves_the_process_only_written():
     import pickle
     import threading
     from concurrent.futures import Future
-    from volarray.execute import PendingWrite
+    from volarray.worker import PendingWrite
     future, done = Future(), []
 
     def finish():

@@ -81,7 +81,7 @@ class ScratchSpace:
 
     def remove(self):
         if self.dir is not None:
-            from .execute import SCRATCH_WRITER
+            from .worker import SCRATCH_WRITER
             SCRATCH_WRITER.flush()  # writes still in flight after a stopped run
         outputs.remove_scratch(self.dir)
 

@@ -23,7 +23,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import InputError
-from .execute import OnDevice, assemble
+from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .heap import release_freed_memory
 from .io import check_finite
