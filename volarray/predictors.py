@@ -259,14 +259,14 @@ class Exact:
         """Mean and std over ``n`` samples, seeded from ``seed``; a model that draws
         nothing (no dropout left active) is refused: its samples would all be equal."""
         check_model(self.model, stochastic=True)
-        arr = self.padded(as_dask_volume(volume))[0]
+        arr, crop = self.padded(as_dask_volume(volume))  # once, not once per sample
         graph = self.plan_for(arr).graph
         if not any(isinstance(node.op, PositionalDropout) for node in graph.nodes.values()):
             raise InputError(f"ensemble={n} samples a stochastic model, but no dropout of "
                              f"{type(self.model).__name__} is active, so every sample would "
                              "be the same; leave the dropout modules in train() (model.eval(),"
                              " then e.g. model.drop.train())", parameter="ensemble")
-        samples = da.stack([self.sample(volume, seed + s) for s in range(n)])
+        samples = da.stack([crop(self.scores(arr, seed + s)) for s in range(n)])
         return MeanStd(samples.mean(axis=0), samples.std(axis=0))
 
 
