@@ -8,7 +8,8 @@ import numpy as np
 from .errors import InputError
 from .io import as_dask_volume, map_volume
 from .planner import Plan
-from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, flips, labels
+from .predictors import (Exact, MeanStd, Window, check_samples, ensemble as ensemble_of, flips,
+                         labels)
 
 METHODS = ("exact", "window")
 # arguments that mean something for one method only: given for the other, refused
@@ -281,9 +282,7 @@ def check_options(*, method, output, threshold, tta, ensemble, seed=0) -> None:
     if tta not in (None, "flips"):
         raise InputError(f"tta={tta!r} is not None or 'flips'", parameter="tta")
     if ensemble is not None:
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 2:
-            raise InputError(f"ensemble={ensemble!r} must be an int >= 2 (samples per voxel)",
-                             parameter="ensemble")
+        check_samples(ensemble)
         if tta is not None or output != "probabilities" or threshold is not None:
             raise InputError("ensemble= combines with neither tta=, output='argmax' nor "
                              "threshold=; reduce the returned mean yourself",

@@ -352,10 +352,15 @@ def ensemble(predictor, volume, n: int, seed: int = 0) -> MeanStd:
     """Per-voxel ``(mean, std)`` over ``n`` seeded samples of a stochastic model (dropout
     left active; in window mode noise drawn in ``forward`` too), the same for any
     chunking; no sample of the whole volume is stored."""
+    check_samples(n)
+    return predictor.ensemble(volume, n, seed)
+
+
+def check_samples(n) -> None:
+    """An ensemble's sample count: an int of at least 2."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise InputError(f"ensemble={n!r} must be an int >= 2 (samples per voxel)",
                          parameter="ensemble")
-    return predictor.ensemble(volume, n, seed)
 
 
 ONE_CHANNEL_ARGMAX = ("output='argmax' over a model with one output channel labels every voxel "
