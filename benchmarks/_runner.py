@@ -24,6 +24,11 @@ from volarray import models
 from volarray.synthetic import seismic
 
 
+def chunk_arg(text: str):
+    sides = tuple(int(c) for c in text.split(","))
+    return sides[0] if len(sides) == 1 else sides
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
@@ -52,14 +57,16 @@ def run(a, model, vol):
     if a.out and a.path == "to_zarr":  # the README's first example: a lazy result, stored
         import zarr
         y = volarray.predict(model, zarr.open_array(vol, mode="r"), chunks=a.chunks,
-                             memory_limit=a.memory_limit)
+                             memory_limit=a.memory_limit, keep=a.keep)
         y.to_zarr(a.out, overwrite=True, compute=True)
         return zarr.open_array(a.out, mode="r")
     if a.out:
         return volarray.predict_to_zarr(model, vol, a.out, chunks=a.chunks, overwrite=True,
-                                        memory_limit=a.memory_limit, scheduler=a.scheduler)
+                                        memory_limit=a.memory_limit, scheduler=a.scheduler,
+                                        keep=a.keep)
     t0 = time.perf_counter()
-    extra = {"method": "window", "roi_size": a.roi_size} if a.method == "window" else {}
+    extra = {"method": "window", "roi_size": a.roi_size} if a.method == "window" else \
+        {"keep": a.keep}
     y = volarray.predict(model, vol, chunks=a.chunks, memory_limit=a.memory_limit, **extra)
     a.build_seconds = time.perf_counter() - t0
     return y.compute(scheduler=a.scheduler)
@@ -70,7 +77,8 @@ def main(argv=None):
     ap.add_argument("engine", choices=["torch", "volarray", "monai"])
     ap.add_argument("model")
     ap.add_argument("size", type=int)
-    ap.add_argument("--chunks", type=int, default=None)
+    ap.add_argument("--chunks", type=chunk_arg, default=None, help="N or Z,Y,X")
+    ap.add_argument("--keep", default=None, help="volarray exact: keep budget ('0', '2x', '1GB')")
     ap.add_argument("--scheduler", default="threads")
     ap.add_argument("--memory-limit", default=None)
     ap.add_argument("--volume", help=".npy or .zarr of the input volume")
@@ -102,7 +110,7 @@ def main(argv=None):
         if a.method == "exact":
             res["plan_peak"] = volarray.plan(model, vol if not isinstance(vol, str) else
                                              volarray.io.open_volume(vol), chunks=a.chunks,
-                                             memory_limit=a.memory_limit).peak_bytes
+                                             memory_limit=a.memory_limit, keep=a.keep).peak_bytes
     if a.save:
         np.save(a.save, out)
     if a.compare:

@@ -97,7 +97,7 @@ def test_flip_along_z_in_a_swept_task(monkeypatch):
         if stage.chunk_shape[0] <= unit or not stage.program.order:
             return stage
         thin = dataclasses.replace(stage, slab=unit,
-                                   peak_bytes=PLAN.sweep_peak(graph, stage, shapes, unit))
+                                   peak_bytes=PLAN.sweep_bytes(graph, stage, shapes, unit)[1])
         with contextlib.suppress(dataclasses.FrozenInstanceError):  # a planner that
             stage.slab, stage.peak_bytes = thin.slab, thin.peak_bytes  # keeps the stage
         return thin

@@ -30,7 +30,7 @@ def thin_slabs(monkeypatch):
     def thinnest(graph, stage, shapes, target, unit):  # stages are frozen: a new one
         if stage.chunk_shape[0] > unit and stage.program.order:
             return dataclasses.replace(stage, slab=unit,
-                                       peak_bytes=PLAN.sweep_peak(graph, stage, shapes, unit))
+                                       peak_bytes=PLAN.sweep_bytes(graph, stage, shapes, unit)[1])
         return stage
     monkeypatch.setattr(PLAN, "choose_slab", thinnest)
 

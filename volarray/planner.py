@@ -478,9 +478,10 @@ def cost_stage(graph: Graph, stage: Stage) -> tuple[Stage, dict]:
     return costed, shapes
 
 
-def sweep_peak(graph: Graph, stage: Stage, shapes: dict, rows: int) -> int:
-    """Projected peak of a task swept in slabs of ``rows``: its sources and output,
-    one interior slab's tensors, and the rows each node keeps for the next slab."""
+def sweep_bytes(graph: Graph, stage: Stage, shapes: dict, rows: int) -> tuple[int, int]:
+    """A task swept in slabs of ``rows``: the bytes of one interior slab's tensors
+    (its working set), and the task's projected peak: its sources and output, that
+    slab, and the rows each node holds for the next slab (the halo it reads)."""
     prog = stage.program
     n = graph.nodes[prog.output].shape[0]
     k = max(0, n // rows // 2 - 1)
@@ -488,29 +489,29 @@ def sweep_peak(graph: Graph, stage: Stage, shapes: dict, rows: int) -> int:
         min(n, (k + 1) * rows), min(n, (k + 2) * rows))
     ra, _ = prog.requirements_1d(0, a)
     rb, _ = prog.requirements_1d(0, b)
-    slab = {m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra}
-    held = 0  # a node the next slab reads keeps a store of its rows plus a slab's room
+    slab = prog.peak_bytes({m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra})
+    held = 0
     for m, iv in ra.items():
         if m in prog.sources or m not in rb:
             continue
-        rows = len(iv) + max(0, rb[m].hi - iv.hi)
-        held += graph.nodes[m].channels * 4 * rows * math.prod(shapes[m][1:])
-    return stage.io_bytes + prog.peak_bytes(slab) + held
+        overlap = max(0, iv.hi - rb[m].lo)
+        held += graph.nodes[m].channels * 4 * overlap * math.prod(shapes[m][1:])
+    return slab, stage.io_bytes + slab + held
 
 
 def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: int) -> Stage:
-    """``stage`` swept in the thickest slab (a multiple of ``unit`` rows, or the whole
-    region) whose sweep fits ``target``, the thinnest if none does; ``stage`` itself
-    where it fits whole or sweeping would not hold less."""
+    """``stage`` swept in the thickest slab (``unit`` rows times a power of two) whose
+    working set fits ``target`` (the thinnest if none does), or run whole where the
+    whole region fits it or sweeping would not hold less."""
     depth = stage.chunk_shape[0]
     if stage.peak_bytes <= target or depth <= unit or not stage.program.order:
         return stage
-    if sweep_peak(graph, stage, shapes, unit) >= stage.peak_bytes:
+    if sweep_bytes(graph, stage, shapes, unit)[1] >= stage.peak_bytes:
         return stage  # sweeping would hold more than the whole region
     rows = unit
-    while rows * 2 < depth and sweep_peak(graph, stage, shapes, rows * 2) <= target:
+    while rows * 2 < depth and sweep_bytes(graph, stage, shapes, rows * 2)[0] <= target:
         rows *= 2
-    return replace(stage, slab=rows, peak_bytes=sweep_peak(graph, stage, shapes, rows))
+    return replace(stage, slab=rows, peak_bytes=sweep_bytes(graph, stage, shapes, rows)[1])
 
 
 def alignment(graph: Graph) -> tuple[int, ...]:

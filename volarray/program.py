@@ -198,12 +198,13 @@ def _keep_rows_for(env: dict, held: dict, name: str, nxt: Requirements | None) -
         held.pop(name)
     else:
         buf.drop_below(want[0].lo)
+        buf.compact()
 
 
 class RowBuffer:
-    """A node's rows along z across the slabs of a sweep: new rows are written after
-    the held ones and old rows dropped by moving a start index; the held rows move to
-    the front only when the store is full."""
+    """A node's rows along z across the slabs of a sweep. Between slabs it holds only
+    the rows the next slab reads (a halo's few, copied out of the slab's tensor so
+    that the slab's rows are freed); a slab's new rows are written after them."""
 
     def __init__(self, first: torch.Tensor, row: int, yx):
         self.store, self.start, self.end, self.row0, self.yx = first, 0, first.shape[2], row, yx
@@ -219,15 +220,19 @@ class RowBuffer:
         k = min(max(0, row - self.row0), self.end - self.start)
         self.start, self.row0 = self.start + k, self.row0 + k
 
+    def compact(self) -> None:
+        """Keep a copy of the held rows alone, letting the rest of the store go."""
+        kept = self.end - self.start
+        if kept < self.store.shape[2]:
+            self.store = self.store.narrow(2, self.start, kept).clone(
+                memory_format=torch.channels_last_3d)
+            self.start, self.end = 0, kept
+
     def append(self, y: torch.Tensor) -> None:
+        """The held rows followed by ``y``'s, in one tensor of exactly those rows."""
         n, kept = y.shape[2], self.end - self.start
-        if self.end + n > self.store.shape[2]:
-            # room for this slab and the next: the held rows (a halo's few) move once
-            # a slab, and memory stays near one slab's rows plus the held ones
-            shape = y.shape[:2] + (kept + 2 * n,) + y.shape[3:]
-            store = torch.empty(shape, dtype=y.dtype, device=y.device,
-                                memory_format=torch.channels_last_3d)
-            store[:, :, :kept] = self.store.narrow(2, self.start, kept)
-            self.store, self.start, self.end = store, 0, kept
-        self.store[:, :, self.end:self.end + n] = y
-        self.end += n
+        store = torch.empty(y.shape[:2] + (kept + n,) + y.shape[3:], dtype=y.dtype,
+                            device=y.device, memory_format=torch.channels_last_3d)
+        store[:, :, :kept] = self.store.narrow(2, self.start, kept)
+        store[:, :, kept:] = y
+        self.store, self.start, self.end = store, 0, kept + n
