@@ -58,11 +58,18 @@ class TileProgram:
         self.nodes = {n: nodes[n] for n in wanted}
         # whole-volume values (norm statistics, pooled vectors) the stage reads
         self.globals = tuple(sorted({g for n in self.order for g in nodes[n].op.globals}))
-        last = {}
+        last, readers = {}, {}
         for i, n in enumerate(self.order):
             for p in nodes[n].inputs:
                 last[p] = i
+                readers.setdefault(p, []).append(n)
         self.last_use = last
+        # a conv whose only reader here is a ReLU runs it in its kernel; the ReLU
+        # then passes the conv's tile on
+        self.relu_fused = {n for n in self.order if nodes[n].op.takes_relu
+                           and n != output and len(readers.get(n, ())) == 1
+                           and nodes[readers[n][0]].op.is_relu}
+        self.passed_on = {readers[n][0] for n in self.relu_fused}
 
     # ------------------------------------------------------------ geometry
     def requirements_1d(self, axis: int, out: Interval) -> tuple[dict, dict]:
@@ -154,6 +161,10 @@ class TileProgram:
             # Keep every tile channels-last: crops are views and 1-channel tensors
             # are ambiguous, and a conv given NCDHW would answer in NCDHW.
             ins.append(x.contiguous(memory_format=torch.channels_last_3d))
+        if name in self.passed_on:
+            return ins[0]  # the conv before it applied the ReLU
+        if name in self.relu_fused:
+            extra["relu"] = True
         y = node.op.run(ctx, ins, box, **extra)
         if tuple(y.shape[2:]) != box.shape:
             raise RuntimeError(f"volarray internal error: {node.where} produced a tile of "
@@ -231,6 +242,9 @@ class RowBuffer:
     def append(self, y: torch.Tensor) -> None:
         """The held rows followed by ``y``'s, in one tensor of exactly those rows."""
         n, kept = y.shape[2], self.end - self.start
+        if kept == 0:  # nothing held: the slab's tensor itself
+            self.store, self.start, self.end = y, 0, n
+            return
         store = torch.empty(y.shape[:2] + (kept + n,) + y.shape[3:], dtype=y.dtype,
                             device=y.device, memory_format=torch.channels_last_3d)
         store[:, :, :kept] = self.store.narrow(2, self.start, kept)

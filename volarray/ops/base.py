@@ -97,6 +97,10 @@ class LocalOp:
     scale: tuple[Fraction, Fraction, Fraction] = (Fraction(1),) * 3  # output/input grid ratio
     macs: float = 1.0  # multiply-adds per output voxel (all channels), for cost estimates
     scratch_channels: int = 0  # temporaries per output voxel beyond the output, for memory
+    # a ReLU right after this op may run inside its kernel (``run(..., relu=True)``)
+    takes_relu = False
+    # this op is a plain ReLU of its one input (fusable into the op before it)
+    is_relu = False
 
     def need(self, axis: int, out: Interval) -> tuple[Interval, ...]:
         raise NotImplementedError

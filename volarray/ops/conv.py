@@ -43,17 +43,29 @@ class Conv(LocalOp):
         """Zero padding the kernel can apply itself (faster than a padded copy)."""
         return self.fill == ZEROS
 
-    def run(self, ctx, inputs, out, padding=(0, 0, 0)):
-        w, b = resolve((self.weight, self.bias), ctx)
-        return self.convolve(inputs[0], w, b, padding)
+    takes_relu = True
 
-    def convolve(self, x, w, b, padding):
+    def run(self, ctx, inputs, out, padding=(0, 0, 0), relu=False):
+        w, b = resolve((self.weight, self.bias), ctx)
+        return self.convolve(inputs[0], w, b, padding, relu)
+
+    def convolve(self, x, w, b, padding, relu=False):
         if use_onednn(x):
             # F.conv3d sends inputs with N*C*D*H <= 20480 (small tiles of thin layers)
             # to a naive kernel ~10x slower than oneDNN; call oneDNN directly.
-            return torch.mkldnn_convolution(x, w, b, padding, self.stride, self.dilation,
-                                            self.groups)
-        return F.conv3d(x, w, b, self.stride, padding, self.dilation, self.groups)
+            if relu and FUSED_CONV is not None:  # the ReLU in oneDNN's kernel: one pass less
+                return FUSED_CONV(x, w, b, list(padding), list(self.stride),
+                                  list(self.dilation), self.groups, "relu", [], "")
+            y = torch.mkldnn_convolution(x, w, b, padding, self.stride, self.dilation,
+                                         self.groups)
+        else:
+            y = F.conv3d(x, w, b, self.stride, padding, self.dilation, self.groups)
+        return y.relu_() if relu else y  # a fresh tensor: in place is safe
+
+
+# oneDNN's convolution with a fused pointwise post-op (what torch.compile's CPU
+# backend calls); absent from builds without oneDNN
+FUSED_CONV = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
 def use_onednn(x: torch.Tensor) -> bool:
@@ -70,6 +82,7 @@ class ArgmaxConv(Conv):
 
     block: int = 32
     classes: int = 1
+    takes_relu = False  # its output is labels
 
     def run(self, ctx, inputs, out, padding=(0, 0, 0)):
         w, b = resolve((self.weight, self.bias), ctx)

@@ -54,6 +54,15 @@ def elementwise(ctx) -> Pointwise:
     return pointwise(ctx)
 
 
+def relu(ctx) -> Pointwise:
+    """ReLU, which a convolution right before it may run in its own kernel."""
+    op = pointwise(ctx)
+    extra = list(op.args[1:]) + [v for k, v in op.kwargs.items() if k != "inplace"]
+    op.is_relu = len(ctx.spatial) == 1 and all(isinstance(v, bool) for v in op.args[1:]) \
+        and len(extra) == len(op.args[1:])  # nothing but ``inplace``
+    return op
+
+
 def increasing(ctx) -> Pointwise:
     """Sigmoid, tanh and copies: strictly increasing, the argmax is kept."""
     return pointwise(ctx, monotone=True)
@@ -75,8 +84,11 @@ def is_aten_pointwise(fn) -> bool:
 
 
 aten = torch.ops.aten
+RELU_MODULES = (nn.ReLU,)
+RELU_FUNCTIONS = (torch.relu, F.relu, aten.relu.default, aten.relu_.default)
+RELU_METHODS = ("relu", "relu_")
 ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
     nn.PReLU, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
 )
@@ -84,19 +96,19 @@ INCREASING_MODULES = (nn.Sigmoid, nn.Tanh, nn.Identity)
 FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
-    torch.neg, torch.relu, torch.exp, torch.log, torch.abs, torch.sqrt,
+    torch.neg, torch.exp, torch.log, torch.abs, torch.sqrt,
     torch.rsqrt, torch.square, torch.pow, torch.clamp, torch.clip, torch.maximum, torch.minimum,
     torch.where, torch.sin, torch.cos, torch.erf, torch.log1p, torch.expm1, torch.reciprocal,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
     F.prelu, F.threshold,
 )
 INCREASING_FUNCTIONS = (torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
                         aten.sigmoid.default, aten.tanh.default)
 METHODS = (
-    "add", "sub", "mul", "div", "neg", "relu", "exp", "log", "abs", "sqrt",
+    "add", "sub", "mul", "div", "neg", "exp", "log", "abs", "sqrt",
     "pow", "clamp", "clip", "square", "__add__", "__mul__",
-    "__sub__", "__truediv__", "__radd__", "__rmul__", "add_", "mul_", "relu_",
+    "__sub__", "__truediv__", "__radd__", "__rmul__", "add_", "mul_",
 )
 INCREASING_METHODS = ("sigmoid", "tanh", "contiguous", "clone", "float", "sigmoid_")
 # ATen ops that pass values through: copies, and dtype casts

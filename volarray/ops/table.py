@@ -62,6 +62,8 @@ reg(channels.softmin_module, modules=[nn.Softmin])
 reg(channels.repeat_function, functions=[aten.repeat.default])
 reg(channels.repeat_method, methods=["repeat"])
 reg(channels.channels_last_block, modules=[ChannelsLastBlock])
+reg(pointwise.relu, modules=pointwise.RELU_MODULES, functions=pointwise.RELU_FUNCTIONS,
+    methods=pointwise.RELU_METHODS)
 reg(pointwise.elementwise, modules=pointwise.ACTIVATION_MODULES,
     functions=pointwise.FUNCTIONS, methods=pointwise.METHODS)
 reg(pointwise.increasing, modules=pointwise.INCREASING_MODULES,
