@@ -282,6 +282,7 @@ def test_an_export_never_replaces_its_input(tmp_path):
     assert not (tmp_path / "p.nii.gz").exists()
 
 
+@pytest.mark.slow  # TIFF is tested through the API above, the CLI's formats through SEG-Y
 def test_tiff_stack_from_the_command_line_to_a_stack(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     vol = np.random.default_rng(9).integers(0, 4000, (16, 16, 8)).astype(np.uint16)

@@ -311,6 +311,7 @@ def run(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # nnU-Net parity is tested through the API
 def test_cli_writes_labels(tmp_path, folder):
     """An int16 volume in a zarr group, labels out, the safe writer's rules."""
     import zarr

@@ -160,6 +160,7 @@ def test_s3_in_and_out_with_resume(s3, model, volume, reference):
                                  overwrite=True, storage_options=s3)
 
 
+@pytest.mark.slow  # S3 in and out with resume is tested through the API above
 def test_cli_s3_urls(s3, model, volume, reference, tmp_path):
     _write_input("s3://survey/cli-in.zarr", volume, storage_options=s3)
     torch = pytest.importorskip("torch")
