@@ -29,6 +29,7 @@ class Pointwise(LocalOp):
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     monotone: bool = False  # increasing per channel (sigmoid, softmax over channels, ...)
+    is_relu: bool = False  # a plain ReLU of its one input (a conv before it may run it)
 
     def __post_init__(self):
         self.fills = (INSIDE,) * self.n_inputs
