@@ -93,7 +93,7 @@ def test_flip_method_through_torch_fx():
 def test_flip_along_z_in_a_swept_task(monkeypatch):
     """Slabs along a flipped z read their input backwards: the rows a node keeps for
     the next slab are of no use, and are recomputed."""
-    def thinnest(graph, stage, shapes, target, unit):
+    def thinnest(graph, stage, shapes, target, unit, limit=None):
         if stage.chunk_shape[0] <= unit or not stage.program.order:
             return stage
         thin = dataclasses.replace(stage, slab=unit,

@@ -27,7 +27,7 @@ CASES = {  # odd shapes, chunks that do not divide them
 def thin_slabs(monkeypatch):
     """Every task sweeps its region in the thinnest slabs the alignment allows (on
     these small volumes the planner would rather run each region whole)."""
-    def thinnest(graph, stage, shapes, target, unit):  # stages are frozen: a new one
+    def thinnest(graph, stage, shapes, target, unit, limit=None):  # stages are frozen: a new one
         if stage.chunk_shape[0] > unit and stage.program.order:
             return dataclasses.replace(stage, slab=unit,
                                        peak_bytes=PLAN.sweep_bytes(graph, stage, shapes, unit)[1])

@@ -447,11 +447,12 @@ def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
     return tuple(out)
 
 
-def cost_stage(graph: Graph, stage: Stage) -> tuple[Stage, dict]:
+def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[Stage, dict]:
     """``stage`` with its computed MACs, halo, I/O bytes and whole-task peak filled in
     (per-axis algebra; the region run whole, ``slab=None``), and each node's largest
     region shape. A task sweeping its region in slabs computes each halo once, so its
-    MACs are those of one whole-region tile."""
+    MACs are those of one whole-region tile. ``holds_output``: the task assembles its
+    output region (a barrier's task reduces each slab's output and holds none)."""
     prog = stage.program
     sums = {n: [0, 0, 0] for n in prog.nodes}
     maxs = {n: [0, 0, 0] for n in prog.nodes}
@@ -470,11 +471,11 @@ def cost_stage(graph: Graph, stage: Stage) -> tuple[Stage, dict]:
                 ext = max(iv.lo * r - src.lo, src.hi - iv.hi * r)
                 halo[axis] = max(halo[axis], math.ceil(ext))
     shapes = {n: tuple(m) for n, m in maxs.items()}
+    held = set(prog.sources) | ({prog.output} if holds_output else set())
     costed = replace(
         stage, macs=sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order),
         peak_bytes=prog.peak_bytes(shapes), halo=tuple(halo), slab=None,
-        io_bytes=sum(graph.nodes[n].channels * 4 * math.prod(maxs[n])
-                     for n in set(prog.sources) | {prog.output}))
+        io_bytes=sum(graph.nodes[n].channels * 4 * math.prod(maxs[n]) for n in held))
     return costed, shapes
 
 
@@ -489,29 +490,36 @@ def sweep_bytes(graph: Graph, stage: Stage, shapes: dict, rows: int) -> tuple[in
         min(n, (k + 1) * rows), min(n, (k + 2) * rows))
     ra, _ = prog.requirements_1d(0, a)
     rb, _ = prog.requirements_1d(0, b)
-    slab = prog.peak_bytes({m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra})
-    held = 0
+    held = {}  # bytes of the rows a node holds for the next slab
     for m, iv in ra.items():
         if m in prog.sources or m not in rb:
             continue
         overlap = max(0, iv.hi - rb[m].lo)
-        held += graph.nodes[m].channels * 4 * overlap * math.prod(shapes[m][1:])
-    return slab, stage.io_bytes + slab + held
+        held[m] = graph.nodes[m].channels * 4 * overlap * math.prod(shapes[m][1:])
+    slab_shapes = {m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra}
+    return (prog.peak_bytes(slab_shapes),
+            stage.io_bytes + prog.peak_bytes(slab_shapes, held=held))
 
 
-def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: int) -> Stage:
+def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: int,
+                limit: float = math.inf) -> Stage:
     """``stage`` swept in the thickest slab (``unit`` rows times a power of two) whose
-    working set fits ``target`` (the thinnest if none does), or run whole where the
-    whole region fits it or sweeping would not hold less."""
+    working set fits ``target`` and whose task fits ``limit`` (the thinnest if none
+    does), or run whole where the whole region fits ``target`` or sweeping would not
+    hold less."""
     depth = stage.chunk_shape[0]
     if stage.peak_bytes <= target or depth <= unit or not stage.program.order:
         return stage
-    if sweep_bytes(graph, stage, shapes, unit)[1] >= stage.peak_bytes:
+    peak = sweep_bytes(graph, stage, shapes, unit)[1]
+    if peak >= stage.peak_bytes:
         return stage  # sweeping would hold more than the whole region
     rows = unit
-    while rows * 2 < depth and sweep_bytes(graph, stage, shapes, rows * 2)[0] <= target:
-        rows *= 2
-    return replace(stage, slab=rows, peak_bytes=sweep_bytes(graph, stage, shapes, rows)[1])
+    while rows * 2 < depth:
+        slab, thicker = sweep_bytes(graph, stage, shapes, rows * 2)
+        if slab > target or thicker > limit:
+            break
+        rows, peak = rows * 2, thicker
+    return replace(stage, slab=rows, peak_bytes=peak)
 
 
 def alignment(graph: Graph) -> tuple[int, ...]:
@@ -604,14 +612,15 @@ class Planner:
         return cls(graph, limit, min(limit, CPU_TARGET_TILE_BYTES) if on_cpu else limit,
                    min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph))
 
-    def stage(self, index: int, prog: TileProgram, base, min_side: int) -> Stage:
+    def stage(self, index: int, prog: TileProgram, base, min_side: int,
+              holds_output: bool = True) -> Stage:
         """The costed stage of ``prog`` on grid ``base``, swept in the thickest slab
         that fits."""
         node = self.graph.nodes[prog.output]
         bounds = stage_bounds(base, node.shape, node.scale, min_side)
-        st, shapes = cost_stage(self.graph, Stage(index, prog, bounds))
+        st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
-        return choose_slab(self.graph, st, shapes, self.tile_target, unit)
+        return choose_slab(self.graph, st, shapes, self.tile_target, unit, self.limit)
 
     def stages(self, kept, base) -> tuple[Stage, ...]:
         """One stage per kept tensor, from its nearest kept ancestors; coarse levels
@@ -631,14 +640,20 @@ class Planner:
         avail = set(kept) | {self.graph.input}
         out = []
         for g in reductions(self.graph):
-            prog = program_for(self.graph, g.source, avail)
-            for min_side in (MIN_TILE_SIDE, 1):
-                probe = self.stage(-1, prog, base, min_side)
-                if probe.peak_bytes <= self.limit:
-                    break
-            out.append(Barrier(g.name, prog, probe.bounds, macs=probe.macs, slab=probe.slab,
-                               peak_bytes=probe.peak_bytes))
+            probe = self.statistics_tasks(program_for(self.graph, g.source, avail), base)
+            out.append(Barrier(g.name, probe.program, probe.bounds, macs=probe.macs,
+                               slab=probe.slab, peak_bytes=probe.peak_bytes))
         return tuple(out)
+
+    def statistics_tasks(self, prog: TileProgram, base) -> Stage:
+        """A barrier's tasks, projected as a stage's but holding no output region (each
+        slab's output is reduced to statistics); coarse levels merge small chunks where
+        that fits."""
+        for min_side in (MIN_TILE_SIDE, 1):
+            probe = self.stage(-1, prog, base, min_side, holds_output=False)
+            if probe.peak_bytes <= self.limit:
+                break
+        return probe
 
     def layout(self, kept, base) -> Layout:
         return Layout(self.stages(kept, base), self.barriers(kept, base))

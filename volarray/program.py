@@ -172,16 +172,23 @@ class TileProgram:
         return y
 
     # ------------------------------------------------------------ cost
-    def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:
+    def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]], itemsize: int = 4,
+                   held: dict[str, int] | None = None) -> int:
         """Projected peak of live tensors for a tile whose nodes have the given region
-        shapes: sources, each op's padded input copies and its output."""
+        shapes: sources, each op's padded input copies and its output. ``held``: for a
+        slab of a sweep, the bytes of the rows each node holds between slabs; a node
+        holds them alone until the slab computes it (then they are part of its tensor,
+        built by copying them and its new rows into one) and again after its last
+        reader (`RowBuffer`)."""
         def nbytes(name, shape=None):
             shape = node_shapes.get(name) if shape is None else shape
             if not shape:
                 return 0
             return self.nodes[name].channels * itemsize * int(torch.tensor(shape).prod())
+        held = held or {}
+        resting = sum(held.values())  # held rows of the nodes not live now
         live = {s: nbytes(s) for s in self.sources}
-        peak = sum(live.values())
+        peak = sum(live.values()) + resting
         for i, name in enumerate(self.order):
             node = self.nodes[name]
             padded = node.op.fills and node.op.fills[0].mode != "inside"
@@ -189,11 +196,15 @@ class TileProgram:
             out = nbytes(name)
             if node.op.scratch_channels:
                 out += out // max(node.channels, 1) * node.op.scratch_channels
-            peak = max(peak, sum(live.values()) + temps + out)
+            # while its held rows (resting) and new rows are copied into one tensor
+            joining = out - held[name] if held.get(name) else 0
+            peak = max(peak, sum(live.values()) + temps + out + joining + resting)
             live[name] = out
+            resting -= held.get(name, 0)
             for p in node.inputs:
                 if self.last_use.get(p) == i:
                     live.pop(p, None)
+                    resting += held.get(p, 0)
         return peak
 
 
