@@ -512,7 +512,7 @@ def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: i
     """``stage`` swept in the thickest slab (``unit`` rows times a power of two) whose
     working set fits ``target`` and whose task fits ``limit`` (the thinnest if none
     does), or run whole where the whole region fits ``target`` or sweeping would not
-    hold less."""
+    hold less than `SWEEP_SAVING` of it."""
     depth = stage.chunk_shape[0]
     if stage.peak_bytes <= target or depth <= unit or not stage.program.order:
         return stage
