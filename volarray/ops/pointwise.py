@@ -58,9 +58,9 @@ def elementwise(ctx) -> Pointwise:
 def relu(ctx) -> Pointwise:
     """ReLU, which a convolution right before it may run in its own kernel."""
     op = pointwise(ctx)
-    extra = list(op.args[1:]) + [v for k, v in op.kwargs.items() if k != "inplace"]
-    op.is_relu = len(ctx.spatial) == 1 and all(isinstance(v, bool) for v in op.args[1:]) \
-        and len(extra) == len(op.args[1:])  # nothing but ``inplace``
+    op.is_relu = (len(ctx.spatial) == 1  # nothing but ``inplace`` beside the input
+                  and all(isinstance(v, bool) for v in op.args[1:])
+                  and set(op.kwargs) <= {"inplace"})
     return op
 
 
