@@ -360,20 +360,16 @@ class Compute:
         return total + sum(self.macs_of(self.program(r.source, avail)) for r in reductions(g))
 
 
-def choose_kept(graph: Graph, budget: float, base) -> list[str]:
-    """The output, plus the tensors that save the most compute per byte kept while
-    their whole-volume bytes fit ``budget`` (greedy rematerialization, in the spirit
-    of Checkmate's: keep or recompute, decided by cost, not by rule). Kept tensors
-    cut the network into stages; the others are recomputed, halo included, by every
-    stage and barrier that reads them."""
-    kept = {graph.output}
+def keep_order(graph: Graph, budget: float, compute: "Compute") -> list[str]:
+    """The tensors worth keeping, in the order a greedy rematerialization adds them:
+    each time the one that saves the most compute per byte kept while the whole-volume
+    bytes of all fit ``budget`` (keep or recompute decided by cost, not by rule, in the
+    spirit of Checkmate's), costed by ``compute`` on its task grid."""
     sizes = {c: tensor_bytes(graph, c) for c in keep_candidates(graph)}
-    if budget <= 0 or not sizes:
-        return [graph.output]
-    compute, spent = Compute(graph, base), 0
+    kept, order, spent = {graph.output}, [], 0
     current = compute(kept)
     floor = 1e-3 * current  # a saving below this is not worth a stage
-    while True:
+    while budget > 0:
         best, best_score = None, 0.0
         for c, size in sizes.items():
             if c in kept or spent + size > budget:
@@ -384,9 +380,46 @@ def choose_kept(graph: Graph, budget: float, base) -> list[str]:
         if best is None:
             break
         kept.add(best)
+        order.append(best)
         spent += sizes[best]
         current = compute(kept)
-    return [n for n in graph.nodes if n in kept]
+    return order
+
+
+def budget_ladder(budget: float, input_bytes: int) -> list[float]:
+    """``budget`` and the powers of two times the input's bytes below it (from an
+    eighth): the budgets whose greedy kept sets `choose_kept` compares."""
+    ladder, b = [budget], input_bytes / 8
+    while b < budget:
+        ladder.append(b)
+        b *= 2
+    return ladder
+
+
+def choose_kept(planner: "Planner", budget: float, candidates) -> tuple[list[str], "Grid"]:
+    """The output plus the kept tensors that cost the least compute, with their grid.
+    Kept tensors cut the network into stages; the others are recomputed, halo
+    included, by every stage and barrier that reads them. The greedy order is costed
+    on one grid, but a kept tensor's stage may need smaller tasks (its sources and
+    output must fit a task's I/O bytes), and smaller tasks recompute more halo: so each
+    prefix of the greedy orders of ``budget`` and of the smaller budgets of
+    `budget_ladder` is laid out on its own grid and the cheapest set whose tasks fit is
+    chosen (so that 4x the input never costs more compute than 1x or 2x)."""
+    graph = planner.graph
+    compute = Compute(graph, planner.grid([graph.output], candidates).base)
+    sets = {frozenset()}
+    for b in budget_ladder(budget, tensor_bytes(graph, graph.input)):
+        order = keep_order(graph, b, compute)
+        sets.update(frozenset(order[:k]) for k in range(1, len(order) + 1))
+    best = None  # (kept, grid); fewer kept tensors first, replaced only to fit or to save
+    for chosen in sorted(sets, key=lambda c: (len(c), sorted(c))):
+        kept = [n for n in graph.nodes if n in chosen or n == graph.output]
+        grid = planner.grid(kept, candidates)
+        if best is None or (best[1].too_big and not grid.too_big) or (
+                grid.too_big == best[1].too_big
+                and grid.layout.macs < (1 - 1e-3) * best[1].layout.macs):
+            best = (kept, grid)
+    return best
 
 
 def parse_keep(keep, default: int, input_bytes: int) -> int:
@@ -588,6 +621,10 @@ class Layout:
     def n_tasks(self) -> int:
         return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
 
+    @property
+    def macs(self) -> float:
+        return sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -736,10 +773,8 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         tuple(a for a, c in enumerate(given) if c is None)
     budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))
     candidates = candidate_chunks(shape, planner.align, given)
-    # the grid for keeping nothing, what to keep on it, then the grid for that
-    kept = choose_kept(graph, budget, planner.grid([graph.output], candidates).base)
-    kept, grid, notes = keep_more_to_fit(planner, kept, planner.grid(kept, candidates),
-                                         candidates, keep)
+    kept, grid = choose_kept(planner, budget, candidates)
+    kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     stages = grid.layout.stages
