@@ -25,7 +25,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .errors import InputError
 from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
-from .heap import release_freed_memory
+from .heap import release_freed_memory, use_mapped_tensors
 from .io import check_finite
 from .trace import meta_forward, pick_output
 
@@ -150,6 +150,7 @@ def run_window(runner, lo, hi, parts, samples=0, seed=0):
     # zeros outside the volume: MONAI's padding of volumes smaller than the window
     x = assemble((lo, hi), parts[0][1].shape[0], parts, fill=0.0)
     check_finite(x, lo)
+    use_mapped_tensors()
     try:
         return runner.run(x, samples, seed, lo)
     finally:

@@ -14,10 +14,11 @@ import torch
 import torch.fx as fx
 
 from .geometry import Box, Interval
-from .heap import release_freed_memory
+from .heap import release_freed_memory, use_mapped_tensors
 from .io import RegionReader, check_finite
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
+from .packed import PackedChunk, region
 from .planner import Plan
 
 
@@ -210,19 +211,19 @@ def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
 
 
 def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
-    """The region ``box`` of a chunked array from the chunks that overlap it; where
-    no chunk covers it (outside the volume), ``fill``."""
+    """The region ``box`` of a chunked array from the chunks that overlap it (arrays
+    or `PackedChunk`s); where no chunk covers it (outside the volume), ``fill``."""
     box = Box.from_bounds(*box_bounds)
     if len(parts) == 1 and Box.from_bounds(*parts[0][0]).intersect(box) == box:
         (lo, hi), arr = parts[0]
-        return arr[(slice(None),) + box.slices(lo)]
+        return region(arr, box.slices(lo))
     # channels-last, the layout tiles run in, so the tensor needs no second copy
     shape, dtype = box.shape + (channels,), parts[0][1].dtype
     out = (np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)).transpose(
         3, 0, 1, 2)
     for (lo, hi), arr in parts:
         inter = box.intersect(Box.from_bounds(lo, hi))
-        out[(slice(None),) + inter.slices(box.lo)] = arr[(slice(None),) + inter.slices(lo)]
+        out[(slice(None),) + inter.slices(box.lo)] = region(arr, inter.slices(lo))
     return out
 
 
@@ -319,19 +320,21 @@ def open_scratch(where):
 def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, gnames, gvalues,
              write_to=None):
     box = Box.from_bounds(*out_bounds)
+    use_mapped_tensors()
     try:
         y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
                        dict(zip(gnames, gvalues)), _origins(names, boxes))
     finally:
         release_freed_memory()  # the task's intermediates, before the next task
-    if write_to is None:
-        return y
+    if write_to is None:  # kept tensors wait for their readers compressed
+        return y if stage == len(runner.programs) - 1 else PackedChunk(y)
     # a completion token; readers wait for it, then go to the scratch store
     return SCRATCH_WRITER.submit(write_to, (slice(None),) + box.slices(), y)
 
 
 def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scratch, gnames,
                gvalues):
+    use_mapped_tensors()
     try:
         return runner.stats(barrier, Box.from_bounds(*out_bounds),
                             _sources(names, boxes, channels, parts, scratch),
