@@ -70,7 +70,8 @@ class PackedChunk:
 
 
 def encode(block: np.ndarray) -> tuple[bytes, ...]:
-    """(bitmap of nonzero bits, their values), or (raw bytes,) where that is no smaller."""
+    """(bitmap of nonzero bits, their values), or (raw bytes,) where that would not be
+    at least a tenth smaller."""
     bits = block.view(f"u{block.dtype.itemsize}") != 0
     values = block[bits]
     if values.size * block.dtype.itemsize + bits.size // 8 >= 0.9 * block.nbytes:

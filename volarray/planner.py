@@ -406,16 +406,18 @@ def choose_kept(planner: "Planner", budget: float, candidates) -> tuple[list[str
     `budget_ladder` is laid out on its own grid and the cheapest set whose tasks fit is
     chosen (so that 4x the input never costs more compute than 1x or 2x)."""
     graph = planner.graph
-    compute = Compute(graph, planner.grid([graph.output], candidates).base)
-    sets = {frozenset()}
+    nothing = planner.grid([graph.output], candidates)
+    compute = Compute(graph, nothing.base)
+    sets = set()
     for b in budget_ladder(budget, tensor_bytes(graph, graph.input)):
         order = keep_order(graph, b, compute)
         sets.update(frozenset(order[:k]) for k in range(1, len(order) + 1))
-    best = None  # (kept, grid); fewer kept tensors first, replaced only to fit or to save
+    # fewer kept tensors first, replaced only to fit or to save
+    best = ([graph.output], nothing)
     for chosen in sorted(sets, key=lambda c: (len(c), sorted(c))):
         kept = [n for n in graph.nodes if n in chosen or n == graph.output]
         grid = planner.grid(kept, candidates)
-        if best is None or (best[1].too_big and not grid.too_big) or (
+        if (best[1].too_big and not grid.too_big) or (
                 grid.too_big == best[1].too_big
                 and grid.layout.macs < (1 - 1e-3) * best[1].layout.macs):
             best = (kept, grid)
