@@ -7,20 +7,29 @@
 Prints one JSON line: seconds, peak RSS (bytes) and, with --compare, the max
 abs difference from a saved reference. With --out, volarray runs zarr to zarr
 (`predict_to_zarr`) and nothing of the volume is loaded whole.
+
+Plain torch and MONAI run as they do without volarray: with torch's default allocator,
+not the huge pages importing volarray asks for (`volarray/heap.py`), unless
+THP_MEM_ALLOC_ENABLE is set (=1 measures them with huge pages too).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
+
+if len(sys.argv) > 1 and sys.argv[1] in ("torch", "monai"):
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")  # before volarray's import sets it
 
 import numpy as np
 import torch
 
 import volarray
 from volarray import models
+from volarray.heap import huge_pages_requested
 from volarray.synthetic import seismic
 
 
@@ -104,6 +113,7 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     rss = peak_rss()
     res = {"engine": a.engine, "model": a.model, "size": a.size, "seconds": seconds,
+           "huge_pages": huge_pages_requested(),
            "build_seconds": getattr(a, "build_seconds", 0.0), "peak_rss": rss,
            "baseline_rss": base}
     if a.engine == "volarray":

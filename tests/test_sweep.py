@@ -84,3 +84,27 @@ def test_swept_borders_that_wrap_or_mirror(thin_slabs, mode):
     assert plan.stages[0].slab is not None, str(plan)
     y = volarray.predict(model, vol, chunks=(37, 12, 10), keep=0).compute(scheduler="sync")
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
+
+
+def test_held_rows_are_copied_once_per_slab():
+    """A node that holds many rows between slabs (a skip tensor, held while its decoder
+    lags) gets room for the next slab when it lets the rest go: the next slab's rows
+    are written after the held ones, which are not copied again."""
+    from volarray.geometry import Interval
+    from volarray.program import RowBuffer
+    cl = torch.channels_last_3d
+    rows = torch.arange(2 * 10 * 3 * 4, dtype=torch.float32).reshape(1, 2, 10, 3, 4)
+    buf = RowBuffer(rows[:, :, :6].contiguous(memory_format=cl), 0, None)
+    buf.drop_below(2)  # holds rows 2..5, more than the slab's 4 new ones
+    buf.compact(room=4)
+    store = buf.store
+    assert store.shape[2] == 8 and buf.rows == Interval(2, 6)
+    buf.append(rows[:, :, 6:10].contiguous(memory_format=cl))
+    assert buf.store is store  # written in place, held rows untouched
+    assert torch.equal(buf.view(Interval(2, 10)), rows[:, :, 2:10])
+    assert buf.view(Interval(2, 10)).is_contiguous(memory_format=cl)
+    buf.drop_below(7)
+    buf.append(rows[:, :, :2].contiguous(memory_format=cl) + 1000)  # no room: a new store
+    assert buf.store is not store and buf.rows == Interval(7, 12)
+    assert torch.equal(buf.view(Interval(7, 10)), rows[:, :, 7:10])
+    assert torch.equal(buf.view(Interval(10, 12)), rows[:, :, :2] + 1000)

@@ -1,4 +1,8 @@
 """volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
+from .heap import request_huge_pages
+
+request_huge_pages()  # before torch's first allocation (volarray/heap.py)
+
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import normalization, plan, predict
 from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,

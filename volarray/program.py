@@ -220,7 +220,7 @@ def _keep_rows_for(env: dict, held: dict, name: str, nxt: Requirements | None) -
         held.pop(name)
     else:
         buf.drop_below(want[0].lo)
-        buf.compact()
+        buf.compact(room=max(0, want[0].hi - buf.rows.hi))  # the rows it will compute
 
 
 class RowBuffer:
@@ -242,19 +242,30 @@ class RowBuffer:
         k = min(max(0, row - self.row0), self.end - self.start)
         self.start, self.row0 = self.start + k, self.row0 + k
 
-    def compact(self) -> None:
-        """Keep a copy of the held rows alone, letting the rest of the store go."""
+    def compact(self, room: int = 0) -> None:
+        """Keep a copy of the held rows alone, letting the rest of the store go, with
+        ``room`` rows after them for the next slab's new rows: `append` then copies
+        only those, not the held rows again (a U-Net's skip tensor holds as many
+        rows as its decoder lags behind, often more than a slab). The room is left
+        unwritten, and a large store's unwritten pages are not resident (`heap`)."""
         kept = self.end - self.start
-        if kept < self.store.shape[2]:
-            self.store = self.store.narrow(2, self.start, kept).clone(
-                memory_format=torch.channels_last_3d)
-            self.start, self.end = 0, kept
+        if kept == self.store.shape[2] and not room:
+            return
+        store = torch.empty(self.store.shape[:2] + (kept + room,) + self.store.shape[3:],
+                            dtype=self.store.dtype, device=self.store.device,
+                            memory_format=torch.channels_last_3d)
+        store[:, :, :kept] = self.store.narrow(2, self.start, kept)
+        self.store, self.start, self.end = store, 0, kept
 
     def append(self, y: torch.Tensor) -> None:
         """The held rows followed by ``y``'s, in one tensor of exactly those rows."""
         n, kept = y.shape[2], self.end - self.start
         if kept == 0:  # nothing held: the slab's tensor itself
             self.store, self.start, self.end = y, 0, n
+            return
+        if self.store.shape[2] - self.end >= n:  # the room `compact` left
+            self.store[:, :, self.end:self.end + n] = y
+            self.end += n
             return
         store = torch.empty(y.shape[:2] + (kept + n,) + y.shape[3:], dtype=y.dtype,
                             device=y.device, memory_format=torch.channels_last_3d)
