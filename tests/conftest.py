@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,17 @@ def whole_volume(model, volume: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(volume if volume.ndim == 4 else volume[None])[None]
     with torch.inference_mode():
         return model(x)[0].numpy()
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """What a test leaves in os.environ, undone: a distributed LocalCluster sets one
+    OpenMP thread there for its workers, and a later test's command-line subprocess ran
+    single-threaded beside a two-thread in-process reference (window mode then differs
+    in the last bit on this CPU)."""
+    before = dict(os.environ)
+    yield
+    restore_environment(before)
 
 
 @pytest.fixture
@@ -25,10 +38,18 @@ def random_volume(shape, seed=0, offset=0.0, scale=1.0):
 def local_cluster():
     """A distributed LocalCluster of 2 single-threaded worker processes."""
     distributed = pytest.importorskip("distributed")
+    before = dict(os.environ)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, worker_dashboard_address=None) as c:
+        restore_environment(before)  # its workers have theirs (see environment_restored)
         with distributed.Client(c, set_as_default=False) as client:
             yield client
+
+
+def restore_environment(before: dict) -> None:
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def slow_writes(seconds: float) -> str:

@@ -343,6 +343,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import volarray
+    from volarray.heap import huge_pages_requested
     from volarray.models import FaultSeg3D, seeded
     from volarray.synthetic import seismic
 
@@ -358,7 +359,8 @@ def cmd_demo(args) -> int:
     t_va = time.perf_counter() - t0
     rss_va = _peak_rss_gb()
     print(f"volarray ({args.scheduler} scheduler): {t_va:.2f} s, peak RSS {rss_va:.2f} GB "
-          f"(process before the run: {rss0:.2f} GB)")
+          f"(process before the run: {rss0:.2f} GB; torch's tensors on huge pages: "
+          f"{'yes' if huge_pages_requested() else 'no'})")
     if args.no_check:
         return 0
     t0 = time.perf_counter()
