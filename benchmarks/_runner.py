@@ -9,8 +9,8 @@ abs difference from a saved reference. With --out, volarray runs zarr to zarr
 (`predict_to_zarr`) and nothing of the volume is loaded whole.
 
 Plain torch and MONAI run as they do without volarray: with torch's default allocator,
-not the huge pages importing volarray asks for (`volarray/heap.py`), unless
-THP_MEM_ALLOC_ENABLE is set (=1 measures them with huge pages too).
+not the huge pages importing volarray asks for (`volarray/heap.py`); --huge-pages gives
+them huge pages too. Each result says whether torch's tensors were on huge pages.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import resource
 import sys
 import time
 
-if len(sys.argv) > 1 and sys.argv[1] in ("torch", "monai"):
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")  # before volarray's import sets it
+if len(sys.argv) > 1 and sys.argv[1] in ("torch", "monai"):  # before volarray's import
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if "--huge-pages" in sys.argv else "0"
 
 import numpy as np
 import torch
@@ -98,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--roi-size", type=int, default=96, help="monai / window mode: window side")
     ap.add_argument("--method", default="exact", choices=["exact", "window"], help="volarray mode")
     ap.add_argument("--warmup", action="store_true", help="one small run first")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="torch / monai: on huge pages, as volarray asks for")
     ap.add_argument("--save")
     ap.add_argument("--compare")
     a = ap.parse_args(argv)

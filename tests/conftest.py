@@ -47,9 +47,13 @@ def local_cluster():
 
 
 def restore_environment(before: dict) -> None:
-    if os.environ != before:
-        os.environ.clear()
-        os.environ.update(before)
+    """Only the keys that changed (clearing os.environ would race the threads of a
+    running cluster)."""
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def slow_writes(seconds: float) -> str:

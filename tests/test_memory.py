@@ -169,21 +169,29 @@ def test_a_users_mmap_threshold_is_left_alone(monkeypatch):
     assert calls == [(-3, heap.MMAP_THRESHOLD)]
 
 
+def heap_mode():
+    from volarray.heap import kernel_thp_mode
+    return kernel_thp_mode().get("mode")
+
+
+@pytest.mark.skipif(heap_mode() != "madvise", reason="the kernel's huge pages are not in madvise mode")
 @pytest.mark.parametrize("setting, asked", [(None, True), ("0", False)])
 def test_importing_volarray_asks_torch_for_huge_pages(setting, asked):
     """Importing volarray before torch allocates asks torch for huge pages (a tile's
     freshly allocated tensors fault in 2 MB at a time, not 4 kB), unless the user set
-    ``THP_MEM_ALLOC_ENABLE`` themselves; after torch allocated, it is too late."""
+    ``THP_MEM_ALLOC_ENABLE`` themselves; after torch allocated, it is too late. The
+    variable is not left behind for child processes."""
     env = {k: v for k, v in clean_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
-    code = ("import torch; import volarray; from volarray.heap import huge_pages_requested;"
-            "print(huge_pages_requested())")
+    code = ("import os, torch; import volarray; from volarray.heap import huge_pages_requested;"
+            "print(huge_pages_requested(), os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [str(asked)]
+    assert out == [str(asked), str(setting)]
     late = ("import torch; torch.zeros(1 << 20); import volarray;"
             "from volarray.heap import huge_pages_requested; print(huge_pages_requested())")
     out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["False"]
+

@@ -1,7 +1,7 @@
 """volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
 from .heap import request_huge_pages
 
-request_huge_pages()  # before torch's first allocation (volarray/heap.py)
+request_huge_pages()  # before torch's first allocation, if it comes first (volarray/heap.py)
 
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import normalization, plan, predict

@@ -359,7 +359,7 @@ def cmd_demo(args) -> int:
     t_va = time.perf_counter() - t0
     rss_va = _peak_rss_gb()
     print(f"volarray ({args.scheduler} scheduler): {t_va:.2f} s, peak RSS {rss_va:.2f} GB "
-          f"(process before the run: {rss0:.2f} GB; torch's tensors on huge pages: "
+          f"(process before the run: {rss0:.2f} GB; huge pages requested: "
           f"{'yes' if huge_pages_requested() else 'no'})")
     if args.no_check:
         return 0

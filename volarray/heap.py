@@ -5,8 +5,8 @@ Every tile allocates its tensors afresh, and the kernel faults their pages in 4 
 time, zeroing each: with torch's defaults that cost a 16-channel conv of a 16 x 240^2 slab
 60 ms against 45 ms, and a copy of its output 13 ms against 6 ms. torch allocates large
 CPU tensors on transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before its
-first allocation; `request_huge_pages` sets it when volarray is imported (unless the user
-set it, to ``0`` say): FaultSeg3D over a 256^3 zarr ran in 21.6 s against 28.0 s (medians
+first allocation; `request_huge_pages` has it read when volarray is imported (unless the
+user set it, to ``0`` say, or the kernel's huge pages are not in ``madvise`` mode): FaultSeg3D over a 256^3 zarr ran in 21.6 s against 28.0 s (medians
 of 3), at the same peak memory; a new process pays a warm-up, and at 128^3 (2 s) it was
 slower. A process that allocated tensors before importing volarray keeps torch's default
 (`huge_pages_requested` tells).
@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 import threading
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch's CPU allocator, once
@@ -51,16 +52,43 @@ _fixed = threading.Lock()
 _done = []
 
 
-def request_huge_pages() -> None:
-    """Ask torch for huge pages, unless the user chose (called on import, before torch
-    allocates: it reads the variable once, at its first allocation)."""
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+def request_huge_pages() -> bool:
+    """Ask torch for huge pages where the kernel gives them on request (transparent
+    huge pages in ``madvise`` mode, on Linux), unless the user set the variable. torch
+    reads it once, at its first allocation: a one-element tensor makes it read it
+    now, and the variable is then removed again, so that child processes (a user's
+    other programs, spawned workers) are not changed; volarray's own worker processes
+    ask again when they import volarray. True if torch was asked by this call."""
+    if HUGE_PAGES_ENV in os.environ or _THP_MODE.get("mode") != "madvise":
+        return False
+    import torch
+    os.environ[HUGE_PAGES_ENV] = "1"
+    try:
+        torch.empty(1)  # torch reads the variable now (if it has not allocated yet)
+    finally:
+        del os.environ[HUGE_PAGES_ENV]
+    return huge_pages_requested()
+
+
+def kernel_thp_mode() -> dict:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), if any."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    return {"mode": text.split("[", 1)[1].split("]", 1)[0]} if "[" in text else {}
+
+
+_THP_MODE = kernel_thp_mode()
 
 
 def huge_pages_requested() -> bool:
-    """Whether torch asks for huge pages for this process's large CPU tensors (it
-    aligns those to a page; otherwise to 64 bytes, a page's start 1 time in 64 at
-    most, so three probes mistake it 1 time in 262,144)."""
+    """Whether torch asks the kernel for huge pages for this process's large CPU
+    tensors, on Linux with glibc's malloc: torch aligns those to a page when it does,
+    and glibc's large blocks otherwise start just past one."""
+    if sys.platform != "linux" or _MALLOPT is None:
+        return False
     import torch
     probes = [torch.empty(HUGE_PAGE_MIN + 4096, dtype=torch.uint8) for _ in range(3)]
     return all(t.data_ptr() % mmap.PAGESIZE == 0 for t in probes)

@@ -178,7 +178,7 @@ class TileProgram:
         shapes: sources, each op's padded input copies and its output. ``held``: for a
         slab of a sweep, the bytes of the rows each node holds between slabs; a node
         holds them alone until the slab computes it (then they are part of its tensor,
-        built by copying them and its new rows into one) and again after its last
+        its new rows copied in after them) and again after its last
         reader (`RowBuffer`)."""
         def nbytes(name, shape=None):
             shape = node_shapes.get(name) if shape is None else shape
@@ -236,6 +236,7 @@ class RowBuffer:
         return Interval(self.row0, self.row0 + self.end - self.start)
 
     def view(self, rows: Interval) -> torch.Tensor:
+        assert self.row0 <= rows.lo and rows.hi <= self.rows.hi, (rows, self.rows)
         return self.store.narrow(2, self.start + rows.lo - self.row0, len(rows))
 
     def drop_below(self, row: int) -> None:
@@ -246,9 +247,11 @@ class RowBuffer:
         """Keep a copy of the held rows alone, letting the rest of the store go, with
         ``room`` rows after them for the next slab's new rows: `append` then copies
         only those, not the held rows again (a U-Net's skip tensor holds as many
-        rows as its decoder lags behind, often more than a slab). The room is left
-        unwritten, and a large store's unwritten pages are not resident (`heap`)."""
+        rows as its decoder lags behind, often more than a slab). On CPU the room is
+        left unwritten, and a large store's unwritten pages are not resident (`heap`)."""
         kept = self.end - self.start
+        if self.store.device.type != "cpu":
+            room = 0  # device memory is committed when allocated, not when written
         if kept == self.store.shape[2] and not room:
             return
         store = torch.empty(self.store.shape[:2] + (kept + room,) + self.store.shape[3:],
@@ -258,12 +261,14 @@ class RowBuffer:
         self.store, self.start, self.end = store, 0, kept
 
     def append(self, y: torch.Tensor) -> None:
-        """The held rows followed by ``y``'s, in one tensor of exactly those rows."""
+        """The held rows followed by ``y``'s, in one tensor: written into the room
+        `compact` left, or copied into a new one of exactly those rows."""
         n, kept = y.shape[2], self.end - self.start
         if kept == 0:  # nothing held: the slab's tensor itself
             self.store, self.start, self.end = y, 0, n
             return
-        if self.store.shape[2] - self.end >= n:  # the room `compact` left
+        if (self.store.shape[2] - self.end >= n and y.dtype == self.store.dtype
+                and y.device == self.store.device):  # the room `compact` left
             self.store[:, :, self.end:self.end + n] = y
             self.end += n
             return
