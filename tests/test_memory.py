@@ -195,3 +195,41 @@ def test_importing_volarray_asks_torch_for_huge_pages(setting, asked):
                          text=True, check=True).stdout.split()
     assert out == ["False"]
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_short_run_keeps_huge_pages_off_and_a_long_one_on():
+    """A run planned below SMALL_RUN_MACS turns the process's huge pages off while its
+    tasks run (their first touch costs more than a short run saves); a longer one
+    leaves them on."""
+    import ctypes
+
+    import dask.array as da
+    import numpy as np
+    import volarray
+    from volarray.heap import SMALL_RUN_MACS
+    from volarray.models import FaultSeg3D, seeded
+    prctl = ctypes.CDLL("libc.so.6").prctl
+
+    def runner(y):
+        return next(v for v in y.dask.values() if hasattr(v, "huge_pages"))
+
+    model = seeded(FaultSeg3D)
+    try:
+        small = volarray.predict(model, np.zeros((16, 16, 16), np.float32))
+        assert not runner(small).huge_pages
+        seen = []
+        original = runner(small).run
+
+        def run(*args):  # the flag while the task runs (PR_GET_THP_DISABLE)
+            seen.append(prctl(42, 0, 0, 0, 0))
+            return original(*args)
+        runner(small).run = run
+        small.compute(scheduler="sync")
+        assert seen == [1] and prctl(42, 0, 0, 0, 0) == 0  # off while it ran, then back
+        vol = da.zeros((256, 256, 256), dtype=np.float32, chunks=128)  # nothing computed
+        plan = volarray.plan(model, vol)
+        assert plan.compute_ratio * plan.model_macs >= SMALL_RUN_MACS
+        assert runner(volarray.predict(model, vol)).huge_pages
+    finally:
+        prctl(41, 0, 0, 0, 0)  # PR_SET_THP_DISABLE off, as the process started

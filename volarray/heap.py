@@ -26,6 +26,7 @@ over a 512^3 zarr: 3.16 GB against 2.75 GB). Elsewhere than glibc both do nothin
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -68,6 +69,52 @@ def request_huge_pages() -> bool:
     finally:
         del os.environ[HUGE_PAGES_ENV]
     return huge_pages_requested()
+
+
+# Planned work below which a run keeps huge pages off: on a VM whose balloon reports freed
+# 2 MB blocks to the host, a process's first huge-page faults cost about a second per GB,
+# more than a short run saves (FaultSeg3D at 128^3, 137 GMAC: 2.3 s with huge pages, 1.5 s
+# without; at 256^3, 1,480 GMAC planned, 21.6 s against 28.0 s).
+SMALL_RUN_MACS = 500e9
+_PR_SET_THP_DISABLE = 41  # prctl's option numbers (linux/prctl.h)
+_PR_GET_THP_DISABLE = 42
+
+
+@contextlib.contextmanager
+def huge_pages_off(off: bool = True):
+    """While the body runs (a short run's task), this process's new page faults do not
+    use huge pages: prctl's THP_DISABLE flag, checked at each fault (Linux only). The
+    flag is set while any such task runs and put back as it was after the last, so
+    that processes started in between do not inherit it."""
+    prctl = _prctl() if off else None
+    if prctl is None:
+        yield
+        return
+    with _thp_lock:
+        if not _thp_off:
+            _thp_off.append(prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0))  # as it was
+            prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        _thp_off.append(1)
+    try:
+        yield
+    finally:
+        with _thp_lock:
+            _thp_off.pop()
+            if len(_thp_off) == 1:
+                prctl(_PR_SET_THP_DISABLE, _thp_off.pop(), 0, 0, 0)
+
+
+_thp_lock = threading.Lock()
+_thp_off: list[int] = []  # the flag as it was, then one entry per task running
+
+
+def _prctl():
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def kernel_thp_mode() -> dict:

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from .geometry import Box, Interval
-from .heap import release_freed_memory, use_mapped_tensors
+from .heap import (SMALL_RUN_MACS, huge_pages_off, release_freed_memory,
+                   use_mapped_tensors)
 from .io import RegionReader, check_finite
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
@@ -69,6 +70,8 @@ class ModelRunner(OnDevice):
         self.device = device
         self.dtype = plan.graph.dtype
         self.input_name = plan.graph.input
+        # a short run keeps huge pages off (`heap.SMALL_RUN_MACS`)
+        self.huge_pages = plan.compute_ratio * plan.model_macs >= SMALL_RUN_MACS
         self._init_cache()
 
     def _init_cache(self):
@@ -322,8 +325,9 @@ def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, 
     box = Box.from_bounds(*out_bounds)
     use_mapped_tensors()
     try:
-        y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
-                       dict(zip(gnames, gvalues)), _origins(names, boxes))
+        with huge_pages_off(not runner.huge_pages):
+            y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
+                           dict(zip(gnames, gvalues)), _origins(names, boxes))
     finally:
         release_freed_memory()  # the task's intermediates, before the next task
     if write_to is None:  # kept tensors wait for their readers compressed
@@ -336,9 +340,10 @@ def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scrat
                gvalues):
     use_mapped_tensors()
     try:
-        return runner.stats(barrier, Box.from_bounds(*out_bounds),
-                            _sources(names, boxes, channels, parts, scratch),
-                            dict(zip(gnames, gvalues)), _origins(names, boxes))
+        with huge_pages_off(not runner.huge_pages):
+            return runner.stats(barrier, Box.from_bounds(*out_bounds),
+                                _sources(names, boxes, channels, parts, scratch),
+                                dict(zip(gnames, gvalues)), _origins(names, boxes))
     finally:
         release_freed_memory()
 
