@@ -6,10 +6,11 @@ time, zeroing each: with torch's defaults that cost a 16-channel conv of a 16 x 
 60 ms against 45 ms, and a copy of its output 13 ms against 6 ms. torch allocates large
 CPU tensors on transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before its
 first allocation; `request_huge_pages` has it read when volarray is imported (unless the
-user set it, to ``0`` say, or the kernel's huge pages are not in ``madvise`` mode): FaultSeg3D over a 256^3 zarr ran in 21.6 s against 28.0 s (medians
-of 3), at the same peak memory; a new process pays a warm-up, and at 128^3 (2 s) it was
-slower. A process that allocated tensors before importing volarray keeps torch's default
-(`huge_pages_requested` tells).
+user set it, to ``0`` say, or the kernel's huge pages are not in ``madvise`` mode).
+FaultSeg3D over a 256^3 zarr ran in 21.6 s against 28.0 s (medians of 3), at the same
+peak memory. A new process pays a warm-up, more than a short run saves: such a run
+keeps them off while its tasks run (`huge_pages_off`). A process that allocated tensors
+before importing volarray keeps torch's default (`huge_pages_requested` tells).
 
 glibc's malloc serves a request below its mmap threshold from a heap arena, and raises
 that threshold (up to 32 MB) each time a larger mapped block is freed. A task allocates
