@@ -196,7 +196,6 @@ def test_importing_volarray_asks_torch_for_huge_pages(setting, asked):
     assert out == ["False"]
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_a_short_run_keeps_huge_pages_off_and_a_long_one_on():
     """A run planned below SMALL_RUN_MACS turns the process's huge pages off while its

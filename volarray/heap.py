@@ -44,12 +44,13 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim, libc.mallopt
+        prctl = getattr(libc, "prctl", None) if sys.platform == "linux" else None
+        return libc.malloc_trim, libc.mallopt, prctl
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-        return None, None
+        return None, None, None
 
 
-_TRIM, _MALLOPT = _libc()
+_TRIM, _MALLOPT, _PRCTL = _libc()
 _fixed = threading.Lock()
 _done = []
 
@@ -60,7 +61,8 @@ def request_huge_pages() -> bool:
     reads it once, at its first allocation: a one-element tensor makes it read it
     now, and the variable is then removed again, so that child processes (a user's
     other programs, spawned workers) are not changed; volarray's own worker processes
-    ask again when they import volarray. True if torch was asked by this call."""
+    ask again when they import volarray. True if this call offered it to torch
+    (`huge_pages_requested` tells whether torch took it)."""
     if HUGE_PAGES_ENV in os.environ or _THP_MODE.get("mode") != "madvise":
         return False
     import torch
@@ -69,7 +71,7 @@ def request_huge_pages() -> bool:
         torch.empty(1)  # torch reads the variable now (if it has not allocated yet)
     finally:
         del os.environ[HUGE_PAGES_ENV]
-    return huge_pages_requested()
+    return True
 
 
 # Planned work below which a run keeps huge pages off: on a VM whose balloon reports freed
@@ -87,35 +89,25 @@ def huge_pages_off(off: bool = True):
     use huge pages: prctl's THP_DISABLE flag, checked at each fault (Linux only). The
     flag is set while any such task runs and put back as it was after the last, so
     that processes started in between do not inherit it."""
-    prctl = _prctl() if off else None
-    if prctl is None:
+    if not off or _PRCTL is None:
         yield
         return
     with _thp_lock:
-        if not _thp_off:
-            _thp_off.append(prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0))  # as it was
-            prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        _thp_off.append(1)
+        if _thp["running"] == 0:
+            _thp["was"] = _PRCTL(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
+            _PRCTL(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        _thp["running"] += 1
     try:
         yield
     finally:
         with _thp_lock:
-            _thp_off.pop()
-            if len(_thp_off) == 1:
-                prctl(_PR_SET_THP_DISABLE, _thp_off.pop(), 0, 0, 0)
+            _thp["running"] -= 1
+            if _thp["running"] == 0:
+                _PRCTL(_PR_SET_THP_DISABLE, _thp["was"], 0, 0, 0)
 
 
 _thp_lock = threading.Lock()
-_thp_off: list[int] = []  # the flag as it was, then one entry per task running
-
-
-def _prctl():
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl
-    except (OSError, AttributeError):
-        return None
+_thp = {"running": 0, "was": 0}  # tasks running with huge pages off; the flag before
 
 
 def kernel_thp_mode() -> dict:
