@@ -228,7 +228,7 @@ def test_a_short_run_keeps_huge_pages_off_and_a_long_one_on():
         assert seen == [1] and prctl(42, 0, 0, 0, 0) == 0  # off while it ran, then back
         vol = da.zeros((256, 256, 256), dtype=np.float32, chunks=128)  # nothing computed
         plan = volarray.plan(model, vol)
-        assert plan.compute_ratio * plan.model_macs >= SMALL_RUN_MACS
+        assert plan.planned_macs >= SMALL_RUN_MACS
         assert runner(volarray.predict(model, vol)).huge_pages
     finally:
         prctl(41, 0, 0, 0, 0)  # PR_SET_THP_DISABLE off, as the process started

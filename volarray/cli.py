@@ -343,7 +343,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import volarray
-    from volarray.heap import SMALL_RUN_MACS, huge_pages_off, huge_pages_requested
+    from volarray.heap import huge_pages_off, huge_pages_requested, worth_huge_pages
     from volarray.models import FaultSeg3D, seeded
     from volarray.synthetic import seismic
 
@@ -365,9 +365,8 @@ def cmd_demo(args) -> int:
         return 0
     # plain torch as volarray ran: off huge pages if the run was short (volarray/heap.py),
     # where this process's first huge-page faults would cost it more than torch's default
-    small = plan.compute_ratio * plan.model_macs < SMALL_RUN_MACS
     t0 = time.perf_counter()
-    with torch.inference_mode(), huge_pages_off(small):
+    with torch.inference_mode(), huge_pages_off(not worth_huge_pages(plan.planned_macs)):
         ref = model(torch.from_numpy(vol)[None, None])[0].numpy()
     t_pt = time.perf_counter() - t0
     diff = float(np.abs(out - ref).max())

@@ -79,6 +79,13 @@ def request_huge_pages() -> bool:
 # more than a short run saves (FaultSeg3D at 128^3, 137 GMAC: 2.3 s with huge pages, 1.5 s
 # without; at 256^3, 1,480 GMAC planned, 21.6 s against 28.0 s).
 SMALL_RUN_MACS = 500e9
+
+
+def worth_huge_pages(planned_macs: float) -> bool:
+    """Whether a run of this much work gains more from huge pages than it pays."""
+    return planned_macs >= SMALL_RUN_MACS
+
+
 _PR_SET_THP_DISABLE = 41  # prctl's option numbers (linux/prctl.h)
 _PR_GET_THP_DISABLE = 42
 

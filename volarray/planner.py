@@ -180,9 +180,13 @@ class Plan:
         return self.largest_task.peak_bytes
 
     @property
+    def planned_macs(self) -> float:
+        """The MACs every task together computes, halos and recomputation included."""
+        return sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
+
+    @property
     def compute_ratio(self) -> float:
-        total = sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
-        return total / max(self.model_macs, 1)
+        return self.planned_macs / max(self.model_macs, 1)
 
     def label(self, part: Stage | Barrier) -> str:
         """``stage 2 (conv_5)`` or ``barrier <where>, the statistics of conv_3,``."""

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 
 from .geometry import Box, Interval
-from .heap import (SMALL_RUN_MACS, huge_pages_off, release_freed_memory,
-                   use_mapped_tensors)
+from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
+                   worth_huge_pages)
 from .io import RegionReader, check_finite
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
@@ -70,8 +70,7 @@ class ModelRunner(OnDevice):
         self.device = device
         self.dtype = plan.graph.dtype
         self.input_name = plan.graph.input
-        # a short run keeps huge pages off (`heap.SMALL_RUN_MACS`)
-        self.huge_pages = plan.compute_ratio * plan.model_macs >= SMALL_RUN_MACS
+        self.huge_pages = worth_huge_pages(plan.planned_macs)  # a short run keeps them off
         self._init_cache()
 
     def _init_cache(self):
