@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import volarray
-from volarray.trace import pick_output
+from volarray.modelcall import pick_output
 
 
 def monai_nets():

@@ -117,7 +117,7 @@ def test_lazy_keep_budget_is_the_clusters_memory(local_cluster):
     its workers' memory, not of the machine that builds the graph."""
     import psutil
     from distributed import Client
-    from volarray.planner import run_memory
+    from volarray.budget import run_memory
     assert run_memory() == psutil.virtual_memory().total  # no default client
     workers = local_cluster.scheduler_info()["workers"].values()
     with Client(local_cluster.scheduler.address, set_as_default=True):

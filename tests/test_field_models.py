@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import volarray
-from volarray.trace import pick_output
+from volarray.modelcall import pick_output
 
 nets = pytest.importorskip("monai.networks.nets")
 

@@ -12,7 +12,7 @@ import xarray as xr
 
 import volarray
 from volarray.formats import open_dataarray
-from volarray.io import _READERS
+from volarray.readers import _READERS
 from volarray.models import FaultSeg3D, seeded
 
 MODEL = "fieldmodel:faultseg"

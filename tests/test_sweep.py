@@ -13,7 +13,7 @@ from volarray.testing import assert_volume_close
 
 from conftest import random_volume, whole_volume
 
-import volarray.planner as PLAN
+import volarray.costing as PLAN
 
 CASES = {  # odd shapes, chunks that do not divide them
     "FaultSeg3D": (lambda: seeded(FaultSeg3D), (40, 32, 48), (21, 17, 29)),

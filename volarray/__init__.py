@@ -12,8 +12,7 @@ from .normalize import Normalization
 from .planner import Plan
 from .predictors import Exact, MeanStd, Window, ensemble, flips, labels
 from .store import predict_to_zarr
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "flips", "ensemble",
            "labels", "MeanStd", "normalization", "Normalization",

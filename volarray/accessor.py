@@ -20,7 +20,7 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
     (the first dim when ``dims=`` is not given). Labels (``output="argmax"`` or
     ``threshold=``) come back with the spatial dims only; ``ensemble=`` gives a
     ``(mean, std)`` pair of DataArrays, as `predict` does."""
-    from . import __version__
+    from .version import __version__
     from .api import predict
     if dims is None:
         if arr.ndim not in (3, 4):

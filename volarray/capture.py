@@ -5,80 +5,36 @@ control flow resolves exactly as the real forward resolves it: ``isinstance`` gu
 branches on static shapes, ``tuple(x.shape)``, ``round()``, ``torch.as_tensor`` of a
 shape. It records one canonical ATen op per call, whatever form the model used
 (module, functional, method). `lower` maps each ATen op to the one torch function the
-graph builder knows for it, with the arguments in that function's order (the table
-`LOWERING`, keyed by ATen op: adding an op touches one entry); ops outside the table
-stay ATen ops, and the builder places those tagged pointwise as they are.
+graph builder knows for it, with the arguments in that function's order (the
+``lowering`` of the op's registration in `volarray.ops.table`); ops without one stay
+ATen ops, and the builder places those tagged pointwise as they are. torch.fx's
+capture (`symbolic_trace`) serves where export cannot capture a model.
 
 Shapes are concrete: a capture holds for one input shape. Whole-volume captures run on
 fake tensors, so capturing a 4096^3 volume costs nothing.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 import warnings
-from dataclasses import dataclass
+import weakref
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors, user_frame
 from .errors import TraceError
+from .layout import fuse_channels_last
+from .modelcall import model_dtype, pick_output
+from .ops.registry import Const
+from .ops.table import OPS
 
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
-class Const:
-    """A fixed argument of the lowered call (the mode of an interpolation)."""
-    value: object
-
-
-# ATen op -> (torch function, the ATen argument names in the function's positional order)
-LOWERING = {
-    aten.conv3d.default: (F.conv3d, ("input", "weight", "bias", "stride", "padding",
-                                     "dilation", "groups")),
-    aten.conv3d.padding: (F.conv3d, ("input", "weight", "bias", "stride", "padding",
-                                     "dilation", "groups")),
-    aten.conv_transpose3d.input: (F.conv_transpose3d, ("input", "weight", "bias", "stride",
-                                                       "padding", "output_padding", "groups",
-                                                       "dilation")),
-    aten.max_pool3d.default: (F.max_pool3d, ("self", "kernel_size", "stride", "padding",
-                                             "dilation", "ceil_mode")),
-    aten.avg_pool3d.default: (F.avg_pool3d, ("self", "kernel_size", "stride", "padding",
-                                             "ceil_mode", "count_include_pad",
-                                             "divisor_override")),
-    aten.adaptive_avg_pool3d.default: (F.adaptive_avg_pool3d, ("self", "output_size")),
-    aten.upsample_trilinear3d.vec: (F.interpolate, ("input", "output_size", "scale_factors",
-                                                    Const("trilinear"), "align_corners")),
-    aten.upsample_nearest3d.vec: (F.interpolate, ("input", "output_size", "scale_factors",
-                                                  Const("nearest"))),
-    aten._upsample_nearest_exact3d.vec: (F.interpolate, ("input", "output_size",
-                                                         "scale_factors",
-                                                         Const("nearest-exact"))),
-    aten.pad.default: (F.pad, ("self", "pad", "mode", "value")),
-    aten.constant_pad_nd.default: (F.pad, ("self", "pad", Const("constant"), "value")),
-    aten.instance_norm.default: (F.instance_norm, ("input", "running_mean", "running_var",
-                                                   "weight", "bias", "use_input_stats",
-                                                   "momentum", "eps")),
-    aten.group_norm.default: (F.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
-    aten.batch_norm.default: (F.batch_norm, ("input", "running_mean", "running_var", "weight",
-                                             "bias", "training", "momentum", "eps")),
-    aten.layer_norm.default: (F.layer_norm, ("input", "normalized_shape", "weight", "bias",
-                                             "eps")),
-    aten.linear.default: (F.linear, ("input", "weight", "bias")),
-    aten.dropout.default: (F.dropout, ("input", "p", "train")),
-    aten.feature_dropout.default: (F.dropout3d, ("input", "p", "train")),
-    aten.alpha_dropout.default: (F.alpha_dropout, ("input", "p", "train")),
-    aten.cat.default: (torch.cat, ("tensors", "dim")),
-    aten.softmax.int: (torch.softmax, ("self", "dim")),
-    aten._softmax.default: (torch.softmax, ("self", "dim")),
-    aten.log_softmax.int: (torch.log_softmax, ("self", "dim")),
-    aten._log_softmax.default: (torch.log_softmax, ("self", "dim")),
-    aten.prelu.default: (F.prelu, ("self", "weight")),
-    aten.permute.default: (torch.permute, ("self", "dims")),
-    aten.mean.dim: (torch.mean, ("self", "dim", "keepdim")),
-}
 # recorded by export for its own bookkeeping; no value flows through them
 _DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default}
@@ -118,8 +74,8 @@ def lower_call(op, args, kwargs):
         # the dtype cast only
         dtype = _bound(op, args, kwargs).get("dtype")
         return aten.to.dtype, (args[0], dtype) if dtype is not None else (args[0],), {}
-    if op in LOWERING:
-        fn, names = LOWERING[op]
+    if op in OPS.lowerings:
+        fn, names = OPS.lowerings[op]
         bound = _bound(op, args, kwargs)
         return fn, tuple(n.value if isinstance(n, Const) else bound[n] for n in names), {}
     return op, args, kwargs
@@ -177,7 +133,6 @@ def export_graph(model: nn.Module, input_shape, dtype=torch.float32) -> fx.Graph
     captured with torch.export and lowered. Extra forward arguments take their
     defaults, as in ``model(x)``. Raises `TraceError` naming the model's line."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from .trace import channel_mismatch, first_line, quiet_fake_tensors, user_frame
     with FakeTensorMode():
         x = torch.empty(tuple(input_shape), dtype=dtype)
     try:
@@ -199,19 +154,101 @@ def op_sequence(gm: fx.GraphModule) -> list[str]:
             if n.op == "call_function"]
 
 
-class AtenCall:
-    """An ATen op as a picklable callable (OpOverload objects do not pickle), for tile
-    ops that run on workers in other processes."""
+# ------------------------------------------------------------------ torch.fx
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` captured with torch.fx (no shapes: one graph for every input), its
+    extra forward arguments fixed at their defaults."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    constants = forward_defaults(model)
+    try:
+        gm = fx.symbolic_trace(model, concrete_args=constants or None)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise TraceError(
+            f"torch.fx could not capture {type(model).__name__}{user_frame(e)}: "
+            f"{type(e).__name__}: {first_line(e)}. exact mode needs a forward without Python control "
+            "flow on tensor values or conversions of them (torch.as_tensor, numpy); make that "
+            "line static, or run method='window', which calls the model as it is") from e
+    return _drop_constant_inputs(gm, constants) if constants else gm
 
-    def __init__(self, op):
-        self.name, self.overload = op._schema.name.split("::")[1], op._overloadname
 
-    @property
-    def op(self):
-        return getattr(getattr(aten, self.name), self.overload)
+def forward_defaults(model: nn.Module) -> dict:
+    """The arguments of ``forward`` after the volume, at their defaults (torchseis'
+    ``forward(x, rank=0)``, ``forward(x, prompt=None)``): constants of the capture, as
+    they are of ``model(volume)``. An argument without a default is refused."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    constants = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward takes a second input {p.name!r} without a "
+                "default; volarray passes only the volume. Wrap the model so that forward(x) "
+                f"calls it with the {p.name!r} you want")
+        constants[p.name] = p.default
+    return constants
 
-    def __call__(self, *args, **kwargs):
-        return self.op(*args, **kwargs)
 
-    def __repr__(self):
-        return f"aten.{self.name}.{self.overload}"
+def _drop_constant_inputs(gm: fx.GraphModule, constants: dict) -> fx.GraphModule:
+    """fx keeps specialized arguments as placeholders guarded by asserts; remove both,
+    so that the graph takes the volume alone."""
+    graph = gm.graph
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    guards = {torch._assert, fx._symbolic_trace._assert_is_none}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in guards:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for node in extra:
+        if node.users:
+            raise TraceError(f"the forward uses its argument {node.target!r} as a value; wrap "
+                             "the model so that forward(x) takes the volume alone")
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+# ------------------------------------------------------------------ captures
+def select_output(gm: fx.GraphModule, select=None) -> fx.GraphModule:
+    """The capture reduced to the one output ``select`` picks (see `pick_output`)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    res = out.args[0]
+    if isinstance(res, fx.Node):
+        pick_output(res, select)  # refuses a select= that a single output has no use for
+        return gm
+    if not isinstance(res, (list, tuple, dict)):
+        return gm
+    out.args = (pick_output(res, select),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+_captures: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def capture(model: nn.Module, input_shape, select=None, dtype=None) -> fx.GraphModule:
+    """``model`` captured with torch.export for an input of ``input_shape``, lowered
+    to torch functions, channels-last chains fused, reduced to the output ``select``
+    picks. Kept per model while its modules, modes and weights stay the same (a
+    tensor's version counter moves with every in-place change, load_state_dict too)."""
+    forward_defaults(model)  # a second input without a default is refused by name
+    dtype = dtype or model_dtype(model)
+    key = (tuple(input_shape), repr(select), dtype,
+           tuple((id(m), m.training) for m in model.modules()),
+           tuple((id(t), t._version) for t in itertools.chain(model.parameters(),
+                                                              model.buffers())))
+    kept = _captures.setdefault(model, {})
+    if key not in kept:
+        if len(kept) > 8:
+            kept.clear()
+        gm = export_graph(model, input_shape, dtype)
+        kept[key] = select_output(fuse_channels_last(gm), select)
+    return kept[key]
+
+
+def fx_capture(model: nn.Module, select=None) -> fx.GraphModule:
+    """``model`` captured with torch.fx, channels-last chains fused, reduced to the
+    output ``select`` picks: where torch.export cannot capture it."""
+    return select_output(fuse_channels_last(symbolic_trace(model)), select)

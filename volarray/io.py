@@ -3,15 +3,15 @@ arrays become a (C, Z, Y, X) dask array."""
 from __future__ import annotations
 
 import os
-import weakref
 
 import dask.array as da
 import numpy as np
 import torch
 from dask.base import tokenize
 
-from .location import Location
 from .errors import InputError
+from .location import Location
+from .readers import CheckedReader, MappedSource, reader_of, remember_reader
 
 
 def open_volume(source, var: str | None = None, storage_options: dict | None = None):
@@ -63,7 +63,7 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
     volume = _from_torch(volume)
     if type(volume).__name__ == "DataArray":
         volume = volume.data  # numpy or dask; a field format's reader stays registered
-    source = _READERS.get(volume.name) if isinstance(volume, da.Array) else None
+    source = reader_of(volume.name) if isinstance(volume, da.Array) else None
     if _is_zarr_array(volume):
         volume = CheckedReader(volume)
     if isinstance(volume, da.Array):
@@ -89,25 +89,12 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
     if any(s == 0 for s in arr.shape):
         raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
     if not isinstance(volume, da.Array) and isinstance(data, (np.ndarray, CheckedReader)):
-        _READERS[arr.name] = data
+        remember_reader(arr.name, data)
     elif source is not None and arr.shape[1:] == volume.shape[-3:] and \
             arr.numblocks[0] == 1 and arr.dtype == volume.dtype:
-        _READERS[arr.name] = source  # the same array, given a channel axis
+        remember_reader(arr.name, source)  # the same array, given a channel axis
     if np.issubdtype(arr.dtype, np.integer) and not integers:
         arr = map_volume(arr, to_float32)
-    return arr
-
-
-def lazy_array(source, chunks) -> da.Array:
-    """A dask array over the array-like ``source`` (a field format's reader), whose
-    tasks in `predict` read their regions straight from it, as from a zarr array."""
-    path = getattr(source, "path", None)
-    stamp = (os.stat(path).st_size, os.stat(path).st_mtime_ns) \
-        if path is not None and os.path.isfile(path) else None  # a rewritten file differs
-    name = "read-" + tokenize(type(source).__name__, path or id(source), stamp, source.shape,
-                              str(source.dtype), chunks)
-    arr = da.from_array(source, chunks=chunks, asarray=False, name=name)
-    _READERS[arr.name] = source
     return arr
 
 
@@ -120,66 +107,13 @@ def map_volume(arr: da.Array, fn) -> da.Array:
     A volume that tasks read straight from its zarr or numpy array stays so: they read
     their regions through ``fn``."""
     name = "mapped-" + tokenize(arr.name, fn)
-    data = _READERS.get(arr.name)
+    data = reader_of(arr.name)
     if data is None:  # fn is per channel: every block holds all channels
         return arr.rechunk({0: -1}).map_blocks(fn, dtype=np.float32, name=name)
     view = MappedSource(data, fn)
     out = da.from_array(view, chunks=arr.chunks, asarray=False, name=name)
-    _READERS[out.name] = view
+    remember_reader(out.name, view)
     return out
-
-
-class MappedSource:
-    """A (C, Z, Y, X) float32 view of a (Z, Y, X) or (C, Z, Y, X) array whose regions
-    come out through a pointwise function (an integer cast, a normalization)."""
-
-    def __init__(self, data, fn):
-        self.data, self.fn = data, fn
-        shape = tuple(data.shape)
-        self.shape = shape if len(shape) == 4 else (1,) + shape
-        self.ndim, self.dtype = 4, np.dtype(np.float32)
-
-    def __getitem__(self, index):
-        index = tuple(index) + (slice(None),) * (4 - len(tuple(index)))
-        if len(self.data.shape) == 3:
-            block = np.asarray(self.data[index[1:]])[None]
-        else:  # every channel: fn is per channel
-            block = np.asarray(self.data[(slice(None),) + index[1:]])
-        return self.fn(block.astype(block.dtype.newbyteorder("="), copy=False))[index[:1]]
-
-
-# dask array name -> the zarr or numpy array it reads (alive while the graph holds it):
-# tasks read their region (halo included) straight from it, so dask holds no input
-# chunks between tasks
-_READERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def region_reader(arr: da.Array) -> "RegionReader | None":
-    """The array ``arr`` reads, where ``arr`` is exactly a volume `as_dask_volume` made
-    from it (not sliced, padded or otherwise derived)."""
-    data = _READERS.get(arr.name)
-    return RegionReader(data) if data is not None else None
-
-
-class RegionReader:
-    """Regions (C, z, y, x) of a (Z, Y, X) or (C, Z, Y, X) zarr or numpy volume, in
-    native byte order."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def read(self, lo, hi) -> np.ndarray:
-        """The region ``[lo, hi)``, laid out channels-last as tiles run (the layout of a
-        region assembled from dask chunks, so both give bitwise the same result)."""
-        index = tuple(slice(a, b) for a, b in zip(lo, hi))
-        if len(self.data.shape) == 3:
-            a = np.asarray(self.data[index])[None]
-        else:
-            a = np.asarray(self.data[(slice(None),) + index])
-        out = np.empty(a.shape[1:] + a.shape[:1], a.dtype.newbyteorder("="))
-        out = out.transpose(3, 0, 1, 2)
-        out[...] = a
-        return out
 
 
 def _from_torch(volume):
@@ -197,49 +131,6 @@ def _from_torch(volume):
 def _is_zarr_array(obj) -> bool:
     return type(obj).__module__.startswith("zarr") and hasattr(obj, "chunks") and hasattr(
         obj, "store")
-
-
-class CheckedReader:
-    """A zarr array whose unreadable chunks (truncated, corrupt) raise one line naming
-    the store and the chunk, instead of a codec traceback. A missing chunk still reads
-    as the fill value: that is zarr's design (chunks equal to it are not written)."""
-
-    def __init__(self, array):
-        self.array = array
-        self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
-        self.ndim = len(self.shape)
-        path = getattr(array, "path", "") or ""
-        root = getattr(getattr(array, "store", None), "root", None)
-        self.where = f"{root}/{path}".rstrip("/") if root is not None else repr(array)
-        self.dask_name = "zarr-" + tokenize(self.where, self.shape, str(self.dtype), self.chunks)
-
-    def __getitem__(self, index):
-        try:
-            return self.array[index]
-        except Exception as e:
-            chunk, lo, e = self._unreadable_chunk(index, e)
-            detail = " ".join(str(e).split())[:160]
-            raise InputError(f"input {self.where!r}: chunk {chunk} (from voxel {tuple(lo)}) is "
-                             f"unreadable ({type(e).__name__}: {detail}); restore or rewrite "
-                             "that chunk of the store") from None
-
-    def _unreadable_chunk(self, index, error):
-        """Which chunk of a failed read (a region may span several) fails on its own."""
-        index = tuple(index) + (slice(None),) * (self.ndim - len(index))
-        spans = []
-        for s, n, c in zip(index, self.shape, self.chunks):
-            a, b = (s.start or 0, n if s.stop is None else s.stop) if isinstance(s, slice) \
-                else (int(s), int(s) + 1)
-            spans.append(range(a // c, -(-b // c)))
-        for chunk in np.ndindex(*(len(r) for r in spans)):
-            chunk = tuple(r[i] for r, i in zip(spans, chunk))
-            lo = tuple(i * c for i, c in zip(chunk, self.chunks))
-            try:
-                self.array[tuple(slice(a, a + c) for a, c in zip(lo, self.chunks))]
-            except Exception as e:
-                return chunk, lo, e
-        lo = tuple(r[0] * c for r, c in zip(spans, self.chunks))
-        return tuple(r[0] for r in spans), lo, error
 
 
 def check_finite(block: np.ndarray, origin=(0, 0, 0)) -> None:

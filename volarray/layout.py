@@ -4,30 +4,19 @@ ConvNeXt and MedNeXt blocks (and many others) write
 ``x.permute(0, 2, 3, 4, 1) -> LayerNorm(C) / Linear(C, C') / GELU -> permute(0, 4, 1, 2, 3)``.
 Each op in between acts on one voxel's channel vector, so the whole chain is local with
 no halo. This pass replaces such a chain in the captured graph by one module,
-`ChannelsLastBlock`, that the tile program runs like any pointwise op.
+`ChannelsLastBlock`, that the tile program runs like any pointwise op. Which ops are
+per voxel is the op registry's to say (``per_voxel`` in `volarray.ops.table`).
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
+
+from .ops.channels import ChannelsLastBlock
+from .ops.table import OPS
 
 TO_LAST = (0, 2, 3, 4, 1)
 TO_FIRST = (0, 4, 1, 2, 3)
-_PER_VOXEL_MODULES = (nn.LayerNorm, nn.Linear, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU,
-                      nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.ELU)
-_PER_VOXEL_FUNCTIONS = {F.layer_norm, F.linear, F.gelu, F.relu, F.silu, torch.sigmoid,
-                        torch.tanh, operator.mul, operator.add, operator.sub,
-                        operator.truediv, torch.mul, torch.add}
-_PER_VOXEL_METHODS = {"mul", "add", "sub", "div", "contiguous"}
-
-
-class ChannelsLastBlock(fx.GraphModule):
-    """A chain of per-voxel ops that runs with channels last: (1, C, z, y, x) in,
-    (1, C', z, y, x) out."""
 
 
 def _dims(node: fx.Node):
@@ -48,11 +37,7 @@ def _per_voxel(node: fx.Node, prev: fx.Node, modules) -> bool:
     others = [a for a in node.all_input_nodes if a is not prev]
     if any(a.op != "get_attr" for a in others) or prev not in node.all_input_nodes:
         return False
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _PER_VOXEL_MODULES)
-    if node.op == "call_function":
-        return node.target in _PER_VOXEL_FUNCTIONS
-    return node.op == "call_method" and node.target in _PER_VOXEL_METHODS
+    return OPS.is_per_voxel(node, modules.get(node.target) if node.op == "call_module" else None)
 
 
 def fuse_channels_last(gm: fx.GraphModule) -> fx.GraphModule:

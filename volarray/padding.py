@@ -20,6 +20,7 @@ from fractions import Fraction
 import dask.array as da
 
 from .errors import InputError, VolarrayError
+from .modelcall import meta_forward, model_dtype
 
 MULTIPLES = (2, 4, 8, 16, 32, 64, 128)
 PAD_MODES = ("reflect", "zeros")
@@ -67,8 +68,6 @@ def padded_shape(shape, multiple) -> tuple[int, ...]:
 def _meta_forward(model, in_channels: int):
     """A memoized predicate: does ``model``'s own forward run on meta tensors of a
     (Z, Y, X) shape? Free at any size."""
-    from .trace import meta_forward, model_dtype
-
     dtype = model_dtype(model)
     seen: dict[tuple, bool] = {}
 

@@ -13,7 +13,6 @@ them, and each returns one type.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -26,11 +25,12 @@ import torch
 from .errors import InputError
 from .execute import build_graph, weights_token as graph_token
 from .geometry import chunk_bounds, coerce_chunks
-from .io import as_dask_volume, rechunk_to, region_reader
-from .ops.conv import ArgmaxConv
+from .io import as_dask_volume, rechunk_to
+from .ops.conv import ArgmaxConv, fuse_argmax_head
 from .ops.dropout import PositionalDropout
 from .planner import Plan, make_plan
-from .trace import fuse_argmax_head, trace
+from .readers import region_reader
+from .trace import trace
 
 
 class MeanStd(NamedTuple):
@@ -233,10 +233,8 @@ class Exact:
 
         def planned():
             g = graph
-            if argmax:  # on a copy: the scores' plan keeps the whole head
-                g = copy.copy(graph)
-                g.nodes = dict(graph.nodes)
-                fuse_argmax_head(g)
+            if argmax:  # a new graph: the scores' plan keeps the whole head
+                g = fuse_argmax_head(graph) or graph
             return make_plan(g, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
                              "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
                              spill=self.spill)
@@ -245,8 +243,7 @@ class Exact:
 
     def build(self, p: Plan, arr: da.Array, seed: int) -> da.Array:
         """The dask graph of plan ``p`` over ``arr``."""
-        if self.memory_limit is not None:
-            p.validate()  # a budget the user stated is one no task may exceed
+        p.validate()  # no task may exceed the budget (memory_limit=, or the default)
         reader = region_reader(arr)  # tasks read their regions straight from zarr or numpy
         if reader is None:
             arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])

@@ -8,13 +8,14 @@ region from inputs extended by the layer's padding semantics.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .geometry import EMPTY, Box, Interval
 from .ops.fill import extend, source_interval
-from .trace import Graph
+from .graph import Graph
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TileProgram:
     def __init__(self, graph: Graph, output: str, sources: tuple[str, ...]):
         self.output = output
         self.sources = tuple(sources)
+        self.value_bytes = graph.value_bytes  # of one value of the graph's dtype
         nodes = graph.nodes
         wanted, stack = set(), [output]
         while stack:  # ancestors of the output, stopping at the sources
@@ -172,7 +174,7 @@ class TileProgram:
         return y
 
     # ------------------------------------------------------------ cost
-    def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]], itemsize: int = 4,
+    def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]],
                    held: dict[str, int] | None = None) -> int:
         """Projected peak of live tensors for a tile whose nodes have the given region
         shapes: sources, each op's padded input copies and its output. ``held``: for a
@@ -184,7 +186,7 @@ class TileProgram:
             shape = node_shapes.get(name) if shape is None else shape
             if not shape:
                 return 0
-            return self.nodes[name].channels * itemsize * int(torch.tensor(shape).prod())
+            return self.nodes[name].channels * self.value_bytes * math.prod(shape)
         held = held or {}
         resting = sum(held.values())  # held rows of the nodes not live now
         live = {s: nbytes(s) for s in self.sources}

@@ -402,5 +402,5 @@ def _client(scheduler):
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
     return __version__

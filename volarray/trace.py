@@ -11,65 +11,27 @@ This module walks the captured graph; what each op becomes is the op registry's
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import itertools
-import os
 import re
-import traceback
 import warnings
-import weakref
-from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import export_graph, innermost_module
+from .capture import capture, fx_capture, innermost_module
+from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
-from .layout import fuse_channels_last
+from .graph import Graph, Node, alignment
+from .modelcall import meta_forward, model_dtype, pick_output
+from .padding import padding_error
 from .selfcheck import check_capture
-from .ops.base import Attr, GlobalArg, LocalOp, SpatialArg
+from .ops.base import Attr, GlobalArg, SpatialArg
 from .ops.calls import node_call
-from .ops.conv import ArgmaxConv, Conv
 from .ops.pointwise import Pointwise
 from .ops.reduce import Broadcast, GlobalNode
 from .ops.table import OPS
-
-
-@dataclass
-class Node:
-    name: str
-    op: LocalOp | None  # None for the input placeholder
-    inputs: tuple[str, ...]  # spatial producers, in the op's argument order
-    shape: tuple[int, int, int]  # whole-volume spatial shape of this node's output
-    channels: int
-    scale: tuple[Fraction, Fraction, Fraction]  # grid ratio to the model input
-    where: str  # module path / call, for messages
-
-    @property
-    def floats_per_input_voxel(self) -> float:
-        return self.channels * float(self.scale[0] * self.scale[1] * self.scale[2])
-
-
-@dataclass
-class Graph:
-    gm: fx.GraphModule
-    nodes: dict[str, Node]  # spatial nodes, topological order; the first is the input
-    input: str
-    output: str
-    dtype: torch.dtype
-    globals: dict[str, GlobalNode] = None  # whole-volume values, topological order
-
-    def consumers(self) -> dict[str, list[str]]:
-        out = {n: [] for n in self.nodes}
-        for node in self.nodes.values():
-            for p in node.inputs:
-                out[p].append(node.name)
-        return out
 
 
 class OpContext:
@@ -331,117 +293,8 @@ class _Recorder(nn.Module):
         return interp.run(x)
 
 
-def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return model
-    constants = forward_defaults(model)
-    try:
-        gm = fx.symbolic_trace(model, concrete_args=constants or None)
-    except Exception as e:  # fx raises many kinds for data-dependent control flow
-        raise TraceError(
-            f"torch.fx could not capture {type(model).__name__}{user_frame(e)}: "
-            f"{type(e).__name__}: {first_line(e)}. exact mode needs a forward without Python control "
-            "flow on tensor values or conversions of them (torch.as_tensor, numpy); make that "
-            "line static, or run method='window', which calls the model as it is") from e
-    return _drop_constant_inputs(gm, constants) if constants else gm
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message without torch.fx's multi-line context."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def user_frame(exc: BaseException) -> str:
-    """' at FILE:LINE in FUNCTION (`source`)' for the innermost frame of the traceback
-    that is not torch's own: the model's line at fault."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if f"{os.sep}torch{os.sep}" not in f.filename
-              and f"{os.sep}volarray{os.sep}" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    where = os.sep.join(Path(f.filename).parts[-3:])
-    return f" at {where}:{f.lineno} in {f.name} (`{(f.line or '').strip()}`)"
-
-
-def forward_defaults(model: nn.Module) -> dict:
-    """The arguments of ``forward`` after the volume, at their defaults (torchseis'
-    ``forward(x, rank=0)``, ``forward(x, prompt=None)``): constants of the capture, as
-    they are of ``model(volume)``. An argument without a default is refused."""
-    params = list(inspect.signature(model.forward).parameters.values())[1:]
-    constants = {}
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is p.empty:
-            raise TraceError(
-                f"{type(model).__name__}.forward takes a second input {p.name!r} without a "
-                "default; volarray passes only the volume. Wrap the model so that forward(x) "
-                f"calls it with the {p.name!r} you want")
-        constants[p.name] = p.default
-    return constants
-
-
-def _drop_constant_inputs(gm: fx.GraphModule, constants: dict) -> fx.GraphModule:
-    """fx keeps specialized arguments as placeholders guarded by asserts; remove both,
-    so that the graph takes the volume alone."""
-    graph = gm.graph
-    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
-    guards = {torch._assert, fx._symbolic_trace._assert_is_none}
-    for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and node.target in guards:
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    for node in extra:
-        if node.users:
-            raise TraceError(f"the forward uses its argument {node.target!r} as a value; wrap "
-                             "the model so that forward(x) takes the volume alone")
-        graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
 class MetaRunError(TraceError):
     """The captured graph fails on meta tensors of the whole volume's shape."""
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's weights (float32 when it has none)."""
-    params = list(model.parameters())
-    return params[0].dtype if params else torch.float32
-
-
-def meta_forward(model: nn.Module, input_shape, dtype=torch.float32):
-    """``model`` itself (not a capture) on an empty meta tensor: its output, at no cost,
-    with the model left exactly as it was. Raises what the forward raises."""
-    with meta_weights(model), torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
-        return model(torch.empty(input_shape, dtype=dtype, device="meta"))
-
-
-@contextlib.contextmanager
-def meta_weights(module: nn.Module):
-    """Within the block, every parameter and buffer of ``module`` is an empty tensor on
-    the meta device; afterwards each is exactly the object it was. (Unlike
-    torch.func.functional_call, this restores models in which one submodule has two
-    names, as MONAI's DynUNet and nnU-Net's networks have: each module object is
-    visited once.)"""
-    saved = []
-    try:
-        for m in module.modules():  # each module object once, however many names it has
-            for store in (m._parameters, m._buffers):
-                for name, t in list(store.items()):
-                    if t is None or t.is_meta:
-                        continue
-                    saved.append((store, name, t))
-                    empty = torch.empty_like(t, device="meta")
-                    store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(
-                        t, nn.Parameter) else empty
-        yield module
-    finally:
-        for store, name, t in reversed(saved):
-            store[name] = t
 
 
 def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
@@ -461,89 +314,6 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
             f"{type(e).__name__}: {first_line(e)}. Check the volume's shape and channel "
             "count.") from e
     return rec.values
-
-
-def channel_mismatch(model: nn.Module, input_shape, error: Exception) -> None:
-    """Raise a TraceError naming the channel counts when the model's first convolution
-    takes another number of channels than the volume has."""
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if first is not None and first.in_channels != input_shape[1]:
-        raise TraceError(
-            f"the model's first convolution takes {first.in_channels} input "
-            f"channel(s); the volume has {input_shape[1]} (shape {tuple(input_shape[1:])}): "
-            "pass a (C, Z, Y, X) volume with the channels the model was trained on") from error
-
-
-@contextlib.contextmanager
-def quiet_fake_tensors():
-    """torch logs every op that fails on fake tensors, with its traceback, before the
-    exception reaches volarray, which reports it in one line."""
-    import logging
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def pick_output(y, select=None, what: str = "the model"):
-    """The prediction among a model's outputs: the tensor itself; element ``select`` of
-    a list or tuple (by default the first: nnU-Net's deep-supervision convention, the
-    full-resolution head); entry ``select`` of a dict, which must be named."""
-    if isinstance(y, (list, tuple)) and y:
-        index = 0 if select is None else select
-        if not isinstance(index, int) or isinstance(index, bool) or not -len(y) <= index < len(y):
-            raise InputError(f"select={select!r}: {what} returns a {type(y).__name__} of "
-                             f"{len(y)} outputs; pass select= an index from 0 to {len(y) - 1}", parameter='select')
-        return y[index]
-    if isinstance(y, dict):
-        if select not in y:
-            raise InputError(f"select={select!r}: {what} returns a dict with keys {list(y)}; "
-                             "pass select= the key of the prediction", parameter='select')
-        return y[select]
-    if select not in (None, 0):
-        raise InputError(f"select={select!r}: {what} returns one output; pass select=None", parameter='select')
-    return y
-
-
-def select_output(gm: fx.GraphModule, select=None) -> fx.GraphModule:
-    """The capture reduced to the one output ``select`` picks (see `pick_output`)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    res = out.args[0]
-    if isinstance(res, fx.Node):
-        pick_output(res, select)  # refuses a select= that a single output has no use for
-        return gm
-    if not isinstance(res, (list, tuple, dict)):
-        return gm
-    out.args = (pick_output(res, select),)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
-
-
-_captures: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def capture(model: nn.Module, input_shape, select=None, dtype=None) -> fx.GraphModule:
-    """``model`` captured with torch.export for an input of ``input_shape``, lowered
-    to torch functions, channels-last chains fused, reduced to the output ``select``
-    picks. Kept per model while its modules, modes and weights stay the same (a
-    tensor's version counter moves with every in-place change, load_state_dict too)."""
-    forward_defaults(model)  # a second input without a default is refused by name
-    dtype = dtype or model_dtype(model)
-    key = (tuple(input_shape), repr(select), dtype,
-           tuple((id(m), m.training) for m in model.modules()),
-           tuple((id(t), t._version) for t in itertools.chain(model.parameters(),
-                                                              model.buffers())))
-    kept = _captures.setdefault(model, {})
-    if key not in kept:
-        if len(kept) > 8:
-            kept.clear()
-        gm = export_graph(model, input_shape, dtype)
-        kept[key] = select_output(fuse_channels_last(gm), select)
-    return kept[key]
 
 
 def trace(model: nn.Module, input_shape, select=None) -> Graph:
@@ -593,7 +363,6 @@ def _trace_exported(model, input_shape, select, dtype) -> Graph:
                                 lambda shape: _trace_graph(capture(model, shape, select, dtype),
                                                            shape, dtype))
         raise
-    from .planner import alignment
     check_capture(model, graph.gm, input_shape[1], tuple(input_shape[2:]), alignment(graph),
                   dtype, lambda y: pick_output(y, select),
                   recapture=lambda shape: capture(model, shape, select, dtype))
@@ -601,7 +370,7 @@ def _trace_exported(model, input_shape, select, dtype) -> Graph:
 
 
 def _trace_fx(model, input_shape, select, dtype) -> Graph:
-    gm = select_output(fuse_channels_last(symbolic_trace(model)), select)
+    gm = fx_capture(model, select)
     try:
         graph = _trace_graph(gm, input_shape, dtype)
     except (TraceError, UnsupportedOpError) as e:
@@ -609,7 +378,6 @@ def _trace_fx(model, input_shape, select, dtype) -> Graph:
                                 lambda shape: _trace_graph(gm, shape, dtype))
         _raise_if_forward_runs(model, input_shape, dtype, e)
         raise
-    from .planner import alignment
     check_capture(model, gm, input_shape[1], tuple(input_shape[2:]), alignment(graph), dtype,
                   lambda y: pick_output(y, select))
     return graph
@@ -644,7 +412,6 @@ def _raise_if_padding_helps(model, input_shape, dtype, error: Exception, trace_a
     """On a failed trace only: if padding the volume's sides up to a multiple (as U-Nets
     need) makes the trace succeed, raise an InputError that says so; else return.
     ``trace_at(input_shape)`` traces at another shape."""
-    from .padding import padding_error
     if len(input_shape) != 5:
         return
     c = input_shape[1]
@@ -654,28 +421,3 @@ def _raise_if_padding_helps(model, input_shape, dtype, error: Exception, trace_a
         raise InputError(message, parameter="pad") from error
 
 
-def fuse_argmax_head(graph: Graph, block: int = 32) -> bool:
-    """Replace the classifier conv and the monotone ops after it (sigmoid, softmax) by
-    one op computing the argmax in class blocks. False if the head is not of that form."""
-    consumers = graph.consumers()
-    name, chain = graph.output, []
-    while isinstance(graph.nodes[name].op, Pointwise) and graph.nodes[name].op.monotone:
-        chain.append(name)
-        name = graph.nodes[name].inputs[0] if graph.nodes[name].inputs else None
-        if name is None or len(consumers[name]) != 1 or len(graph.nodes[chain[-1]].inputs) != 1:
-            return False
-    conv = graph.nodes[name]
-    op = conv.op
-    if type(op) is not Conv or op.groups != 1:
-        return False
-    fused = ArgmaxConv(weight=op.weight, bias=op.bias, kernel=op.kernel, stride=op.stride,
-                       dilation=op.dilation, pad_lo=op.pad_lo, groups=op.groups, fill=op.fill,
-                       macs=op.macs, block=block, classes=conv.channels,
-                       scratch_channels=min(block, conv.channels) * 2)
-    for n in chain + [name]:
-        del graph.nodes[n]
-    head = f"{name}_argmax"
-    graph.nodes[head] = Node(head, fused, conv.inputs, conv.shape, 1, conv.scale,
-                             conv.where + " fused with argmax")
-    graph.output = head
-    return True

@@ -27,7 +27,7 @@ from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .heap import release_freed_memory, use_mapped_tensors
 from .io import check_finite
-from .trace import meta_forward, pick_output
+from .modelcall import meta_forward, pick_output
 
 
 def scan_starts(size: int, roi: int, overlap: float) -> list[int]:

@@ -16,11 +16,12 @@ import torch.fx as fx
 from .geometry import Box, Interval
 from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
-from .io import RegionReader, check_finite
+from .io import check_finite
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .packed import PackedChunk, region
 from .planner import Plan
+from .readers import RegionReader
 
 
 class OnDevice:

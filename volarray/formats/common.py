@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
+from ..readers import lazy_array
 
 # target bytes of one dask chunk of a lazily read file (whole lines or slices per chunk)
 CHUNK_BYTES = 64 * 2**20
@@ -40,8 +41,6 @@ def lazy_dataarray(source, dims, coords, attrs, name, chunks=None):
     ``__getitem__`` of slices), read lazily by dask; tasks of `volarray.predict` read
     their regions straight from ``source``."""
     import xarray as xr
-
-    from ..io import lazy_array
     chunks = chunks or default_chunks(source.shape, source.dtype.itemsize)
     return xr.DataArray(lazy_array(source, chunks), dims=dims, coords=coords, attrs=attrs,
                         name=name)

@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
+from ..readers import CheckedReader, lazy_array
 from .common import lazy_dataarray, require, staging_file, stream_blocks, unused_target
 
 SUFFIXES = (".nii", ".nii.gz")
@@ -78,7 +79,6 @@ def _cached(img, path, cache, coords, attrs, chunks):
     import xarray as xr
     import zarr
 
-    from ..io import CheckedReader, lazy_array
     nib = require("nibabel", "medical")
     st = os.stat(path)
     identity = {"source": os.path.abspath(path), "size": st.st_size,

@@ -10,7 +10,25 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..capture import AtenCall
+aten = torch.ops.aten
+
+
+class AtenCall:
+    """An ATen op as a picklable callable (OpOverload objects do not pickle), for tile
+    ops that run on workers in other processes."""
+
+    def __init__(self, op):
+        self.name, self.overload = op._schema.name.split("::")[1], op._overloadname
+
+    @property
+    def op(self):
+        return getattr(getattr(aten, self.name), self.overload)
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+    def __repr__(self):
+        return f"aten.{self.name}.{self.overload}"
 
 
 def call_module(target: str):

@@ -3,7 +3,14 @@ channels, channel repeats, channels-last blocks). Along a spatial axis they woul
 global, and are refused."""
 from __future__ import annotations
 
+import torch.fx as fx
+
 from .pointwise import pointwise
+
+
+class ChannelsLastBlock(fx.GraphModule):
+    """A chain of per-voxel ops that runs with channels last: (1, C, z, y, x) in,
+    (1, C', z, y, x) out (made by `volarray.layout.fuse_channels_last`)."""
 
 
 def channel_dim_only(ctx, dim) -> None:

@@ -4,7 +4,7 @@ groups, their tile kernels, and one builder per op for the module and functional
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Interval
+from ..graph import Graph, Node
 from .base import LocalOp, call_arg, resolve, triple, window
 from .fill import ZEROS, Fill, fill_for
+from .pointwise import Pointwise
 
 
 # ---------------------------------------------------------------- kernels
@@ -205,3 +207,30 @@ def conv_transpose_function(ctx) -> ConvTranspose:
                           call_arg(args, kwargs, 2, "bias"), kernel,
                           ctx.param(3, "stride", 1), ctx.param(7, "dilation", 1),
                           ctx.param(4, "padding", 0), ctx.param(6, "groups", 1))
+
+
+# ---------------------------------------------------------------- the argmax head
+def fuse_argmax_head(graph: Graph, block: int = 32) -> Graph | None:
+    """``graph`` with its classifier conv and the monotone ops after it (sigmoid,
+    softmax) replaced by one `ArgmaxConv` computing the argmax in class blocks: a new
+    graph (graphs are frozen). None if the head is not of that form."""
+    consumers, nodes = graph.consumers(), graph.nodes
+    name, chain = graph.output, []
+    while isinstance(nodes[name].op, Pointwise) and nodes[name].op.monotone:
+        chain.append(name)
+        name = nodes[name].inputs[0] if nodes[name].inputs else None
+        if name is None or len(consumers[name]) != 1 or len(nodes[chain[-1]].inputs) != 1:
+            return None
+    conv = nodes[name]
+    op = conv.op
+    if type(op) is not Conv or op.groups != 1:
+        return None
+    fused = ArgmaxConv(weight=op.weight, bias=op.bias, kernel=op.kernel, stride=op.stride,
+                       dilation=op.dilation, pad_lo=op.pad_lo, groups=op.groups, fill=op.fill,
+                       macs=op.macs, block=block, classes=conv.channels,
+                       scratch_channels=min(block, conv.channels) * 2)
+    head = f"{name}_argmax"
+    kept = {n: node for n, node in nodes.items() if n not in chain and n != name}
+    kept[head] = Node(head, fused, conv.inputs, conv.shape, 1, conv.scale,
+                      conv.where + " fused with argmax")
+    return replace(graph, nodes=kept, output=head)

@@ -91,7 +91,7 @@ RELU_METHODS = ("relu", "relu_")
 ACTIVATION_MODULES = (
     nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.PReLU, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
 )
 INCREASING_MODULES = (nn.Sigmoid, nn.Tanh, nn.Identity)
 FUNCTIONS = (
@@ -102,7 +102,7 @@ FUNCTIONS = (
     torch.where, torch.sin, torch.cos, torch.erf, torch.log1p, torch.expm1, torch.reciprocal,
     F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
-    F.prelu, F.threshold,
+    F.threshold,
 )
 INCREASING_FUNCTIONS = (torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
                         aten.sigmoid.default, aten.tanh.default)

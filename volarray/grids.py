@@ -1,0 +1,165 @@
+"""Candidate task grids: even splits of the volume aligned to the network's strides,
+laid out for one kept set (every stage and barrier costed on the grid), and the grid
+whose tasks fit memory, I/O and the scheduler's task count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import costing
+from .budget import default_memory_limit, parse_bytes
+from .costing import Barrier, MIN_TILE_SIDE, Stage, cost_stage, program_for, reductions, \
+    stage_bounds
+from .graph import Graph, alignment
+from .program import TileProgram
+
+
+def candidate_chunks(shape, align, given=None) -> list[tuple[int, ...]]:
+    """Even splits of the volume (1, 2, 3, ... chunks along its longest free axis),
+    the free sides rounded up to the alignment, largest first. ``given``: the sides
+    the user fixed, None on the free axes (as `coerce_chunks` returns them; None
+    itself: every axis free)."""
+    given = tuple(given) if given is not None else (None,) * len(shape)
+    free = [a for a, c in enumerate(given) if c is None]
+    if not free:
+        return [given]
+    longest = max(shape[a] for a in free)
+    step = max(max(align[a] for a in free), 8)
+    sides = {min(longest, -(-(-(-longest // k)) // step) * step)
+             for k in range(1, longest // step + 2)}
+    return [tuple(min(c, n) if g is None else g for n, g in zip(shape, given))
+            for c in sorted(sides, reverse=True)]
+
+
+# On CPU, tiles of ~100-200 MB run fastest (caches; FaultSeg3D at 128^3-192^3 was
+# 10-25% slower with 400 MB tiles here): a task sweeps its region in slabs that fit.
+CPU_TARGET_TILE_BYTES = 200e6
+# A task's sources and output (what it reads and writes; with the chunks dask holds
+# for it, several times this) stay below this on CPU: the same task size at every
+# volume size, so memory does not grow with the volume.
+TASK_IO_BYTES = 64e6
+# Tasks grow past that where the graph would otherwise hold more than this many.
+MAX_TASKS = 50_000
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The stages and barriers of one kept set on one task grid."""
+
+    stages: tuple[Stage, ...]
+    barriers: tuple[Barrier, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(part.peak_bytes for part in self.stages + self.barriers)
+
+    @property
+    def io_bytes(self) -> int:
+        return max(s.io_bytes for s in self.stages)
+
+    @property
+    def n_tasks(self) -> int:
+        return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
+
+    @property
+    def macs(self) -> float:
+        return sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The task grid chosen for one kept set, with its layout."""
+
+    base: tuple[int, ...]  # the input's chunk shape
+    layout: Layout
+    grown: bool  # past the grid that fit best, to keep the graph under MAX_TASKS tasks
+    too_big: bool  # no candidate's tasks fit the memory limit
+
+
+@dataclass(frozen=True)
+class Planner:
+    """Lays out stages and barriers on candidate task grids of one graph and picks
+    the grid whose tasks fit: a task's peak within ``limit``, its sources and output
+    within ``io_target``, swept in slabs of at most ``tile_target``."""
+
+    graph: Graph
+    limit: int
+    tile_target: float
+    io_target: float
+    align: tuple[int, ...]
+
+    @classmethod
+    def for_device(cls, graph: Graph, memory_limit, device: str) -> "Planner":
+        limit = parse_bytes(memory_limit) or default_memory_limit()
+        on_cpu = device == "cpu"
+        return cls(graph, limit, min(limit, CPU_TARGET_TILE_BYTES) if on_cpu else limit,
+                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph))
+
+    def stage(self, index: int, prog: TileProgram, base, min_side: int,
+              holds_output: bool = True) -> Stage:
+        """The costed stage of ``prog`` on grid ``base``, swept in the thickest slab
+        that fits."""
+        node = self.graph.nodes[prog.output]
+        bounds = stage_bounds(base, node.shape, node.scale, min_side)
+        st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
+        unit = max(1, int(self.align[0] * node.scale[0]))
+        return costing.choose_slab(self.graph, st, shapes, self.tile_target, unit, self.limit)
+
+    def stages(self, kept, base) -> tuple[Stage, ...]:
+        """One stage per kept tensor, from its nearest kept ancestors; coarse levels
+        merge small chunks where that fits."""
+        avail = set(kept) | {self.graph.input}
+        programs = [program_for(self.graph, n, avail - {n}) for n in kept]
+        for min_side in (MIN_TILE_SIDE, 1):
+            stages = tuple(self.stage(i, p, base, min_side) for i, p in enumerate(programs))
+            if max(s.peak_bytes for s in stages) <= self.limit:
+                break
+        return stages
+
+    def barriers(self, kept, base) -> tuple[Barrier, ...]:
+        """One barrier per reduction: its tasks compute (or read) the reduced tensor
+        per chunk, projected as a stage's tasks are; coarse levels merge small chunks
+        where that fits, as stages do."""
+        avail = set(kept) | {self.graph.input}
+        out = []
+        for g in reductions(self.graph):
+            probe = self.statistics_tasks(program_for(self.graph, g.source, avail), base)
+            out.append(Barrier(g.name, probe.program, probe.bounds, macs=probe.macs,
+                               slab=probe.slab, peak_bytes=probe.peak_bytes))
+        return tuple(out)
+
+    def statistics_tasks(self, prog: TileProgram, base) -> Stage:
+        """A barrier's tasks, projected as a stage's but holding no output region (each
+        slab's output is reduced to statistics); coarse levels merge small chunks where
+        that fits."""
+        for min_side in (MIN_TILE_SIDE, 1):
+            probe = self.stage(-1, prog, base, min_side, holds_output=False)
+            if probe.peak_bytes <= self.limit:
+                break
+        return probe
+
+    def layout(self, kept, base) -> Layout:
+        return Layout(self.stages(kept, base), self.barriers(kept, base))
+
+    def fits(self, layout: Layout) -> bool:
+        return layout.peak_bytes <= self.limit and layout.io_bytes <= self.io_target
+
+    def grid(self, kept, candidates) -> Grid:
+        """The largest candidate grid whose tasks fit (the smallest if none does), grown
+        where the graph would be too large for the scheduler."""
+        chosen = None
+        for i, cand in enumerate(candidates):  # largest first
+            layout = self.layout(kept, cand)
+            if self.fits(layout):
+                chosen = i
+                break
+        too_big = chosen is None and layout.peak_bytes > self.limit
+        if chosen is None:
+            chosen = len(candidates) - 1
+        grown = False
+        while chosen > 0 and layout.n_tasks > MAX_TASKS:
+            bigger = self.layout(kept, candidates[chosen - 1])
+            if bigger.peak_bytes > self.limit:
+                break
+            chosen, layout, grown = chosen - 1, bigger, True
+        return Grid(candidates[chosen], layout, grown, too_big)
