@@ -1,7 +1,9 @@
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import volarray
 from volarray.models import FaultSeg3D, GroupNormNet, MultiScaleNet, seeded
@@ -82,6 +84,31 @@ def test_halo_and_projection_grow_with_chunks():
     assert small.compute_ratio > big.compute_ratio  # more halo recompute with small tiles
     assert small.peak_bytes < big.peak_bytes
     assert max(small.output_stage.halo) > 0
+
+
+def test_a_half_model_is_planned_at_half_the_bytes():
+    """Bytes per value come from the model's dtype: a float16 model's tasks and kept
+    tensors take half the bytes of the same model in float32."""
+    model = seeded(FaultSeg3D)
+    vol = np.zeros((32, 32, 24), np.float32)
+    full = volarray.plan(model, vol, chunks=(16, 16, 24), keep="4x")
+    half = volarray.plan(copy.deepcopy(model).half(), vol, chunks=(16, 16, 24), keep="4x")
+    assert half.graph.dtype == torch.float16 and full.graph.dtype == torch.float32
+    assert [s.output for s in half.stages] == [s.output for s in full.stages]
+    assert full.kept_bytes > 0 and half.kept_bytes == pytest.approx(full.kept_bytes / 2)
+    assert half.peak_bytes == pytest.approx(full.peak_bytes / 2, rel=0.01)
+    assert half.input_bytes == full.input_bytes / 2
+
+
+def test_every_run_is_validated_against_the_default_budget(monkeypatch):
+    """No memory_limit given: a run whose tasks exceed the default budget per task (an
+    eighth of this machine's memory, here made 100 kB) is refused before anything runs."""
+    import volarray.grids
+    monkeypatch.setattr(volarray.grids, "default_memory_limit", lambda: 100_000)
+    model = seeded(FaultSeg3D)
+    vol = np.zeros((32, 32, 24), np.float32)
+    with pytest.raises(volarray.MemoryBudgetError, match="memory_limit=100.0 kB"):
+        volarray.predict(model, vol, chunks=(32, 32, 24))
 
 
 def test_planner_respects_memory_limit():
