@@ -17,7 +17,6 @@ from .grids import Grid, Planner
 from .program import TileProgram
 
 
-# ------------------------------------------------------------------ what to keep
 def keep_candidates(graph: Graph) -> list[str]:
     """Tensors worth keeping between stages: read by several ops, fed to a resolution
     change (skips, encoder/decoder levels) or reduced by a barrier. The output is

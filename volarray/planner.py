@@ -29,7 +29,7 @@ def _plural(n: int, word: str) -> str:
 class Plan:
     """The stages of an exact run, with their tiles, halos and projected memory:
     built complete by `make_plan`, never changed after (`dataclasses.replace` makes
-    a changed copy)."""
+    a changed copy). Its graph is frozen too (`volarray.graph`)."""
 
     graph: Graph
     stages: tuple[Stage, ...]
