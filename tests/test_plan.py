@@ -100,6 +100,17 @@ def test_a_half_model_is_planned_at_half_the_bytes():
     assert half.input_bytes == full.input_bytes / 2
 
 
+def test_the_plans_graph_is_frozen():
+    plan = volarray.plan(seeded(FaultSeg3D), np.zeros((16, 16, 16), np.float32))
+    graph = plan.graph
+    with pytest.raises(TypeError):
+        graph.nodes[graph.output] = graph.nodes[graph.input]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        graph.output = graph.input
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        graph.nodes[graph.output].channels = 3
+
+
 def test_every_run_is_validated_against_the_default_budget(monkeypatch):
     """No memory_limit given: a run whose tasks exceed the default budget per task (an
     eighth of this machine's memory, here made 100 kB) is refused before anything runs."""
