@@ -7,8 +7,10 @@ neighbouring chunks (or scratch), run its fused ops and return or write the resu
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 
+import cloudpickle
 import numpy as np
 import torch
 import torch.fx as fx
@@ -54,14 +56,20 @@ class OnDevice:
 
 class ModelRunner(OnDevice):
     """Worker-side state: the traced model on its device, the stage programs and
-    the whole-volume (global) nodes."""
+    the whole-volume (global) nodes.
 
-    _transient = OnDevice._transient + ("_values",)
+    Pickled, the traced module travels as bytes (cloudpickle's, so that modules
+    defined in a notebook travel by value), unpickled on first use: distributed's
+    serializer never meets the GraphModule itself (its generic torch serializer
+    cannot pickle fx's generated class, and logs an ERROR before falling back), and a
+    scheduler that only passes the model key on never rebuilds it."""
+
+    _transient = OnDevice._transient + ("_values", "_gm")
 
     def __init__(self, plan: Plan, device: str, seed: int = 0, autocast=None):
         self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
         self.autocast = autocast  # torch.float16 / bfloat16: run tiles under autocast
-        self.gm = plan.graph.gm
+        self._gm, self.gm_bytes = plan.graph.gm, None
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
         self.slabs = [s.slab for s in plan.stages]  # rows per slab of a task's sweep
@@ -76,6 +84,20 @@ class ModelRunner(OnDevice):
     def _init_cache(self):
         super()._init_cache()
         self._values = {}  # evaluated attributes and constants
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state["gm_bytes"] is None:
+            state["gm_bytes"] = cloudpickle.dumps(self._gm)
+        return state
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        if getattr(self, "_gm", None) is None:
+            with self._lock:
+                if getattr(self, "_gm", None) is None:
+                    self._gm = pickle.loads(self.gm_bytes)
+        return self._gm
 
     @property
     def model(self):
