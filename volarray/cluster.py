@@ -10,8 +10,9 @@ from .errors import InputError
 
 
 def connect(scheduler_file, timeout: str = "30s"):
-    """A `distributed.Client` of the scheduler named in ``scheduler_file``, not set as
-    the default client (the caller passes it on and closes it)."""
+    """A `distributed.Client` of the scheduler named in ``scheduler_file``, the default
+    client until it is closed (the caller closes it): the run is planned for its
+    workers (their memory, their GPUs)."""
     from distributed import Client
     path = os.fspath(scheduler_file)
     if not os.path.isfile(path):
@@ -19,7 +20,7 @@ def connect(scheduler_file, timeout: str = "30s"):
                          f"first (`dask scheduler --scheduler-file {path}` writes it) or "
                          "pass the file it wrote", parameter="scheduler_file")
     try:
-        return Client(scheduler_file=path, timeout=timeout, set_as_default=False)
+        return Client(scheduler_file=path, timeout=timeout)
     except Exception as e:
         raise InputError(f"scheduler_file={path!r}: cannot reach the dask scheduler it "
                          f"names ({type(e).__name__}: {e}); is that scheduler still "
