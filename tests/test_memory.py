@@ -91,7 +91,7 @@ with Growth():
 running[0] = False
 t.join()
 print(json.dumps([{"stage": s.output, "projected": s.peak_bytes, "slab": s.slab,
-                   "grown": max(v for k, v in grown.items() if f"volarray-{s.output}-" in k)}
+                   "grown": max(v for k, v in grown.items() if f"volarray-stage-{s.index}-" in k)}
                   for s in plan.stages]))
 """
 

@@ -52,7 +52,10 @@ def load_model(spec: str, weights: str | None):
     return model.eval()
 
 
-def _scheduler(value: str):
+def _scheduler(value: str, scheduler_file=None):
+    if scheduler_file:  # a cluster's scheduler file (dask scheduler --scheduler-file F)
+        from volarray.cluster import connect
+        return (client := connect(scheduler_file)), client
     if value in ("threads", "sync", "synchronous", "processes"):
         return value, None
     from distributed import Client
@@ -202,7 +205,7 @@ def cmd_predict(args) -> int:
     check_preview_path(args.preview)
     jobs = batch_jobs(args.input, args.output, args.format, args.resume, args.overwrite)
     write = _nnunet_writer(args) if args.nnunet else _model_writer(args)
-    scheduler, client = _scheduler(args.scheduler)
+    scheduler, client = _scheduler(args.scheduler, args.scheduler_file)
     try:
         for source, target, fmt in jobs:
             code = _predict_one(args, write, scheduler, client, source, target, fmt)
@@ -529,6 +532,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
     p.add_argument("--scheduler", default="threads",
                    help="threads, sync, or a dask scheduler address (tcp://...)")
+    p.add_argument("--scheduler-file", help="a dask cluster's scheduler file (wins over it)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--preview", help="write a PNG of three slices of input and prediction")

@@ -7,6 +7,8 @@ is in `volarray.worker`.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import dask
 import dask.array as da
 import numpy as np
@@ -34,7 +36,8 @@ class _GraphBuilder:
         # kept tensor -> (key prefix, per-axis chunk boundaries)
         self.arrays = {self.graph.input: (volume.name, [np.cumsum((0,) + c) for c in volume.chunks[1:]])}
         for s in plan.stages:
-            self.arrays[s.output] = (f"volarray-{s.output}-{self.token}", s.bounds)
+            self.arrays[s.output] = (self.layer_name(f"stage-{s.index}-{op_label(s.program)}"),
+                                     s.bounds)
         self.scratch = dict(scratch or {})  # kept node -> zarr scratch array path
         # the input read region by region straight from its array (one key of the graph)
         self.reader = reader
@@ -44,6 +47,11 @@ class _GraphBuilder:
 
     def global_key(self, name: str) -> str:
         return f"volarray-global-{name}-{self.token}"
+
+    def layer_name(self, what: str) -> str:
+        """``volarray-<what>-<token>``: what runs (``stage-2-conv``, ``stats-1``) first,
+        so that dask's dashboard and task stream show volarray's phases."""
+        return f"volarray-{what}-{self.token}"
 
     def tile_args(self, prog, box: Box):
         """Arguments of a tile task: its sources' regions, the chunks they come
@@ -91,8 +99,8 @@ class _GraphBuilder:
             self.add_layer(self.reader_key, {self.reader_key: self.reader}, tile=False)
         for stage in self.plan.stages:
             self.owner[self.arrays[stage.output][0]] = self.arrays[stage.output][0]
-        for b in self.plan.barriers:
-            self.owner[self.global_key(b.name)] = f"volarray-stats-{b.name}-{self.token}-combine"
+        for i, b in enumerate(self.plan.barriers):
+            self.owner[self.global_key(b.name)] = self.layer_name(f"stats-{i}-combine")
         for g in self.graph.globals.values():
             if g.kind == "eval":
                 self.owner[self.global_key(g.name)] = self.global_key(g.name)
@@ -140,7 +148,7 @@ class _GraphBuilder:
     def build_barrier(self, i: int, b):
         """Per-chunk partial statistics (a tile layer), merged by a tree of combine
         tasks ``split_every`` at a time, as dask's own reductions (a layer of its own)."""
-        prefix = f"volarray-stats-{b.name}-{self.token}"
+        prefix = self.layer_name(f"stats-{i}")
         tiles, level = {}, []
         for idx, box in grid_boxes(b.bounds):
             key = (prefix, 0) + idx
@@ -150,16 +158,28 @@ class _GraphBuilder:
         self.add_layer(prefix, tiles, tile=True, reads=self.reads(b.program))
         fan_in = combine_fan_in()
         combine, depth = {}, 0
+        combine_name = self.layer_name(f"stats-{i}-combine")
         while len(level) > 1:
             depth += 1
             nxt = []
             for j in range(0, len(level), fan_in):
-                key = (f"{prefix}-combine", depth, j)
+                key = (combine_name, depth, j)
                 combine[key] = (combine_task,) + tuple(level[j:j + fan_in])
                 nxt.append(key)
             level = nxt
         combine[self.global_key(b.name)] = (value_task, self.model_key, b.name, level[0])
-        self.add_layer(f"{prefix}-combine", combine, tile=False, reads={prefix})
+        self.add_layer(combine_name, combine, tile=False, reads={prefix})
+
+
+LIGHT_OPS = ("pointwise", "normapply", "broadcast", "pad", "fill", "flip")
+
+
+def op_label(prog) -> str:
+    """What a stage's tasks run, for its layer name: the most frequent op family of its
+    program other than per-voxel ones (``conv``, ``pool``, ``resample``...)."""
+    kinds = [type(prog.nodes[n].op).__name__.lower() for n in prog.order]
+    heavy = [k for k in kinds if k not in LIGHT_OPS] or kinds or ["read"]
+    return Counter(heavy).most_common(1)[0][0]
 
 
 def combine_fan_in() -> int:

@@ -48,10 +48,22 @@ def resolve_device(device) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise InputError(f"device={device!r} is not 'cpu', 'cuda', 'cuda:N' or 'auto'",
                          parameter="device")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'",
-                         parameter="device")
+    if device.startswith("cuda") and not torch.cuda.is_available() and not on_a_cluster():
+        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'"
+                         " (or build the graph under the distributed Client of a GPU "
+                         "cluster)", parameter="device")
     return device
+
+
+def on_a_cluster() -> bool:
+    """Whether a default distributed client will run the graph: then its workers, not
+    this machine (a notebook on a login node without GPUs), need CUDA."""
+    try:
+        from distributed import default_client
+        default_client()
+    except (ImportError, ValueError):
+        return False
+    return True
 
 
 AUTOCAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,

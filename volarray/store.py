@@ -20,6 +20,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
+from .cluster import with_scheduler_file
 from .api import QUANTIZED_ATTRS, predict, prediction
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
@@ -103,10 +104,11 @@ def _count(*marks) -> int:
     return sum(marks)
 
 
+@with_scheduler_file
 def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str | None = None,
                     overwrite: bool = False, resume: bool = False, scheduler=None,
                     scratch="auto", predictor=None, storage_options: dict | None = None,
-                    **options):
+                    scheduler_file=None, **options):
     """Run ``predict`` and write the result into the zarr group ``store`` as array
     ``name`` (zarr v3, dims channel, z, y, x; labels z, y, x). Returns the zarr array,
     or for ``ensemble=`` the pair of arrays ``<name>_mean`` and ``<name>_std``.
@@ -125,7 +127,9 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     ("auto"); it is removed however the run ends. Unless ``scratch=False``,
     the default keep budget is the input's bytes even for models with norm barriers
     (`predict` keeps at most an eighth of RAM across a barrier).
-    ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client).
+    ``scheduler``: any dask scheduler ("threads", "sync", a distributed Client);
+    ``scheduler_file``: instead, the file ``dask scheduler --scheduler-file F`` wrote (a
+    client of that cluster is opened for the run and closed after it).
     A run stopped by an error, Ctrl-C or SIGTERM keeps its finished chunks and says
     how to resume; Ctrl-C and SIGTERM raise `RunInterrupted`.
     ``predictor`` (for pipelines such as `volarray.nnunet`'s): a callable that takes the

@@ -7,12 +7,15 @@ neighbouring chunks (or scratch), run its fused ops and return or write the resu
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 
+import cloudpickle
 import numpy as np
 import torch
 import torch.fx as fx
 
+from .errors import TraceError
 from .geometry import Box, Interval
 from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
@@ -55,14 +58,21 @@ class OnDevice:
 
 class ModelRunner(OnDevice):
     """Worker-side state: the traced model on its device, the stage programs and
-    the whole-volume (global) nodes."""
+    the whole-volume (global) nodes.
 
-    _transient = OnDevice._transient + ("_values",)
+    Pickled, the traced module travels as bytes (cloudpickle's, so that modules
+    defined in a notebook travel by value), unpickled on first use: distributed's
+    serializer never meets the GraphModule itself (its generic torch serializer
+    cannot pickle fx's generated class, and logs an ERROR before falling back), and a
+    scheduler that only passes the model key on never rebuilds it."""
+
+    _transient = OnDevice._transient + ("_values", "_gm", "_nodes")
 
     def __init__(self, plan: Plan, device: str, seed: int = 0, autocast=None):
         self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
         self.autocast = autocast  # torch.float16 / bfloat16: run tiles under autocast
-        self.gm = plan.graph.gm
+        self._gm, self.gm_bytes = plan.graph.gm, None
+        self.node_names = [n.name for n in self._gm.graph.nodes]
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
         self.slabs = [s.slab for s in plan.stages]  # rows per slab of a task's sweep
@@ -77,6 +87,21 @@ class ModelRunner(OnDevice):
     def _init_cache(self):
         super()._init_cache()
         self._values = {}  # evaluated attributes and constants
+        self._nodes = None  # the traced graph's nodes by their names as traced
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state["gm_bytes"] is None:
+            state["gm_bytes"] = cloudpickle.dumps(self._gm)
+        return state
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        if getattr(self, "_gm", None) is None:
+            with self._lock:
+                if getattr(self, "_gm", None) is None:
+                    self._gm = pickle.loads(self.gm_bytes)
+        return self._gm
 
     @property
     def model(self):
@@ -85,17 +110,30 @@ class ModelRunner(OnDevice):
     def module(self, target: str):
         return self.model.get_submodule(target)
 
+    def graph_node(self, name: str) -> tuple[fx.Node, dict]:
+        """The traced graph's node ``name``, and each node's name as traced. Nodes are
+        found by position: a module unpickled (on a worker) is re-traced from its code,
+        which names its nodes anew."""
+        if self._nodes is None:
+            nodes = list(self.model.graph.nodes)
+            if len(nodes) != len(self.node_names):
+                raise TraceError(f"the traced model has {len(nodes)} nodes on this worker, "
+                                 f"{len(self.node_names)} where it was traced; report this "
+                                 "model, or pass method='window'", parameter="method")
+            self._nodes = dict(zip(self.node_names, nodes))
+        return self._nodes[name], {n: k for k, n in self._nodes.items()}
+
     def attr(self, path: str):
         """A parameter, buffer, or constant computed from them ('@node')."""
         if path in self._values:
             return self._values[path]
         if path.startswith("@"):
-            node = next(n for n in self.model.graph.nodes if n.name == path[1:])
+            node, name_of = self.graph_node(path[1:])
 
             def value(a):
                 if a.op == "get_attr":
                     return self.attr(a.target)
-                return self.attr("@" + a.name)
+                return self.attr("@" + name_of[a])
             args = fx.node.map_arg(node.args, value)
             kwargs = fx.node.map_arg(node.kwargs, value)
             if node.op == "call_module":

@@ -31,35 +31,45 @@ class AtenCall:
         return f"aten.{self.name}.{self.overload}"
 
 
-def call_module(target: str):
-    """Call the traced model's submodule ``target``."""
-    def call(ctx, *a, **k):
-        module = ctx.module(target)
+class CallModule:
+    """Call the traced model's submodule ``target`` (a class, not a closure: tile
+    programs pickle, so that they reach distributed workers as plain data)."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __call__(self, ctx, *a, **k):
+        module = ctx.module(self.target)
         if getattr(module, "inplace", False) and a and isinstance(a[0], torch.Tensor):
             a = (a[0].clone(),) + a[1:]  # nn.ReLU(inplace=True) and kin
         return module(*a, **k)
-    return call
 
 
-def call_function(fn):
-    """Call ``fn``; ATen OpOverloads by name (they do not pickle, and workers may be
-    other processes)."""
-    if isinstance(fn, torch._ops.OpOverload):
-        fn = AtenCall(fn)
-    return lambda ctx, *a, **k: fn(*a, **{**k, "inplace": False} if k.get("inplace") else k)
+class CallFunction:
+    """Call ``fn`` out of place; ATen OpOverloads by name (they do not pickle, and
+    workers may be other processes)."""
+
+    def __init__(self, fn):
+        self.fn = AtenCall(fn) if isinstance(fn, torch._ops.OpOverload) else fn
+
+    def __call__(self, ctx, *a, **k):
+        return self.fn(*a, **{**k, "inplace": False} if k.get("inplace") else k)
 
 
-def call_method(name: str):
+class CallMethod:
     """Call tensor method ``name``, out of place (``x.add_(y)`` -> ``x.add(y)``)."""
-    if name.endswith("_") and not name.startswith("__"):
-        name = name[:-1]
-    return lambda ctx, self, *a, **k: getattr(self, name)(*a, **k)
+
+    def __init__(self, name: str):
+        self.name = name[:-1] if name.endswith("_") and not name.startswith("__") else name
+
+    def __call__(self, ctx, self_, *a, **k):
+        return getattr(self_, self.name)(*a, **k)
 
 
 def node_call(node: fx.Node):
     """The callable that runs what ``node`` calls."""
     if node.op == "call_module":
-        return call_module(node.target)
+        return CallModule(node.target)
     if node.op == "call_method":
-        return call_method(node.target)
-    return call_function(node.target)
+        return CallMethod(node.target)
+    return CallFunction(node.target)
