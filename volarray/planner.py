@@ -18,6 +18,7 @@ from fractions import Fraction
 
 import psutil
 
+from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
 from .errors import InputError, MemoryBudgetError
 from .geometry import (AXIS_NAMES, SPATIAL, Interval, chunk_bounds, coerce_chunks,
                        intervals)
@@ -152,6 +153,15 @@ class Plan:
     smallest_chunks_exceed_limit: bool = False
     keep_budget: int = 0  # bytes the kept tensors may take, whole volume
     planned_axes: tuple[int, ...] = ()  # axes whose chunk side the planner chose
+    device: str = "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'cuda:N,M'
+    strategy: str = "slab"  # how a task runs a stage: 'slab' sweep or 'whole' tile
+    compute_dtype: str = "float32"  # 'float32', 'tf32', 'float16' or 'bfloat16'
+    budget_from: str = ""  # how a device's default memory_limit was chosen
+
+    @property
+    def kept_dtype(self) -> str:
+        """The numpy dtype of kept tensors and scratch: the compute dtype's."""
+        return kept_dtype(self.compute_dtype, self.graph.dtype)
 
     def __post_init__(self):
         for name in ("stages", "notes", "barriers", "chunks", "planned_axes"):
@@ -235,6 +245,8 @@ class Plan:
             f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
             f"{_plural(self.n_tasks, 'task')}",
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
+            f"device {self.device}   strategy {self.strategy}   compute {self.compute_dtype}"
+            + (f"   memory limit {self.budget_from}" if self.budget_from else ""),
             f"chunks {self.chunks}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
@@ -653,13 +665,15 @@ class Planner:
     tile_target: float
     io_target: float
     align: tuple[int, ...]
+    strategy: str = "slab"  # 'whole': a task runs each layer over its whole region
 
     @classmethod
-    def for_device(cls, graph: Graph, memory_limit, device: str) -> "Planner":
+    def for_device(cls, graph: Graph, memory_limit, device: str,
+                   strategy: str = "slab") -> "Planner":
         limit = parse_bytes(memory_limit) or default_memory_limit()
         on_cpu = device == "cpu"
         return cls(graph, limit, min(limit, CPU_TARGET_TILE_BYTES) if on_cpu else limit,
-                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph))
+                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph), strategy)
 
     def stage(self, index: int, prog: TileProgram, base, min_side: int,
               holds_output: bool = True) -> Stage:
@@ -669,6 +683,8 @@ class Planner:
         bounds = stage_bounds(base, node.shape, node.scale, min_side)
         st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
+        if self.strategy == "whole":
+            return st  # each layer over the whole region: the grid fits it to the limit
         return choose_slab(self.graph, st, shapes, self.tile_target, unit, self.limit)
 
     def stages(self, kept, base) -> tuple[Stage, ...]:
@@ -768,11 +784,18 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
-              keep=None, spill: bool = False) -> Plan:
+              keep=None, spill: bool = False, strategy=None, compute_dtype=None) -> Plan:
     """The plan of an exact run. ``chunks``: as `coerce_chunks` takes or returns it
     (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
-    (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
-    planner = Planner.for_device(graph, memory_limit, device)
+    (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch;
+    ``strategy``: 'slab' or 'whole' (by default the device's, `resolve_strategy`); on a
+    GPU the default memory_limit is the device's (`volarray.devices.task_budget`)."""
+    strategy = resolve_strategy(strategy, device)
+    compute = compute_name(graph.dtype if compute_dtype is None else compute_dtype)
+    parse_bytes(memory_limit)  # refused before a device is asked
+    limit, budget_from = task_budget(memory_limit, device, graph.gm)
+    planner = Planner.for_device(graph, memory_limit if limit is None else limit, device,
+                                 strategy)
     shape = graph.nodes[graph.input].shape
     given = coerce_chunks(chunks, shape)
     planned = tuple(range(SPATIAL)) if given is None else \
@@ -784,8 +807,11 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     stages = grid.layout.stages
+    itemsize = 2 if kept_dtype(compute, graph.dtype) == "float16" else 4
     return Plan(graph, stages, grid.base, planner.limit, model_macs(graph),
-                kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1]),
+                kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1])
+                * itemsize // 4,
                 notes=tuple(notes), barriers=grid.layout.barriers,
                 smallest_chunks_exceed_limit=grid.too_big and bool(planned),
-                keep_budget=budget, planned_axes=planned)
+                keep_budget=budget, planned_axes=planned, device=device,
+                strategy=strategy, compute_dtype=compute, budget_from=budget_from)
