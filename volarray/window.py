@@ -12,7 +12,6 @@ tracing, so any model works. Placement and weights can be another tool's
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
