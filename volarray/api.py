@@ -53,11 +53,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     whole axis, a dict {axis: size} (spatial axes: 0 is z), or None / "auto" to let the
     planner choose from
     ``memory_limit`` (bytes or '4GB', per task; a limit no task can fit is refused,
-    naming the smallest that works; on a GPU the default is the device's free memory
-    less the model and a margin, over the two tasks in flight on it). ``device`` is
-    'cpu', 'cuda' (every visible GPU, at most two tasks in flight on each), 'cuda:N',
-    'cuda:0,2' (some GPUs) or 'auto'; by default the GPU the model is on, else 'cpu'. The
-    model itself is never moved or changed: each device gets its own copy. Nothing runs until the result is computed or stored. The model must be in
+    naming the smallest that works; on a GPU the device's share). ``device``: 'cpu',
+    'cuda' (every GPU), 'cuda:N', 'cuda:0,2', 'auto'; by default the model's. Nothing runs until the result is computed or stored. The model must be in
     ``eval()`` mode (only dropout may be left active, for ``ensemble=``).
 
     ``method="exact"`` (default) traces the model and runs its layers tile by tile: the
@@ -69,12 +66,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     keeps the input's bytes, on disk past 256 MB), ``pad="reflect"|"zeros"`` (a volume
     whose sides are not multiples of the network's downsampling is padded at the far end
     of each axis to the next multiple, and the prediction cropped back) and
-    ``compute_dtype="float16"|"bfloat16"`` (tiles run under ``torch.autocast``; the
-    results stay float32, kept tensors are stored in float16 for "float16"). In float32
-    TF32 is off inside tasks (exact on GPUs; the flags are put back after);
-    ``compute_dtype="tf32"`` allows it. ``strategy``: "slab" (the CPU's default: a task
-    sweeps its region in cache-sized slabs) or "whole" (a GPU's: each layer over the whole
-    task region, in few large launches).
+    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (autocast; TF32 is off otherwise),
+    ``strategy="slab"|"whole"`` (a CPU's cache-sized slabs, a GPU's whole tiles).
 
     ``method="window"``: classic sliding-window inference, equal to MONAI's
     ``sliding_window_inference`` with the same ``roi_size`` (the patch size),
