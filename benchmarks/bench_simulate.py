@@ -8,10 +8,16 @@ time projected on 8, 64 and 512 GPUs; where the scheduler, not compute, is the l
 
 How a task's time is modelled:
 
+- plans: for GPUs of ``--gpu-memory`` GB (80 by default: an H100's), as volarray plans
+  on such a device (its per-task budget from the device's free memory, two tasks in
+  flight, the 'whole' strategy, float16 compute); the device is faked for the planner
+  (torch.cuda's memory query answers ``--gpu-memory``), nothing runs on it. 0: plans for
+  this CPU, as before;
 - compute: the task's MACs (its stage's MACs, halos and recomputation included, shared
-  by the volume of its output region) over a rate: ``--gpu-rate`` TMAC/s per GPU, an
-  assumed effective rate until a GPU run measures one (no GPU has run volarray yet), or
-  ``--rate cpu`` for the rate measured here on this CPU;
+  by the volume of its output region) over a rate: ``--gpu-rate`` TMAC/s per GPU, by
+  default 47, measured on one H200 on 2026-12-04 (FaultSeg3D 512^3 float16: 1.27 x 8.75
+  TMAC in 0.236 s of convolution kernels, bias included; 21.6 TMAC/s in float32 with
+  TF32), or ``--rate cpu`` for the rate measured here on this CPU;
 - I/O: the bytes the task reads (its sources' regions, halo included) and writes (its
   output region) over ``--bandwidth`` GB/s per worker, as from a parallel file system or
   object store (predict_to_zarr's tasks read the input and kept tensors from storage
@@ -37,6 +43,7 @@ scheduler where the simulated wall is over 1.5x the compute-bound one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -48,6 +55,8 @@ import torch
 import zarr
 from dask.core import get_dependencies, istask
 from distributed import Client, LocalCluster, get_task_stream
+
+from unittest import mock
 
 import volarray
 from volarray import models
@@ -193,13 +202,38 @@ def cpu_rate(model) -> float:
     return p.model_macs / dt
 
 
+@contextlib.contextmanager
+def planned_gpu(gb: float):
+    """torch.cuda as the planner sees one GPU of ``gb`` GB (half a GB taken by the CUDA
+    context); nothing can run on it."""
+    if not gb:
+        yield "cpu"
+        return
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "device_count", lambda: 1), \
+            mock.patch.object(torch.cuda, "mem_get_info",
+                              lambda device=None: (gb * 1e9 - 0.5e9, gb * 1e9)):
+        yield "cuda"
+
+
+def plan_and_graph(model, vol, keep: str, gpu_memory: float):
+    """The plan and the lazy result, for GPUs of ``gpu_memory`` GB (0: this CPU)."""
+    with planned_gpu(gpu_memory) as device:
+        half = "float16" if device == "cuda" else None
+        p = volarray.plan(model, vol, keep=keep, device=device, compute_dtype=half)
+        y = volarray.predict(model, vol, keep=keep, device=device, compute_dtype=half)
+    return p, y
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--models", nargs="+", default=["FaultSeg3D", "InstanceNormUNet"])
     ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 512])
-    ap.add_argument("--gpu-rate", type=float, default=20.0,
-                    help="assumed effective TMAC/s of one GPU on 3D convolutions")
+    ap.add_argument("--gpu-rate", type=float, default=47.0,
+                    help="TMAC/s of one GPU on 3D convolutions (47: H200, float16, measured)")
+    ap.add_argument("--gpu-memory", type=float, default=80.0,
+                    help="GB of each GPU the plans are made for (0: plan for this CPU)")
     ap.add_argument("--rate", choices=["gpu", "cpu"], default="gpu")
     ap.add_argument("--bandwidth", type=float, default=2.0, help="GB/s of storage per worker")
     ap.add_argument("--payload-scale", type=float, default=10_000)
@@ -215,15 +249,15 @@ def main(argv=None):
         rate = a.gpu_rate * 1e12 if a.rate == "gpu" else cpu_rate(model)
         vol = lazy_volume(a.size)
         t0 = time.perf_counter()
-        p = volarray.plan(model, vol, keep=a.keep)
-        y = volarray.predict(model, vol, keep=a.keep)
+        p, y = plan_and_graph(model, vol, a.keep, a.gpu_memory)
         dsk = dict(y.__dask_graph__())
         build = time.perf_counter() - t0
         seconds, kinds, writes, deps = simulated(dsk, TaskCost(p), rate, a.bandwidth * 1e9)
         total = sum(seconds.values())
         cp = critical_path(seconds, deps)
         n = len(deps)
-        note = (f"{name} {a.size}^3: {n:,} tasks ({len(p.barriers)} barriers), graph built "
+        note = (f"{name} {a.size}^3: {n:,} tasks ({len(p.barriers)} barriers; chunks {p.chunks}, "
+                f"peak {p.peak_bytes / 1e9:.1f} GB/task, {p.strategy}), graph built "
                 f"in {build:.1f} s, compute {p.compute_ratio:.2f}x one forward, rate "
                 f"{rate / 1e12:.3g} TMAC/s ({a.rate}), one-GPU time {total:,.0f} s, "
                 f"critical path {cp:.2f} s, mean task {total / n * 1e3:.1f} ms")
@@ -245,8 +279,9 @@ def main(argv=None):
                      f"the limit past about {total / (n / tput):,.0f} GPUs (compute time "
                      f"{total:,.0f} s over {n / tput:,.0f} s of scheduling)")
     print(f"SIMULATION of volarray's {a.size}^3 graphs (sleep tasks, modelled times; see the "
-          f"module docstring): {a.gpu_rate:g} TMAC/s per GPU (assumed), {a.bandwidth:g} GB/s "
-          f"per worker, payloads / {a.payload_scale:g}, keep {a.keep}\n")
+          f"module docstring): plans for {a.gpu_memory:g} GB GPUs, {a.gpu_rate:g} TMAC/s per "
+          f"GPU, {a.bandwidth:g} GB/s per worker, payloads / {a.payload_scale:g}, keep "
+          f"{a.keep}\n")
     print("| model | GPUs | compute-bound wall s | simulated wall s | time scale "
           "| tasks/s | workers busy | idle at barriers (worker-s) | limit |")
     print("|---|---|---|---|---|---|---|---|---|")

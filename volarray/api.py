@@ -15,7 +15,8 @@ METHODS = ("exact", "window")
 # arguments that mean something for one method only: given for the other, refused
 EXACT_ONLY = {"memory_limit": "the memory of a tile task", "keep": "tensors kept between stages",
               "pad": "window mode pads its windows itself",
-              "compute_dtype": "window mode calls the model as it is: cast the model itself"}
+              "compute_dtype": "window mode calls the model as it is: cast the model itself",
+              "strategy": "how a tile task runs its stage"}
 WINDOW_ONLY = {"roi_size": "the window's size", "overlap": "the windows' overlap",
                "blend_mode": "how windows are blended", "sigma_scale": "the gaussian's width"}
 WINDOW_DEFAULTS = {"overlap": 0.25, "blend_mode": "gaussian", "sigma_scale": 0.125}
@@ -23,7 +24,7 @@ WINDOW_DEFAULTS = {"overlap": 0.25, "blend_mode": "gaussian", "sigma_scale": 0.1
 
 def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=None,
          pad: str | None = None, select=None, output: str = "probabilities",
-         scratch: bool = False) -> Plan:
+         scratch: bool = False, compute_dtype=None, strategy=None) -> Plan:
     """What exact mode will run over ``volume``: stages, halos, chunks, tasks and
     projected memory, as a frozen `Plan` (``print(plan)`` for the table). The arguments
     are `predict`'s; ``output="argmax"`` plans the labels (the classifier fused with the
@@ -33,7 +34,8 @@ def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=Non
     it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``."""
     check_options(method="exact", output=output, threshold=None, tta=None, ensemble=None)
     exact = Exact(model, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
-                  pad=pad, select=select, spill=scratch)
+                  pad=pad, select=select, spill=scratch, compute_dtype=compute_dtype,
+                  strategy=strategy)
     return exact.plan(volume, argmax=output == "argmax")
 
 
@@ -43,7 +45,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
             sigma_scale: float | None = None, tta: str | None = None,
             output: str = "probabilities", threshold: float | None = None,
             ensemble: int | None = None, seed: int = 0, coords: bool = False, normalize=None,
-            select=None, output_dtype: str | None = None, channels=None):
+            select=None, output_dtype: str | None = None, channels=None, strategy=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -51,8 +53,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     whole axis, a dict {axis: size} (spatial axes: 0 is z), or None / "auto" to let the
     planner choose from
     ``memory_limit`` (bytes or '4GB', per task; a limit no task can fit is refused,
-    naming the smallest that works). ``device`` is 'cpu' (default), 'cuda', 'cuda:N' or
-    'auto'. Nothing runs until the result is computed or stored. The model must be in
+    naming the smallest that works; on a GPU the device's share). ``device``: 'cpu',
+    'cuda' (every GPU), 'cuda:N', 'cuda:0,2', 'auto'; by default the model's. Nothing runs until the result is computed or stored. The model must be in
     ``eval()`` mode (only dropout may be left active, for ``ensemble=``).
 
     ``method="exact"`` (default) traces the model and runs its layers tile by tile: the
@@ -64,8 +66,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     keeps the input's bytes, on disk past 256 MB), ``pad="reflect"|"zeros"`` (a volume
     whose sides are not multiples of the network's downsampling is padded at the far end
     of each axis to the next multiple, and the prediction cropped back) and
-    ``compute_dtype="float16"|"bfloat16"`` (tiles run under ``torch.autocast``; the
-    results stay float32).
+    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (autocast; TF32 is off otherwise),
+    ``strategy="slab"|"whole"`` (a CPU's cache-sized slabs, a GPU's whole tiles).
 
     ``method="window"``: classic sliding-window inference, equal to MONAI's
     ``sliding_window_inference`` with the same ``roi_size`` (the patch size),
@@ -116,7 +118,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
                       blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
                       threshold=threshold, ensemble=ensemble, seed=seed, coords=coords,
                       normalize=normalize, select=select, output_dtype=output_dtype,
-                      channels=channels)
+                      channels=channels, strategy=strategy)
 
 
 def prediction(model, volume, *, scratch=None, coords=False, normalize=None,

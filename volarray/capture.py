@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from . import devices
 from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors, user_frame
 from .errors import TraceError
 from .layout import fuse_channels_last
@@ -133,8 +134,8 @@ def export_graph(model: nn.Module, input_shape, dtype=torch.float32) -> fx.Graph
     captured with torch.export and lowered. Extra forward arguments take their
     defaults, as in ``model(x)``. Raises `TraceError` naming the model's line."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        x = torch.empty(tuple(input_shape), dtype=dtype)
+    with FakeTensorMode():  # on the model's device: export refuses a mix of devices
+        x = torch.empty(tuple(input_shape), dtype=dtype, device=devices.input_device(model))
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_fake_tensors():
             warnings.simplefilter("ignore")  # export's advice, not the user's concern

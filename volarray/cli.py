@@ -529,7 +529,8 @@ def parser() -> argparse.ArgumentParser:
                                   "a URL; a .nii.gz, .sgy or (--format tiff) folder for the "
                                   "field's formats; a folder for a batch")
     p.add_argument("--name", default="prediction", help="output array name")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto")
+    p.add_argument("--device", default=None, help="cpu, cuda (every visible GPU), cuda:N, "
+                   "cuda:0,2 or auto; by default the GPU the model is on, else cpu")
     p.add_argument("--scheduler", default="threads",
                    help="threads, sync, or a dask scheduler address (tcp://...)")
     p.add_argument("--scheduler-file", help="a dask cluster's scheduler file (wins over it)")

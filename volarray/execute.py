@@ -205,4 +205,5 @@ def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
 
 def weights_token(gm) -> str:
     """Deterministic token of the weights and code."""
-    return tokenize(gm.code, [(k, v.detach().cpu().numpy()) for k, v in gm.state_dict().items()])
+    from .devices import token_array
+    return tokenize(gm.code, [(k, token_array(v)) for k, v in gm.state_dict().items()])

@@ -87,13 +87,15 @@ class Planner:
     tile_target: float
     io_target: float
     align: tuple[int, ...]
+    strategy: str = "slab"  # 'whole': a task runs each layer over its whole region
 
     @classmethod
-    def for_device(cls, graph: Graph, memory_limit, device: str) -> "Planner":
+    def for_device(cls, graph: Graph, memory_limit, device: str,
+                   strategy: str = "slab") -> "Planner":
         limit = parse_bytes(memory_limit) or default_memory_limit()
         on_cpu = device == "cpu"
         return cls(graph, limit, min(limit, CPU_TARGET_TILE_BYTES) if on_cpu else limit,
-                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph))
+                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph), strategy)
 
     def stage(self, index: int, prog: TileProgram, base, min_side: int,
               holds_output: bool = True) -> Stage:
@@ -103,6 +105,8 @@ class Planner:
         bounds = stage_bounds(base, node.shape, node.scale, min_side)
         st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
+        if self.strategy == "whole":
+            return st  # each layer over the whole region: the grid fits it to the limit
         return costing.choose_slab(self.graph, st, shapes, self.tile_target, unit, self.limit)
 
     def stages(self, kept, base) -> tuple[Stage, ...]:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+import numpy as np
+
 from .budget import format_bytes, parse_bytes
 from .costing import Barrier, Stage, model_macs
+from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
 from .errors import MemoryBudgetError
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
@@ -44,6 +47,15 @@ class Plan:
     smallest_chunks_exceed_limit: bool = False
     keep_budget: int = 0  # bytes the kept tensors may take, whole volume
     planned_axes: tuple[int, ...] = ()  # axes whose chunk side the planner chose
+    device: str = "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'cuda:N,M'
+    strategy: str = "slab"  # how a task runs a stage: 'slab' sweep or 'whole' tile
+    compute_dtype: str = "float32"  # 'float32', 'tf32', 'float16' or 'bfloat16'
+    budget_from: str = ""  # how a device's default memory_limit was chosen
+
+    @property
+    def kept_dtype(self) -> str:
+        """The numpy dtype of kept tensors and scratch: the compute dtype's."""
+        return kept_dtype(self.compute_dtype, self.graph.dtype)
 
     def __post_init__(self):
         for name in ("stages", "notes", "barriers", "chunks", "planned_axes"):
@@ -127,6 +139,8 @@ class Plan:
             f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
             f"{_plural(self.n_tasks, 'task')}",
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
+            f"device {self.device}   strategy {self.strategy}   compute {self.compute_dtype}"
+            + (f"   memory limit {self.budget_from}" if self.budget_from else ""),
             f"chunks {self.chunks}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
@@ -192,11 +206,18 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
-              keep=None, spill: bool = False) -> Plan:
+              keep=None, spill: bool = False, strategy=None, compute_dtype=None) -> Plan:
     """The plan of an exact run. ``chunks``: as `coerce_chunks` takes or returns it
     (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
-    (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
-    planner = Planner.for_device(graph, memory_limit, device)
+    (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch;
+    ``strategy``: 'slab' or 'whole' (by default the device's, `resolve_strategy`); on a
+    GPU the default memory_limit is the device's (`volarray.devices.task_budget`)."""
+    strategy = resolve_strategy(strategy, device)
+    compute = compute_name(graph.dtype if compute_dtype is None else compute_dtype)
+    parse_bytes(memory_limit)  # refused before a device is asked
+    limit, budget_from = task_budget(memory_limit, device, graph.gm)
+    planner = Planner.for_device(graph, memory_limit if limit is None else limit, device,
+                                 strategy)
     shape = graph.nodes[graph.input].shape
     given = coerce_chunks(chunks, shape)
     planned = tuple(range(SPATIAL)) if given is None else \
@@ -208,8 +229,12 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     stages = grid.layout.stages
+    # kept tensors are stored in the compute dtype (float16 runs keep half the bytes)
+    stored = np.dtype(kept_dtype(compute, graph.dtype)).itemsize
     return Plan(graph, stages, grid.base, planner.limit, model_macs(graph),
-                kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1]),
+                kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1])
+                * stored // graph.value_bytes,
                 notes=tuple(notes), barriers=grid.layout.barriers,
                 smallest_chunks_exceed_limit=grid.too_big and bool(planned),
-                keep_budget=budget, planned_axes=planned)
+                keep_budget=budget, planned_axes=planned, device=device,
+                strategy=strategy, compute_dtype=compute, budget_from=budget_from)

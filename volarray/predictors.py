@@ -40,19 +40,13 @@ class MeanStd(NamedTuple):
     std: da.Array
 
 
-def resolve_device(device) -> str:
-    """'cpu', 'cuda' or 'cuda:N' from ``device`` (None: 'cpu'; 'auto': CUDA if present)."""
-    if device is None or device == "auto":
-        return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise InputError(f"device={device!r} is not 'cpu', 'cuda', 'cuda:N' or 'auto'",
-                         parameter="device")
-    if device.startswith("cuda") and not torch.cuda.is_available() and not on_a_cluster():
-        raise InputError(f"device={device!r} but torch sees no CUDA device; pass device='cpu'"
-                         " (or build the graph under the distributed Client of a GPU "
-                         "cluster)", parameter="device")
-    return device
+def resolve_device(device, model=None) -> str:
+    """'cpu', 'cuda' (every visible GPU), 'cuda:N' or 'cuda:N,M' from ``device``
+    (None: the GPU ``model`` is on, else 'cpu'; 'auto': CUDA if present)."""
+    from .devices import default_device, resolve_device as resolve
+    if device is None and model is not None:
+        device = default_device(model)
+    return resolve(device, remote=str(device).startswith("cuda") and on_a_cluster())
 
 
 def on_a_cluster() -> bool:
@@ -71,13 +65,10 @@ AUTOCAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
 
 
 def autocast_type(compute_dtype) -> torch.dtype | None:
-    """The torch.autocast type of ``compute_dtype``, None for float32 (no autocast)."""
-    if compute_dtype in (None, "float32", torch.float32):
-        return None
-    if compute_dtype not in AUTOCAST_TYPES:
-        raise InputError(f"compute_dtype={compute_dtype!r} is not 'float32', 'float16' or "
-                         "'bfloat16'", parameter="compute_dtype")
-    return AUTOCAST_TYPES[compute_dtype]
+    """The torch.autocast type of ``compute_dtype``, None for float32 and 'tf32' (no
+    autocast; 'tf32' lets float32 convolutions and matmuls use TF32 on GPUs)."""
+    from .devices import compute_name
+    return AUTOCAST_TYPES.get(compute_name(compute_dtype))
 
 
 # Tracing swaps a model's weights for meta tensors while it runs (and puts them back):
@@ -171,6 +162,7 @@ class Exact:
     compute_dtype: Any = None
     scratch: Any = field(default=None, repr=False)
     spill: bool = False
+    strategy: Any = None  # 'slab' or 'whole' (`volarray.devices.resolve_strategy`)
     traced: Cache = field(default_factory=Cache, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -178,8 +170,10 @@ class Exact:
         if self.pad not in (None, "reflect", "zeros"):
             raise InputError(f"pad={self.pad!r} is not None, 'reflect' or 'zeros'",
                              parameter="pad")
-        object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "device", resolve_device(self.device, self.model))
         autocast_type(self.compute_dtype)
+        from .devices import resolve_strategy
+        resolve_strategy(self.strategy, self.device)
 
     def __call__(self, volume, seed: int = 0) -> da.Array:
         """The scores of ``volume`` (C, Z, Y, X) or (Z, Y, X)."""
@@ -248,8 +242,8 @@ class Exact:
             if argmax:  # a new graph: the scores' plan keeps the whole head
                 g = fuse_argmax_head(graph) or graph
             return make_plan(g, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
-                             "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
-                             spill=self.spill)
+                             self.device, keep=self.keep, spill=self.spill,
+                             strategy=self.strategy, compute_dtype=self.compute_dtype)
         return self.traced.get(("plan", tuple(arr.shape), argmax,
                                 weights_version(self.model)), planned)
 
@@ -301,7 +295,9 @@ class Window:
         from .window import check_window
         check_model(self.model, stochastic=True)
         check_window(self.roi_size, self.overlap, self.blend_mode, self.sigma_scale)
-        object.__setattr__(self, "device", resolve_device(self.device))
+        from .devices import device_names  # windows run on one device: the first named
+        object.__setattr__(self, "device",
+                           device_names(resolve_device(self.device, self.model))[0])
 
     def __call__(self, volume, seed: int = 0) -> da.Array:
         """The scores of ``volume`` (C, Z, Y, X) or (Z, Y, X)."""

@@ -54,9 +54,11 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     # the modules fx calls as wholes (its leaves), recorded in both runs
     tracer = torch.fx.Tracer()
     leaves = {m for name, m in model.named_modules() if tracer.is_leaf_module(m, name)}
+    from .devices import input_device
+    device = input_device(model)  # the probe runs where the model is, in its dtype
     while True:  # a probe too small for the model itself (a norm over 1 voxel) grows
         probe = (1, in_channels) + spatial
-        x = torch.randn(probe, generator=torch.Generator().manual_seed(0)).to(dtype)
+        x = torch.randn(probe, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         try:
             want, want_modules = _run_recording(model, model, x, leaves)
             break

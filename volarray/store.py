@@ -75,7 +75,8 @@ class ScratchSpace:
             node = plan.graph.nodes[stage.output]
             loc = self.dir.child(f"plan{self.count}").child(stage.output)
             zarr.create_array(**loc.zarr_kwargs(), shape=(node.channels,) + node.shape,
-                              dtype="f4", chunks=(node.channels,) + stage.chunk_shape,
+                              dtype=getattr(plan, "kept_dtype", "float32"),  # compute dtype's
+                              chunks=(node.channels,) + stage.chunk_shape,
                               compressors=None)
             paths[stage.output] = loc
         return paths

@@ -299,14 +299,16 @@ class MetaRunError(TraceError):
 
 def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
     """Every node's whole-volume value, computed on fake tensors (no memory, no time;
-    unlike meta tensors, they mix with the CPU constants a forward may create)."""
+    unlike meta tensors, they mix with the CPU constants a forward may create), the
+    input on the weights' device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from .devices import input_device
     rec = _Recorder(gm)
     try:
         with warnings.catch_warnings(), quiet_fake_tensors(), \
                 FakeTensorMode(allow_non_fake_inputs=True):
             warnings.simplefilter("ignore", UserWarning)  # torch's advice, shown by the model
-            rec(torch.empty(input_shape, dtype=dtype))
+            rec(torch.empty(input_shape, dtype=dtype, device=input_device(gm)))
     except Exception as e:
         channel_mismatch(gm, input_shape, e)
         raise MetaRunError(

@@ -12,7 +12,6 @@ tracing, so any model works. Placement and weights can be another tool's
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
@@ -237,7 +236,8 @@ def _out_channels(model, c_in: int, roi, device, select=None) -> int:
     try:
         y = meta_forward(model, (1, c_in) + tuple(roi))
     except Exception:
-        on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
+        from .devices import model_on
+        on_device = model_on(model, device)  # a copy where the model is elsewhere
         with torch.inference_mode():
             y = on_device(torch.zeros((1, c_in) + tuple(roi), device=device))
     return int(pick_output(y, select).shape[1])
@@ -245,5 +245,6 @@ def _out_channels(model, c_in: int, roi, device, select=None) -> int:
 
 def weights_token(model) -> str:
     """A deterministic token of the model's class and weights."""
+    from .devices import token_array
     return tokenize(type(model).__name__,
-                    [(k, v.detach().cpu().numpy()) for k, v in model.state_dict().items()])
+                    [(k, token_array(v)) for k, v in model.state_dict().items()])

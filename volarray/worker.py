@@ -6,7 +6,6 @@ neighbouring chunks (or scratch), run its fused ops and return or write the resu
 """
 from __future__ import annotations
 
-import copy
 import pickle
 import threading
 
@@ -16,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from .errors import TraceError
+from .devices import model_on
 from .geometry import Box, Interval
 from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
@@ -25,6 +25,7 @@ from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .packed import PackedChunk, region
 from .planner import Plan
 from .readers import RegionReader
+from .runners import first_device, on_task_device, stage_rows
 
 
 class OnDevice:
@@ -51,8 +52,7 @@ class OnDevice:
         if self._on_device is None:
             with self._lock:
                 if self._on_device is None:  # a copy: .to() would move the caller's model
-                    self._on_device = (module if self.device == "cpu"
-                                       else copy.deepcopy(module).to(self.device))
+                    self._on_device = model_on(module, self.device)
         return self._on_device
 
 
@@ -75,8 +75,11 @@ class ModelRunner(OnDevice):
         self.node_names = [n.name for n in self._gm.graph.nodes]
         self.programs = [s.program for s in plan.stages]
         self.barriers = [b.program for b in plan.barriers]
-        self.slabs = [s.slab for s in plan.stages]  # rows per slab of a task's sweep
-        self.barrier_slabs = [b.slab for b in plan.barriers]
+        # rows per slab of a task's sweep; None: each layer over the whole region
+        self.slabs = [stage_rows(plan, s) for s in plan.stages]
+        self.barrier_slabs = [stage_rows(plan, b) for b in plan.barriers]
+        self.tf32 = plan.compute_dtype == "tf32"  # else TF32 off in tasks (exact float32)
+        self.kept_dtype = plan.kept_dtype  # kept tensors between stages, as stored
         self.globals = plan.graph.globals or {}
         self.device = device
         self.dtype = plan.graph.dtype
@@ -161,8 +164,7 @@ class ModelRunner(OnDevice):
             yield from prog.sweep(ctx, tensors, full, slabs)
             return
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast):
-            for slab, t in prog.sweep(ctx, tensors, full, slabs):
-                yield slab, t.float()
+            yield from prog.sweep(ctx, tensors, full, slabs)
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
             global_values: dict | None = None, origins: dict | None = None) -> np.ndarray:
@@ -184,8 +186,9 @@ class ModelRunner(OnDevice):
                     y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
                                     device=t.device, memory_format=torch.channels_last_3d)
                 y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
-            y = y[0].detach().to("cpu").numpy()
-        return np.ascontiguousarray(y) if stage == len(self.programs) - 1 else y
+            last = stage == len(self.programs) - 1  # the result is float32; kept tensors
+            y = y[0].detach().to("cpu", stored_dtype(last, self.kept_dtype)).numpy()
+        return np.ascontiguousarray(y) if last else y
 
     def check_input(self, sources, origins=None):
         """Non-finite input would spread through every layer: refuse it, naming the voxel."""
@@ -200,7 +203,7 @@ class ModelRunner(OnDevice):
         self.check_input(sources, origins)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
         with torch.inference_mode():
-            return stats_combine([stats_chunk(t, g.groups) for _, t in self.sweep(
+            return stats_combine([stats_chunk(t.float(), g.groups) for _, t in self.sweep(
                 prog, out_box, self.barrier_slabs[barrier], sources, global_values)])
 
     def evaluate(self, name: str, global_values: dict):
@@ -210,6 +213,12 @@ class ModelRunner(OnDevice):
         with torch.inference_mode():
             args, kwargs = resolve((g.args, g.kwargs), ctx)
             return g.call(ctx, *args, **kwargs)
+
+
+def stored_dtype(last: bool, kept: str) -> torch.dtype:
+    """A task's output as returned: the model's result in float32, a kept tensor in
+    the plan's kept dtype (float16 in a float16 run: half the bytes)."""
+    return torch.float16 if kept == "float16" and not last else torch.float32
 
 
 def slab_boxes(box: Box, rows) -> list[Box]:
@@ -363,7 +372,7 @@ def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, 
     box = Box.from_bounds(*out_bounds)
     use_mapped_tensors()
     try:
-        with huge_pages_off(not runner.huge_pages):
+        with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
             y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
                            dict(zip(gnames, gvalues)), _origins(names, boxes))
     finally:
@@ -378,7 +387,7 @@ def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scrat
                gvalues):
     use_mapped_tensors()
     try:
-        with huge_pages_off(not runner.huge_pages):
+        with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
             return runner.stats(barrier, Box.from_bounds(*out_bounds),
                                 _sources(names, boxes, channels, parts, scratch),
                                 dict(zip(gnames, gvalues)), _origins(names, boxes))
@@ -400,4 +409,4 @@ def value_task(runner, name, stats):
 
 
 def eval_task(runner, name, gnames, gvalues):
-    return runner.evaluate(name, dict(zip(gnames, gvalues)))
+    return first_device(runner).evaluate(name, dict(zip(gnames, gvalues)))
