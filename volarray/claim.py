@@ -237,6 +237,9 @@ def busy_message(out: Location, loc: Location, held: dict) -> str:
         me = held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
         who = (f"{'this process' if me else 'process'} {held.get('pid')} on host "
                f"{held.get('host')!r} since {since}")
+    foreign = held and held.get("host") != socket.gethostname()
     return (f"output {out.url!r} is being written by another run ({who}); wait for it to "
             f"finish, or stop it and run again (resume=True, --resume, keeps its finished "
-            f"chunks). Its claim is {loc.url!r}")
+            f"chunks). Its claim is {loc.url!r}" + (
+                f", taken over once its host has not refreshed it for "
+                f"{FOREIGN_STALE_S / 60:.0f} minutes" if foreign else ""))

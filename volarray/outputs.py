@@ -248,6 +248,12 @@ def chunk_counts(loc: Location) -> tuple[int, int]:
     return int(marks.sum()), int(marks.size)
 
 
+def is_complete(store, storage_options: dict | None = None) -> bool:
+    """``store`` (a path or URL) is a volarray output with every completion mark set."""
+    finished, total = chunk_counts(Location.of(str(store), storage_options))
+    return total > 0 and finished == total
+
+
 def check_replaceable(out: Location, names) -> None:
     """Before a replacing run: its arrays must not take the names of a user's own
     entries in the output folder."""
