@@ -53,7 +53,9 @@ def record_hashes(group, hashes: np.ndarray) -> None:
     if HASHES in group:
         group[HASHES][...] = hashes
         return
-    group.create_array(HASHES, shape=hashes.shape, chunks=chunks, dtype="u8", fill_value=0)
+    group.create_array(HASHES, shape=hashes.shape, chunks=chunks, dtype="u8", fill_value=0,
+                       dimension_names=("input_c_chunk", "input_z_chunk", "input_y_chunk",
+                                        "input_x_chunk", "input_digest"))
     group[HASHES][...] = hashes
 
 
