@@ -83,7 +83,7 @@ def test_api_overwrite_refuses_cwd_and_foreign_folders(tmp_path, monkeypatch):
     assert (tmp_path / "mine.txt").read_text() == "keep"
     assert (foreign / "table.csv").read_text() == "a,b"
     # resume into a folder volarray did not write is refused too
-    with pytest.raises(volarray.InputError, match="not a volarray output"):
+    with pytest.raises(volarray.InputError, match="did not write; volarray neither replaces it"):
         volarray.predict_to_zarr(model, vol, foreign, resume=True)
     assert (foreign / "table.csv").read_text() == "a,b"
 
@@ -99,7 +99,7 @@ def test_overwrite_replaces_only_what_volarray_wrote(tmp_path):
     np.testing.assert_array_equal(y[...], whole_volume(other, vol).argmax(0))
     assert (out / "README.txt").read_text().startswith("a note")
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "prediction", DONE,
-                                                     "zarr.json"]
+                                                     "volarray_input_hashes", "zarr.json"]
 
 
 def test_output_cannot_be_the_input_zarr_array(tmp_path):

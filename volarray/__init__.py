@@ -5,8 +5,8 @@ request_huge_pages()  # before torch's first allocation, if it comes first (vola
 
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import normalization, plan, predict
-from .errors import (InputError, MemoryBudgetError, TraceError, UnsupportedOpError,
-                     VolarrayError)
+from .errors import (InputError, MemoryBudgetError, OutputBusyError, TraceError,
+                     UnsupportedOpError, VolarrayError)
 from .formats import open_dataarray
 from .normalize import Normalization
 from .planner import Plan
@@ -18,4 +18,4 @@ __all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "fli
            "labels", "MeanStd", "normalization", "Normalization",
            "open_dataarray",
            "VolarrayError", "InputError", "UnsupportedOpError", "TraceError",
-           "MemoryBudgetError", "__version__"]
+           "MemoryBudgetError", "OutputBusyError", "__version__"]

@@ -279,9 +279,11 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     from tqdm.dask import TqdmCallback
     # tasks done, rate and time left (on a cluster, its dashboard shows the same)
     bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
+    resume = args.resume or (fmt != "zarr" and os.path.exists(store) and not args.overwrite)
+    from volarray.outputs import is_complete
+    complete = resume and is_complete(store, args.storage_options)  # nothing left to compute
     with bar if client is None and not args.quiet else contextlib.nullcontext():
-        result = write(scheduler, source, store, args.resume or (
-            fmt != "zarr" and os.path.exists(store) and not args.overwrite))
+        result = write(scheduler, source, store, resume)
     results = result if isinstance(result, tuple) else (result,)
     code = _preview(args, source, results[0], target) if args.preview else 0
     if fmt != "zarr":
@@ -290,8 +292,9 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     if not args.quiet:
         for r in results:
             where = target if fmt != "zarr" else f"{target}/{r.basename}"
-            print(f"wrote {where} {r.shape} in {time.perf_counter() - t0:.1f} s, "
-                  f"peak RSS {_peak_rss_gb():.2f} GB")
+            print(f"{where} {r.shape} was already complete: nothing was computed" if complete
+                  and fmt == "zarr" else f"wrote {where} {r.shape} in "
+                  f"{time.perf_counter() - t0:.1f} s, peak RSS {_peak_rss_gb():.2f} GB")
         if args.preview and not code:
             print(f"preview: {args.preview}")
     return code
@@ -577,7 +580,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(error_line(e), file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 1: a valid request that could not run now
 
 
 # parameters whose flag is not --<name with dashes>; None: the API's only

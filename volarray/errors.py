@@ -36,3 +36,10 @@ class TraceError(VolarrayError):
 
 class MemoryBudgetError(VolarrayError):
     """A task of the plan cannot fit in the memory limit."""
+
+
+class OutputBusyError(VolarrayError):
+    """Another run is writing the same output (it holds the output's claim). The command
+    line exits with ``exit_code``: the request was valid, the output was busy."""
+
+    exit_code = 1

@@ -23,6 +23,7 @@ from .location import Location, is_url
 
 MARKER = "volarray"  # group attribute that identifies a volarray output
 DONE = "volarray_done"  # the completion marks, one per output chunk
+HASHES = "volarray_input_hashes"  # a digest of each input chunk the output was computed from
 SCRATCH_MARKER = "volarray-scratch.json"
 
 
@@ -152,7 +153,17 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
     """Decide, before anything is written, what happens to ``store`` (a path or URL):
     "create", "replace" (a volarray output, overwrite=True) or "resume"; returns that
     and the store's location. Raises InputError for any target that could cost the
-    user data."""
+    user data. `check_place` then `check_action`, which a run calls apart, holding the
+    output's claim (`volarray.claim`) between the two."""
+    out = check_place(store, inputs, overwrite=overwrite, resume=resume,
+                      storage_options=storage_options)
+    return check_action(out, str(store), overwrite=overwrite, resume=resume), out
+
+
+def check_place(store, inputs=(), *, overwrite: bool = False, resume: bool = False,
+                storage_options: dict | None = None) -> Location:
+    """Where ``store`` is, refused if it is no place for an output (empty, the input or
+    around or inside it, the current or home folder, a root, in a missing folder)."""
     if overwrite and resume:
         raise InputError("overwrite=True and resume=True contradict each other; pass one", parameter='overwrite')
     if store is None or str(store).strip() == "":
@@ -176,28 +187,31 @@ def check_target(store, inputs=(), *, overwrite: bool = False, resume: bool = Fa
         if inp.contains(out):
             raise InputError(f"output {str(store)!r} lies inside the input {inp.url!r}; pass "
                              "a path outside it")
-    if not out.exists():
-        # an object store has no folders to check: only a local parent must exist
-        if out.is_local and not out.parent.is_dir():
-            raise InputError(f"output {str(store)!r}: the folder {out.parent.url!r} does not "
-                             "exist; create it first")
-        return "create", out
-    ours = is_volarray_output(out)
+    # an object store has no folders to check: only a local parent must exist
+    if out.is_local and not out.exists() and not out.parent.is_dir():
+        raise InputError(f"output {str(store)!r}: the folder {out.parent.url!r} does not "
+                         "exist; create it first")
+    return out
+
+
+def check_action(out: Location, store: str, *, overwrite: bool = False,
+                 resume: bool = False) -> str:
+    """"create", "replace" or "resume" for the output ``out`` as it is now."""
+    if not out.refresh().exists():
+        return "create"
+    if not is_volarray_output(out):  # one answer, whichever flag was given
+        kind = "file" if out.is_file() else "folder"
+        raise InputError(f"output {store!r} is a {kind} that volarray did not write; "
+                         "volarray neither replaces it (overwrite=True, --overwrite) nor "
+                         "resumes into it (resume=True, --resume): pass another path, or "
+                         "remove it yourself", parameter="store")
     if resume:
-        if not ours:
-            raise InputError(f"output {str(store)!r} exists and is not a volarray output; "
-                             "resume=True only finishes a store volarray started")
-        return "resume", out
+        return "resume"
     if not overwrite:
-        raise InputError(f"output {str(store)!r} exists; pass overwrite=True (--overwrite) "
+        raise InputError(f"output {store!r} exists; pass overwrite=True (--overwrite) "
                          "to replace it or resume=True (--resume) to finish an interrupted run "
                          "into it", parameter="store")
-    if not ours:
-        kind = "file" if out.is_file() else "folder"
-        raise InputError(f"output {str(store)!r} is a {kind} that volarray did not write; "
-                         "overwrite=True only replaces volarray outputs, so pass another path "
-                         "or remove it yourself")
-    return "replace", out
+    return "replace"
 
 
 def remove_output(loc: Location, missing_ok: bool = False) -> None:
@@ -213,7 +227,8 @@ def remove_output(loc: Location, missing_ok: bool = False) -> None:
             loc.remove_if_empty()
             return
         raise InputError(f"{loc.url!r} is not a volarray output; it was left as it is")
-    for name in list(marker.get("arrays", [])) + list(marker.get("coordinates", [])) + [DONE]:
+    for name in (list(marker.get("arrays", [])) + list(marker.get("coordinates", []))
+                 + [DONE, HASHES]):
         entry = loc.child(name) if isinstance(name, str) and name.strip(".") \
             and "/" not in name else None
         if entry is not None and entry.is_dir():
@@ -233,10 +248,16 @@ def chunk_counts(loc: Location) -> tuple[int, int]:
     return int(marks.sum()), int(marks.size)
 
 
+def is_complete(store, storage_options: dict | None = None) -> bool:
+    """``store`` (a path or URL) is a volarray output with every completion mark set."""
+    finished, total = chunk_counts(Location.of(str(store), storage_options))
+    return total > 0 and finished == total
+
+
 def check_replaceable(out: Location, names) -> None:
     """Before a replacing run: its arrays must not take the names of a user's own
     entries in the output folder."""
-    ours = set((read_marker(out) or {}).get("arrays", [])) | {DONE}
+    ours = set((read_marker(out) or {}).get("arrays", [])) | {DONE, HASHES}
     present = set(out.names())
     taken = [n for n in names if n in present and n not in ours]
     if taken:

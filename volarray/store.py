@@ -22,11 +22,14 @@ from dask.highlevelgraph import HighLevelGraph
 from . import outputs
 from .cluster import with_scheduler_file
 from .api import QUANTIZED_ATTRS, predict, prediction
+from .claim import claimed
+from .digest import (BAD_VOXEL, check_input_unchanged, forget_input_chunk, input_hashes,
+                     record_hashes)
 from .errors import InputError, VolarrayError
 from .io import as_dask_volume, open_volume
 from .location import Location
 from .normalize import resolve as resolve_normalize
-from .outputs import DONE, RunInterrupted
+from .outputs import DONE, HASHES, RunInterrupted
 
 PREDICT_DEFAULTS = {name: p.default for name, p in inspect.signature(predict).parameters.items()
                     if p.kind is p.KEYWORD_ONLY}
@@ -144,43 +147,83 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     src = open_volume(volume, var, storage_options)
     inputs = (outputs.input_paths(volume, storage_options)
               + outputs.input_paths(src, storage_options))
-    action, out = outputs.check_target(store, inputs, overwrite=overwrite, resume=resume,
-                                       storage_options=storage_options)
-    # validates before anything is traced or written
-    source = as_dask_volume(src, integers=predictor is not None or
-                            options.get("normalize") is not None)
-    if options.get("normalize") is not None:  # once, recorded in the arrays' attributes
-        options = dict(options, normalize=resolve_normalize(options["normalize"], source))
-    if action != "create":
-        outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
-    space = ScratchSpace(out, scratch)
-    try:
-        result = (predictor(source) if predictor is not None
-                  else prediction(model, source, scratch=space, **options))
-        arrays = _named_arrays(result, name)
-        axes = spatial_axes(src, arrays)
-        run_id = _run_id(model, volume, var, source, arrays, options,
-                         getattr(predictor, "token", None), storage_options)
-        if action == "resume":
-            _write(out, _open_for_resume(out, run_id, arrays), arrays, scheduler)
-        elif action == "create":
-            _write(out, None, arrays, scheduler,
-                   lambda: _create_output(out, run_id, arrays, model, options, predictor,
-                                          axes))
-        else:  # replace: the old output stays whole until the new one is complete
-            outputs.check_replaceable(out, list(arrays) + [d for d, v in axes.items()
-                                                           if v is not None])
-            staging = outputs.make_staging(out)
-            _write(staging, None, arrays, scheduler,
-                   lambda: _create_output(staging, run_id, arrays, model, options, predictor,
-                                          axes),
-                   replacing=out)
-            outputs.swap_in(staging, out)
-    finally:
-        space.remove()
-    group = out.open_group("r")
-    zarr_arrays = tuple(group[n] for n in arrays)
+    out = outputs.check_place(store, inputs, overwrite=overwrite, resume=resume,
+                              storage_options=storage_options)
+    with claimed(out):  # one run per output: a second one is refused until this one ends
+        action = outputs.check_action(out, str(store), overwrite=overwrite, resume=resume)
+        # validates before anything is traced or written
+        source = as_dask_volume(src, integers=predictor is not None or
+                                options.get("normalize") is not None)
+        if options.get("normalize") is not None:  # once, recorded in the arrays' attributes
+            options = dict(options, normalize=resolve_normalize(options["normalize"], source))
+        if action != "create":
+            outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
+        run = _Run(out, model, source, options, predictor, scheduler)
+        space = ScratchSpace(out, scratch)
+        try:
+            result = (predictor(source) if predictor is not None
+                      else prediction(model, source, scratch=space, **options))
+            run.arrays = _named_arrays(result, name)
+            run.axes = spatial_axes(src, run.arrays)
+            run.run_id = _run_id(model, volume, var, source, run.arrays, options,
+                                 getattr(predictor, "token", None), storage_options)
+            getattr(run, action)()
+        finally:
+            space.remove()
+        group = out.open_group("r")
+    zarr_arrays = tuple(group[n] for n in run.arrays)
     return zarr_arrays if len(zarr_arrays) > 1 else zarr_arrays[0]
+
+
+class _Run:
+    """One predict_to_zarr run once its arrays are known: ``create``, ``resume`` or
+    ``replace`` its output."""
+
+    def __init__(self, out: Location, model, source, options, predictor, scheduler):
+        self.out, self.model, self.source, self.options = out, model, source, options
+        self.predictor, self.scheduler = predictor, scheduler
+        self.arrays, self.axes, self.run_id = {}, {}, {}
+
+    def _creator(self, where: Location, hashes: np.ndarray):
+        def create(made: list):
+            return _create_output(where, self.run_id, self.arrays, self.model, self.options,
+                                  self.predictor, self.axes, hashes=hashes, made=made)
+        return create
+
+    def create(self):
+        hashes = input_hashes(self.source, self.scheduler)  # before anything is written
+        self._forgetting_bad_voxels(lambda: _write(
+            self.out, None, self.arrays, self.scheduler, self._creator(self.out, hashes)))
+
+    def resume(self):
+        group = _open_for_resume(self.out, self.run_id, self.arrays)
+        if not group[DONE][...].all():  # a finished output reads nothing: nothing to mix
+            check_input_unchanged(self.out, group, self.source, self.scheduler)
+        self._forgetting_bad_voxels(
+            lambda: _write(self.out, group, self.arrays, self.scheduler))
+
+    def replace(self):
+        """The old output stays whole until the new one is complete."""
+        outputs.check_replaceable(self.out, list(self.arrays) + [
+            d for d, v in self.axes.items() if v is not None])
+        hashes = input_hashes(self.source, self.scheduler)
+        staging = outputs.make_staging(self.out)
+        _write(staging, None, self.arrays, self.scheduler, self._creator(staging, hashes),
+               replacing=self.out)
+        outputs.swap_in(staging, self.out)
+
+    def _forgetting_bad_voxels(self, write):
+        """A run stopped by a NaN or Inf in the input: the finished chunks never read it,
+        so the input chunk that holds it is left out of the resume check (the user fixes
+        the voxel in place and resumes)."""
+        try:
+            write()
+        except InputError as e:
+            found = BAD_VOXEL.search(str(e))
+            if found:
+                forget_input_chunk(self.out, self.source,
+                                   tuple(int(v) for v in found.group(1).split(",")))
+            raise
 
 
 def check_options(predictor, options: dict) -> None:
@@ -202,9 +245,10 @@ def check_options(predictor, options: dict) -> None:
 def check_name(name) -> None:
     """An array name that is one plain entry of the output group."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) \
-            or name == DONE:
+            or name in (DONE, HASHES):
         raise InputError(f"name={name!r} is not an array name for the output: use letters, "
-                         f"digits, '_', '-' or '.', not starting with '.' and not {DONE!r}", parameter='name')
+                         f"digits, '_', '-' or '.', not starting with '.' and not {DONE!r} "
+                         f"or {HASHES!r}", parameter='name')
 
 
 def _named_arrays(result, name: str) -> dict:
@@ -252,10 +296,13 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
 
 
 def _create_output(out: Location, run_id: dict, arrays: dict, model, options: dict,
-                   predictor=None, axes=None):
+                   predictor=None, axes=None, hashes=None, made: list | None = None):
     """A new output group; its volarray mark comes first, so that a run stopped while
-    creating it leaves a store volarray recognises (and may remove)."""
+    creating it leaves a store volarray recognises (and may remove). ``made`` gets True
+    once the group is this run's; ``hashes``: the input's, recorded with the marks."""
     group = out.open_group("w-")
+    if made is not None:
+        made.append(True)
     group.attrs[outputs.MARKER] = {"run": run_id, "arrays": list(arrays),
                                    "coordinates": [d for d, v in (axes or {}).items()
                                                    if v is not None],
@@ -264,6 +311,8 @@ def _create_output(out: Location, run_id: dict, arrays: dict, model, options: di
     first = next(iter(arrays.values()))
     group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
                        fill_value=0, dimension_names=("z_chunk", "y_chunk", "x_chunk"))
+    if hashes is not None:
+        record_hashes(group, hashes)
     for n, a in arrays.items():
         spatial_dims = tuple(axes) if axes else ("z", "y", "x")
         group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
@@ -287,7 +336,7 @@ def spatial_axes(src, arrays: dict) -> dict:
         return {}
     dims = src.dims[-3:]
     if any(a.shape[-3:] != tuple(src.shape[-3:]) for a in arrays.values()) or \
-            set(dims) & (set(arrays) | {DONE}):
+            set(dims) & (set(arrays) | {DONE, HASHES}):
         return {}
     return {d: (np.asarray(src[d].values) if d in src.coords else None) for d in dims}
 
@@ -305,14 +354,31 @@ def _open_for_resume(out: Location, run_id: dict, arrays: dict):
     differs = [part for part, token in run_id.items()
                if not isinstance(before, dict) or before.get(part) != token]
     if differs or any(n not in group for n in arrays):
-        hint = ""
-        if "arrays and chunks" in differs and set(arrays) <= set(group.array_keys()):
-            was = group[next(iter(arrays))].chunks[-3:]
-            hint = f"; the first run wrote chunks of {was}: pass chunks={was} as it did"
         raise InputError(f"output {out.url!r} was written by another run (its "
-                         f"{', '.join(differs or ['array names'])} differ){hint}; its chunks "
-                         "cannot be reused otherwise, and overwrite=True would replace them")
+                         f"{', '.join(differs or ['array names'])} differ)"
+                         f"{_what_differs(group, arrays) if 'arrays and chunks' in differs else ''}"
+                         "; its chunks cannot be reused otherwise, and overwrite=True would "
+                         "replace them")
     return group
+
+
+def _what_differs(group, arrays: dict) -> str:
+    """Which of the arrays' names, shapes, types and chunks differ from the stored ones."""
+    missing = [n for n in arrays if n not in set(group.array_keys())]
+    if missing:
+        return f"; it holds no array {missing[0]!r}"
+    for n, a in arrays.items():
+        was, now = group[n], tuple(c[0] for c in a.chunks)
+        if tuple(was.shape) != tuple(a.shape):
+            return (f"; the first run's {n!r} has shape {tuple(was.shape)}, this one "
+                    f"{tuple(a.shape)} (another model or output)")
+        if np.dtype(was.dtype) != np.dtype(a.dtype):
+            return (f"; the first run's {n!r} is {was.dtype}, this one {a.dtype} (another "
+                    "output or output_dtype)")
+        if tuple(was.chunks) != now:
+            return (f"; the first run wrote chunks of {tuple(was.chunks[-3:])}, this one "
+                    f"{now[-3:]}: pass chunks={tuple(was.chunks[-3:])} as it did")
+    return ""
 
 
 def _write(out: Location, group, arrays: dict, scheduler, create=None,
@@ -320,18 +386,18 @@ def _write(out: Location, group, arrays: dict, scheduler, create=None,
     """Create the output (``create()``, for a new one) and write every unmarked chunk.
     However the run stops, finished chunks stay, except in a store that replaces
     another (``replacing``): that one is removed and the old output left as it was."""
-    fresh = group is None
+    made = []  # only a store this run created may be removed by it
     try:
         with outputs.sigterm_stops_run():
-            if fresh:
-                group = create()
+            if group is None:
+                group = create(made)
             done = group[DONE][...]
             todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
             written = compute_stoppable(_write_graph(out, arrays, todo), scheduler)
         if written != len(todo):
             raise RuntimeError(f"volarray wrote {written} of {len(todo)} chunks")
     except BaseException as e:
-        where = _after_stop(out, fresh, replacing)
+        where = _after_stop(out, bool(made), replacing)
         if isinstance(e, KeyboardInterrupt):
             sig, code = outputs.signal_name(e)
             raise RunInterrupted(f"stopped by {sig}: {where}", code) from None
@@ -342,7 +408,8 @@ def _write(out: Location, group, arrays: dict, scheduler, create=None,
 
 
 def _after_stop(out: Location, fresh: bool, replacing: Location | None) -> str:
-    """Tidy a stopped run's output by the rules of `outputs`; say what is left."""
+    """Tidy a stopped run's output by the rules of `outputs`; say what is left.
+    ``fresh``: this run created ``out`` (nothing else is ever removed)."""
     if replacing is not None:
         outputs.remove_output(out, missing_ok=True)
         return (f"the existing output {replacing.url!r} was left as it was; run again with "
@@ -374,7 +441,7 @@ def compute_stoppable(collection, scheduler):
     """``collection.compute(scheduler=...)``, where stopping (an error, Ctrl-C) also
     stops the tasks in flight before returning: a distributed run is cancelled, and an
     in-process thread pool is drained, so nothing writes after the caller cleans up."""
-    client = _client(scheduler)
+    client = client_of(scheduler)
     if client is not None:
         future = client.compute(collection)
         try:
@@ -393,7 +460,8 @@ def compute_stoppable(collection, scheduler):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _client(scheduler):
+def client_of(scheduler):
+    """The distributed Client ``scheduler`` names (or the default one), or None."""
     try:
         from distributed import Client, default_client
     except ImportError:
