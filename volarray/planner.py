@@ -162,6 +162,16 @@ class Plan:
         return self.stages[-1]
 
     @property
+    def output_chunks(self) -> tuple[int, ...]:
+        """The output's chunk shape (what ``chunks=`` gives; ``chunks`` is the input's
+        grid, which differs where the output's scale is not 1)."""
+        return self.output_stage.chunk_shape
+
+    def chunks_text(self) -> str:
+        out = self.output_chunks
+        return f"{out}" if out == self.chunks else f"{out} (input chunks {self.chunks})"
+
+    @property
     def n_tasks(self) -> int:
         return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
 
@@ -204,7 +214,7 @@ class Plan:
         if worst.peak_bytes > limit:
             raise MemoryBudgetError(
                 f"{self.label(worst)} needs {format_bytes(worst.peak_bytes)} per task with "
-                f"chunks={self.chunks}, above memory_limit={format_bytes(limit)}; "
+                f"chunks={self.output_chunks}, above memory_limit={format_bytes(limit)}; "
                 f"{self._budget_fix(worst.peak_bytes)}", parameter='memory_limit')
         return self
 
@@ -224,7 +234,7 @@ class Plan:
         if self.barriers:
             parts.append(_plural(len(self.barriers), "barrier"))
         return (f"<volarray.Plan exact: {', '.join(parts)}, {_plural(self.n_tasks, 'task')}, chunks "
-                f"{self.chunks}, peak {format_bytes(self.peak_bytes)}/task, compute "
+                f"{self.chunks_text()}, peak {format_bytes(self.peak_bytes)}/task, compute "
                 f"{self.compute_ratio:.2f}x, kept {format_bytes(self.kept_bytes)}>")
 
     def summary(self) -> list[str]:
@@ -235,7 +245,7 @@ class Plan:
             f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
             f"{_plural(self.n_tasks, 'task')}",
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
-            f"chunks {self.chunks}   memory limit {format_bytes(self.memory_limit)} per task   "
+            f"chunks {self.chunks_text()}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
             f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
@@ -474,13 +484,14 @@ def run_memory() -> int:
 
 # ------------------------------------------------------------------ task grid
 def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
-                 min_side: int = MIN_TILE_SIDE) -> tuple:
+                 min_side: int = MIN_TILE_SIDE, fixed=(False,) * SPATIAL) -> tuple:
     """Chunk boundaries of a node: the input grid mapped by the node's scale, with
-    chunks merged up to ``min_side`` at coarse levels (fewer, less wasteful tasks)."""
+    chunks merged up to ``min_side`` at coarse levels (fewer, less wasteful tasks),
+    except on the ``fixed`` axes (the output's, where the user gave the chunks)."""
     out = []
-    for c, n, s in zip(base, shape, scale):
+    for c, n, s, keep in zip(base, shape, scale, fixed):
         side = max(1, int(round(c * s)))
-        if side < min_side and s < 1:
+        if side < min_side and s < 1 and not keep:
             side *= math.ceil(min(min_side, n) / side)
         out.append(chunk_bounds(n, min(side, n)))
     return tuple(out)
@@ -653,6 +664,7 @@ class Planner:
     tile_target: float
     io_target: float
     align: tuple[int, ...]
+    fixed_output: tuple[bool, ...] = (False,) * SPATIAL  # output chunk sides the user gave
 
     @classmethod
     def for_device(cls, graph: Graph, memory_limit, device: str) -> "Planner":
@@ -666,7 +678,8 @@ class Planner:
         """The costed stage of ``prog`` on grid ``base``, swept in the thickest slab
         that fits."""
         node = self.graph.nodes[prog.output]
-        bounds = stage_bounds(base, node.shape, node.scale, min_side)
+        fixed = self.fixed_output if prog.output == self.graph.output else (False,) * SPATIAL
+        bounds = stage_bounds(base, node.shape, node.scale, min_side, fixed)
         st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
         return choose_slab(self.graph, st, shapes, self.tile_target, unit, self.limit)
@@ -761,20 +774,43 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
     """How the planner chose the chunk sides of ``planned`` axes."""
     which = "" if len(planned) == SPATIAL else \
         " on " + ", ".join(AXIS_NAMES[a] for a in planned) + " (the others given)"
-    return (f"chunks {grid.base} chosen{which}: the largest even split aligned to "
+    return (f"chunks {grid.layout.stages[-1].chunk_shape} chosen{which}: the largest even split aligned to "
             f"{planner.align} whose tasks read and write at most "
             f"{format_bytes(planner.io_target)} and fit {format_bytes(planner.limit)}"
             + (f", grown to keep the graph under {MAX_TASKS:,} tasks" if grid.grown else ""))
 
 
+def input_chunks(graph: Graph, given):
+    """The input grid whose output chunks are ``given`` (the user's chunks are the
+    output's, as `coerce_chunks` returns them): each side divided by the output's scale
+    (a stride-2 head's output chunks of 4 come from input chunks of 8), at most the
+    input's side."""
+    if given is None:
+        return None
+    shape = graph.nodes[graph.input].shape
+    out = []
+    for axis, (c, s, n) in enumerate(zip(given, graph.nodes[graph.output].scale, shape)):
+        side = None if c is None else c / s
+        if side is not None and side.denominator != 1 and side < n:
+            raise InputError(
+                f"chunks={tuple(given)}: the output is {s} times the input along "
+                f"{AXIS_NAMES[axis]}, so its chunk sides there are multiples of "
+                f"{s.numerator}; pass chunks with a multiple of {s.numerator} on "
+                f"{AXIS_NAMES[axis]}", parameter="chunks")
+        out.append(None if side is None else min(int(side), n))
+    return tuple(out)
+
+
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
               keep=None, spill: bool = False) -> Plan:
-    """The plan of an exact run. ``chunks``: as `coerce_chunks` takes or returns it
-    (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
+    """The plan of an exact run. ``chunks``: the output's chunks, as `coerce_chunks`
+    takes them (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
     (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
     planner = Planner.for_device(graph, memory_limit, device)
     shape = graph.nodes[graph.input].shape
-    given = coerce_chunks(chunks, shape)
+    given = input_chunks(graph, coerce_chunks(chunks, graph.nodes[graph.output].shape))
+    if given is not None:
+        planner = replace(planner, fixed_output=tuple(c is not None for c in given))
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
     budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))

@@ -237,7 +237,7 @@ class Exact:
                 g = copy.copy(graph)
                 g.nodes = dict(graph.nodes)
                 fuse_argmax_head(g)
-            return make_plan(g, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
+            return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
                              "cpu" if self.device == "cpu" else "cuda", keep=self.keep,
                              spill=self.spill)
         return self.traced.get(("plan", tuple(arr.shape), argmax,
