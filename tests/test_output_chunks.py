@@ -67,17 +67,23 @@ def test_predict_to_zarr_stores_the_chunks_asked_for(work):
     y = volarray.predict(model, vol, chunks=(6, -1, 100))
     assert y.chunksize == (2, 6, 16, 12)
     assert np.abs(y.compute() - whole_volume(model, vol)).max() <= 1e-5
+    odd = random_volume((33, 20, 27), seed=3)  # halved to (17, 10, 14): whole axes, one chunk
+    y = volarray.predict(model, odd, chunks=-1)
+    assert y.numblocks == (1, 1, 1, 1)
+    assert np.abs(y.compute() - whole_volume(model, odd)).max() <= 1e-5
 
 
-def test_upsampling_head_whole_axis_and_odd_sides(work):
+def test_upsampling_head_whole_axis_and_an_odd_side(work):
     _, scaled, vol = work
     torch.manual_seed(1)
     model = scaled.Double().eval()
     y = volarray.predict(model, vol, chunks=(8, -1, 100))
     assert y.chunksize == (2, 8, 64, 48)
     assert np.abs(y.compute() - whole_volume(model, vol)).max() <= 1e-5
-    with pytest.raises(volarray.InputError, match="multiples of 2; pass chunks"):
-        volarray.predict(model, vol, chunks=5)
+    plan = volarray.plan(model, vol, chunks=5)  # no input side gives 5: the plan says so
+    assert plan.output_chunks == (4, 4, 4) and "chunks there are 4, the nearest side to " \
+        "the 5 asked for" in str(plan)
+    assert volarray.predict(model, vol, chunks=5).chunksize == (2, 4, 4, 4)
 
 
 def test_cli_chunks_of_a_half_size_output(work):

@@ -490,11 +490,18 @@ def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
     except on the ``fixed`` axes (the output's, where the user gave the chunks)."""
     out = []
     for c, n, s, keep in zip(base, shape, scale, fixed):
-        side = max(1, int(round(c * s)))
+        side = fixed_side(c, s, n) if keep else max(1, int(round(c * s)))
         if side < min_side and s < 1 and not keep:
             side *= math.ceil(min(min_side, n) / side)
         out.append(chunk_bounds(n, min(side, n)))
     return tuple(out)
+
+
+def fixed_side(c: int, s, n: int) -> int:
+    """The output's chunk side from input chunks of ``c`` at scale ``s`` on an axis of
+    ``n`` output voxels, where the user gave it: the whole axis when ``c`` covers it (an
+    odd input halved), else ``c * s`` rounded."""
+    return n if c * s > n - 1 else max(1, int(round(c * s)))
 
 
 def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[Stage, dict]:
@@ -780,25 +787,30 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
             + (f", grown to keep the graph under {MAX_TASKS:,} tasks" if grid.grown else ""))
 
 
-def input_chunks(graph: Graph, given):
+def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
     """The input grid whose output chunks are ``given`` (the user's chunks are the
     output's, as `coerce_chunks` returns them): each side divided by the output's scale
     (a stride-2 head's output chunks of 4 come from input chunks of 8), at most the
-    input's side."""
+    input's side; and a note for each axis where no input side gives the output side
+    asked for (an odd side of an output twice the input's size)."""
     if given is None:
-        return None
+        return None, []
     shape = graph.nodes[graph.input].shape
-    out = []
-    for axis, (c, s, n) in enumerate(zip(given, graph.nodes[graph.output].scale, shape)):
-        side = None if c is None else c / s
-        if side is not None and side.denominator != 1 and side < n:
-            raise InputError(
-                f"chunks={tuple(given)}: the output is {s} times the input along "
-                f"{AXIS_NAMES[axis]}, so its chunk sides there are multiples of "
-                f"{s.numerator}; pass chunks with a multiple of {s.numerator} on "
-                f"{AXIS_NAMES[axis]}", parameter="chunks")
-        out.append(None if side is None else min(int(side), n))
-    return tuple(out)
+    out_node = graph.nodes[graph.output]
+    sides, notes = [], []
+    for axis, (c, s, n, m) in enumerate(zip(given, out_node.scale, shape, out_node.shape)):
+        if c is None or s == 1:
+            sides.append(c)
+            continue
+        near = max(1, min(n, round(c / s)))
+        side = min((b for b in (near, near - 1, near + 1) if 1 <= b <= n),
+                   key=lambda b: (abs(min(m, max(1, round(b * s))) - c), b != near))
+        got = min(m, fixed_side(side, s, m))
+        if got != c:
+            notes.append(f"chunks: the output is {s} times the input along {AXIS_NAMES[axis]}, "
+                         f"so its chunks there are {got}, the nearest side to the {c} asked for")
+        sides.append(side)
+    return tuple(sides), notes
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
@@ -808,7 +820,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
     planner = Planner.for_device(graph, memory_limit, device)
     shape = graph.nodes[graph.input].shape
-    given = input_chunks(graph, coerce_chunks(chunks, graph.nodes[graph.output].shape))
+    given, chunk_notes = input_chunks(graph, coerce_chunks(chunks, graph.nodes[graph.output].shape))
     if given is not None:
         planner = replace(planner, fixed_output=tuple(c is not None for c in given))
     planned = tuple(range(SPATIAL)) if given is None else \
@@ -819,6 +831,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
+    notes = chunk_notes + notes
     stages = grid.layout.stages
     return Plan(graph, stages, grid.base, planner.limit, model_macs(graph),
                 kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1]),
