@@ -141,7 +141,7 @@ class Plan:
 
     graph: Graph
     stages: tuple[Stage, ...]
-    chunks: tuple[int, int, int]
+    chunks: tuple[int, int, int]  # the input's grid; `output_chunks`: the output's
     memory_limit: int
     model_macs: float  # one whole-volume forward
     kept_bytes: int  # all kept tensors between stages, whole volume
@@ -781,8 +781,8 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
     """How the planner chose the chunk sides of ``planned`` axes."""
     which = "" if len(planned) == SPATIAL else \
         " on " + ", ".join(AXIS_NAMES[a] for a in planned) + " (the others given)"
-    return (f"chunks {grid.layout.stages[-1].chunk_shape} chosen{which}: the largest even split aligned to "
-            f"{planner.align} whose tasks read and write at most "
+    return (f"chunks {grid.layout.stages[-1].chunk_shape} chosen{which}: the largest even "
+            f"split aligned to {planner.align} whose tasks read and write at most "
             f"{format_bytes(planner.io_target)} and fit {format_bytes(planner.limit)}"
             + (f", grown to keep the graph under {MAX_TASKS:,} tasks" if grid.grown else ""))
 
@@ -804,8 +804,8 @@ def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
             continue
         near = max(1, min(n, round(c / s)))
         side = min((b for b in (near, near - 1, near + 1) if 1 <= b <= n),
-                   key=lambda b: (abs(min(m, max(1, round(b * s))) - c), b != near))
-        got = min(m, fixed_side(side, s, m))
+                   key=lambda b: (abs(fixed_side(b, s, m) - c), b != near))
+        got = fixed_side(side, s, m)
         if got != c:
             notes.append(f"chunks: the output is {s} times the input along {AXIS_NAMES[axis]}, "
                          f"so its chunks there are {got}, the nearest side to the {c} asked for")
@@ -820,7 +820,8 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch."""
     planner = Planner.for_device(graph, memory_limit, device)
     shape = graph.nodes[graph.input].shape
-    given, chunk_notes = input_chunks(graph, coerce_chunks(chunks, graph.nodes[graph.output].shape))
+    given, chunk_notes = input_chunks(graph,
+                                      coerce_chunks(chunks, graph.nodes[graph.output].shape))
     if given is not None:
         planner = replace(planner, fixed_output=tuple(c is not None for c in given))
     planned = tuple(range(SPATIAL)) if given is None else \
