@@ -302,3 +302,48 @@ def test_tiff_stack_from_the_command_line_to_a_stack(tmp_path):
     res = cli(tmp_path, "predict", "stack", "pores", "--format", "tiff", "--model", MODEL,
               "--threshold", "0.5", "--quiet")
     assert res.returncode == 2 and "--overwrite" in res.stderr  # an earlier stack is kept
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    """The process's umask set for one test and put back after it."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_outputs_take_the_process_umask_as_zarr_does(survey, tmp_path, umask):
+    """SEG-Y, NIfTI and TIFF outputs (written beside their target, then moved onto it)
+    get the modes any new file or folder gets under the umask, as a zarr output does:
+    0644 / 0755 under 022, 0664 / 0775 under 002 (not mkstemp's 0600 / mkdtemp's 0700)."""
+    pytest.importorskip("nibabel")
+    pytest.importorskip("tifffile")
+    path, cube, _, _ = survey
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    segy = volarray.formats.segy.write_segy(cube, tmp_path / "f.sgy", like=path)
+    nifti = volarray.formats.nifti.write_nifti(cube, tmp_path / "f.nii.gz", affine=np.eye(4))
+    tiff = volarray.formats.tiff.write_tiff(cube, tmp_path / "stack")
+    volarray.predict_to_zarr(torch.nn.Conv3d(1, 1, 1).eval(), cube, str(tmp_path / "f.zarr"),
+                             chunks=8)
+    zarr_file = next(os.path.join(d, n) for d, _, names in os.walk(tmp_path / "f.zarr")
+                     for n in names)
+    for p in (segy, nifti, os.path.join(tiff, "slice_00000.tif"), zarr_file):
+        assert oct(os.stat(p).st_mode & 0o777) == oct(file_mode), p
+    for p in (tiff, tmp_path / "f.zarr"):
+        assert oct(os.stat(p).st_mode & 0o777) == oct(dir_mode), p
+
+
+def test_cli_nifti_output_is_group_readable_under_umask_002(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    vol = np.random.default_rng(3).standard_normal((8, 8, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, nifti_affine()), str(tmp_path / "scan.nii"))
+    old = os.umask(0o002)
+    try:
+        res = cli(tmp_path, "predict", "scan.nii", "seg.nii.gz", "--model", MODEL,
+                  "--threshold", "0.5", "--quiet")
+    finally:
+        os.umask(old)
+    assert res.returncode == 0, res.stderr
+    assert oct(os.stat(tmp_path / "seg.nii.gz").st_mode & 0o777) == oct(0o664)

@@ -275,6 +275,32 @@ def test_other_normalizations(tmp_path):
         load_nnunet(folder).normalize(da.from_array(vol * 10))
 
 
+def test_channels_split_across_chunks(tmp_path):
+    """A CT + PET volume whose channel axis is split across chunks (``da.stack`` of two
+    volumes, a zarr chunked (1, 16, 16, 16)): each chunk normalizes its own channels
+    with their own scheme, and the prediction equals the one-channel-chunk one."""
+    import zarr
+    folder = make_folder(tmp_path / "ct_pet", schemes=("CTNormalization", "ZScoreNormalization"),
+                         mirror_axes=None, folds=(0,))
+    rng = np.random.default_rng(11)
+    ct = rng.normal(60, 150, (20, 26, 18)).astype(np.float32)
+    pet = rng.normal(300, 40, (20, 26, 18)).astype(np.float32)
+    vol = np.stack([ct, pet])
+    model = load_nnunet(folder)
+    normed = model.normalize(da.from_array(vol, chunks=(2, 16, 16, 16))).compute()
+    split = model.normalize(da.from_array(vol, chunks=(1, 16, 16, 16))).compute()
+    assert (split == normed).all()
+    one = predict_nnunet(model, da.from_array(vol, chunks=(2, 16, 16, 16)),
+                         output="logits").compute()
+    z = zarr.create_array(str(tmp_path / "case.zarr"), shape=vol.shape, chunks=(1, 16, 16, 16),
+                          dtype="f4")
+    z[...] = vol
+    for volume in (da.stack([da.from_array(ct, chunks=16), da.from_array(pet, chunks=16)]),
+                   zarr.open_array(str(tmp_path / "case.zarr"), mode="r")):
+        got = predict_nnunet(model, volume, output="logits").compute()
+        assert (got == one).all()
+
+
 def test_refusals(tmp_path, folder):
     vol = random_volume((20, 24, 20))
     with pytest.raises(volarray.InputError, match=r"fold_3.*folds with checkpoint_final.pth "
@@ -335,7 +361,7 @@ def test_cli_refusals(tmp_path, folder, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "case.npy", random_volume((20, 24, 20)))
     (tmp_path / "seg.zarr").mkdir()
-    cases = [(["seg.zarr", "--nnunet", folder], "exists; pass overwrite=True (--overwrite)"),
+    cases = [(["seg.zarr", "--nnunet", folder], "is a folder that volarray did not write"),
              (["new.zarr", "--nnunet", folder, "--tta", "flips"], "--tta: not for --nnunet"),
              (["new.zarr", "--model", "x:y", "--folds", "1"], "--folds: only for --nnunet"),
              (["new.zarr", "--nnunet", folder, "--folds", "4"],

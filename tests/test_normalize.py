@@ -167,6 +167,22 @@ def test_per_channel_statistics_on_a_channel_chunked_store(tmp_path):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("normalize", ["zscore", "percentile",
+                                       {"mean": (2500.0, -3.0), "std": (900.0, 0.5)}])
+@pytest.mark.parametrize("method", ["exact", "window"])
+def test_per_channel_schemes_on_a_stack_of_channels(normalize, method):
+    """``da.stack([a, b])``: one channel per chunk; the same result as one channel chunk."""
+    a, b = survey((24, 20, 16), seed=1), survey((24, 20, 16), seed=2) / 1000 - 5
+    conv = torch.nn.Conv3d(2, 2, 1, bias=False).eval()
+    kw = dict(chunks=8, method=method, normalize=normalize)
+    if method == "window":
+        kw["roi_size"] = (8, 8, 8)
+    want = volarray.predict(conv, np.stack([a, b]), **kw).compute()
+    got = volarray.predict(conv, da.stack([da.from_array(a, chunks=8), da.from_array(b, chunks=8)]),
+                           **kw).compute()
+    assert (got == want).all()
+
+
 def test_a_callable_gets_float32_not_wrapping_integers():
     vol = np.full((16, 16, 16), 10, np.uint16)
     vol[8:] = 3000

@@ -3,8 +3,11 @@
 job, ``srun dask worker --scheduler-file F`` in others, on a shared file system)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+
+import dask
 
 from .errors import InputError
 
@@ -40,3 +43,17 @@ def with_scheduler_file(run):
         with connect(scheduler_file) as client:
             return run(*args, scheduler=client, **kwargs)
     return wrapper
+
+
+def client_of(scheduler):
+    """The distributed Client ``scheduler`` names (or the default one), or None."""
+    try:
+        from distributed import Client, default_client
+    except ImportError:
+        return None
+    if isinstance(scheduler, Client):
+        return scheduler
+    if scheduler is None and dask.config.get("scheduler", None) in (None, "dask.distributed"):
+        with contextlib.suppress(ValueError):
+            return default_client()
+    return None

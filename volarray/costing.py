@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .geometry import Interval, chunk_bounds, intervals
+from .geometry import SPATIAL, Interval, chunk_bounds, intervals
 from .graph import Graph
 from .program import TileProgram
 
@@ -110,16 +110,24 @@ def model_macs(graph: Graph) -> float:
 
 
 def stage_bounds(base: tuple[int, ...], shape: tuple[int, ...], scale,
-                 min_side: int = MIN_TILE_SIDE) -> tuple:
+                 min_side: int = MIN_TILE_SIDE, fixed=(False,) * SPATIAL) -> tuple:
     """Chunk boundaries of a node: the input grid mapped by the node's scale, with
-    chunks merged up to ``min_side`` at coarse levels (fewer, less wasteful tasks)."""
+    chunks merged up to ``min_side`` at coarse levels (fewer, less wasteful tasks),
+    except on the ``fixed`` axes (the output's, where the user gave the chunks)."""
     out = []
-    for c, n, s in zip(base, shape, scale):
-        side = max(1, int(round(c * s)))
-        if side < min_side and s < 1:
+    for c, n, s, keep in zip(base, shape, scale, fixed):
+        side = fixed_side(c, s, n) if keep else max(1, int(round(c * s)))
+        if side < min_side and s < 1 and not keep:
             side *= math.ceil(min(min_side, n) / side)
         out.append(chunk_bounds(n, min(side, n)))
     return tuple(out)
+
+
+def fixed_side(c: int, s, n: int) -> int:
+    """The output's chunk side from input chunks of ``c`` at scale ``s`` on an axis of
+    ``n`` output voxels, where the user gave it: the whole axis when ``c`` covers it (an
+    odd input halved), else ``c * s`` rounded."""
+    return n if c * s > n - 1 else max(1, int(round(c * s)))
 
 
 def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[Stage, dict]:

@@ -39,7 +39,7 @@ def input_hashes(source: da.Array, scheduler=None) -> np.ndarray:
         _digest, dtype=np.uint64, new_axis=source.ndim,
         chunks=tuple((1,) * n for n in source.numblocks) + ((2,),),
         name="volarray-input-digest-" + tokenize(source.name))
-    from .store import client_of
+    from .cluster import client_of
     client = client_of(scheduler)
     if client is not None:
         return np.asarray(client.compute(digests).result())

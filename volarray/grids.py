@@ -10,6 +10,7 @@ from . import costing
 from .budget import default_memory_limit, parse_bytes
 from .costing import Barrier, MIN_TILE_SIDE, Stage, cost_stage, program_for, reductions, \
     stage_bounds
+from .geometry import SPATIAL
 from .graph import Graph, alignment
 from .program import TileProgram
 
@@ -88,6 +89,7 @@ class Planner:
     io_target: float
     align: tuple[int, ...]
     strategy: str = "slab"  # 'whole': a task runs each layer over its whole region
+    fixed_output: tuple[bool, ...] = (False,) * SPATIAL  # output chunk sides the user gave
 
     @classmethod
     def for_device(cls, graph: Graph, memory_limit, device: str,
@@ -102,7 +104,8 @@ class Planner:
         """The costed stage of ``prog`` on grid ``base``, swept in the thickest slab
         that fits."""
         node = self.graph.nodes[prog.output]
-        bounds = stage_bounds(base, node.shape, node.scale, min_side)
+        fixed = self.fixed_output if prog.output == self.graph.output else (False,) * SPATIAL
+        bounds = stage_bounds(base, node.shape, node.scale, min_side, fixed)
         st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
         if self.strategy == "whole":

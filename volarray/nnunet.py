@@ -536,9 +536,12 @@ def _checked(block, box_lo, block_info=None):
 
 
 def _normalize_block(block, params, box_lo, block_info=None):
-    """nnU-Net's normalizations of one chunk, in float32, channel by channel."""
+    """nnU-Net's normalizations of one chunk, in float32, channel by channel. The chunk
+    may hold some of the channels only (a volume chunked along channels,
+    ``da.stack([ct, pet])``): its first channel's number comes from ``block_info``."""
     out = _checked(np.array(block, dtype=np.float32), box_lo, block_info)
-    for c, (kind, p) in enumerate(params):
+    first = 0 if block_info is None else int(block_info[0]["array-location"][0][0])
+    for c, (kind, p) in enumerate(params[first:first + out.shape[0]]):
         x = out[c]
         if kind == "ct":
             lo, hi, mean, std = p

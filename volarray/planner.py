@@ -10,12 +10,12 @@ keep the same size at every volume size, so memory does not grow with the volume
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .budget import format_bytes, parse_bytes
-from .costing import Barrier, Stage, model_macs
+from .costing import Barrier, Stage, fixed_side, model_macs
 from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
 from .errors import MemoryBudgetError
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
@@ -36,7 +36,7 @@ class Plan:
 
     graph: Graph
     stages: tuple[Stage, ...]
-    chunks: tuple[int, int, int]
+    chunks: tuple[int, int, int]  # the input's grid; `output_chunks`: the output's
     memory_limit: int
     model_macs: float  # one whole-volume forward
     kept_bytes: int  # all kept tensors between stages, whole volume
@@ -64,6 +64,16 @@ class Plan:
     @property
     def output_stage(self) -> Stage:
         return self.stages[-1]
+
+    @property
+    def output_chunks(self) -> tuple[int, ...]:
+        """The output's chunk shape (what ``chunks=`` gives; ``chunks`` is the input's
+        grid, which differs where the output's scale is not 1)."""
+        return self.output_stage.chunk_shape
+
+    def chunks_text(self) -> str:
+        out = self.output_chunks
+        return f"{out}" if out == self.chunks else f"{out} (input chunks {self.chunks})"
 
     @property
     def n_tasks(self) -> int:
@@ -108,7 +118,7 @@ class Plan:
         if worst.peak_bytes > limit:
             raise MemoryBudgetError(
                 f"{self.label(worst)} needs {format_bytes(worst.peak_bytes)} per task with "
-                f"chunks={self.chunks}, above memory_limit={format_bytes(limit)}; "
+                f"chunks={self.output_chunks}, above memory_limit={format_bytes(limit)}; "
                 f"{self._budget_fix(worst.peak_bytes)}", parameter='memory_limit')
         return self
 
@@ -128,7 +138,7 @@ class Plan:
         if self.barriers:
             parts.append(_plural(len(self.barriers), "barrier"))
         return (f"<volarray.Plan exact: {', '.join(parts)}, {_plural(self.n_tasks, 'task')}, chunks "
-                f"{self.chunks}, peak {format_bytes(self.peak_bytes)}/task, compute "
+                f"{self.chunks_text()}, peak {format_bytes(self.peak_bytes)}/task, compute "
                 f"{self.compute_ratio:.2f}x, kept {format_bytes(self.kept_bytes)}>")
 
     def summary(self) -> list[str]:
@@ -141,7 +151,7 @@ class Plan:
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
             f"device {self.device}   strategy {self.strategy}   compute {self.compute_dtype}"
             + (f"   memory limit {self.budget_from}" if self.budget_from else ""),
-            f"chunks {self.chunks}   memory limit {format_bytes(self.memory_limit)} per task   "
+            f"chunks {self.chunks_text()}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
             f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
@@ -199,16 +209,42 @@ def chunks_note(planner: Planner, grid: Grid, planned: tuple[int, ...]) -> str:
     """How the planner chose the chunk sides of ``planned`` axes."""
     which = "" if len(planned) == SPATIAL else \
         " on " + ", ".join(AXIS_NAMES[a] for a in planned) + " (the others given)"
-    return (f"chunks {grid.base} chosen{which}: the largest even split aligned to "
-            f"{planner.align} whose tasks read and write at most "
+    return (f"chunks {grid.layout.stages[-1].chunk_shape} chosen{which}: the largest even "
+            f"split aligned to {planner.align} whose tasks read and write at most "
             f"{format_bytes(planner.io_target)} and fit {format_bytes(planner.limit)}"
             + (f", grown to keep the graph under {MAX_TASKS:,} tasks" if grid.grown else ""))
 
 
+def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
+    """The input grid whose output chunks are ``given`` (the user's chunks are the
+    output's, as `coerce_chunks` returns them): each side divided by the output's scale
+    (a stride-2 head's output chunks of 4 come from input chunks of 8), at most the
+    input's side; and a note for each axis where no input side gives the output side
+    asked for (an odd side of an output twice the input's size)."""
+    if given is None:
+        return None, []
+    shape = graph.nodes[graph.input].shape
+    out_node = graph.nodes[graph.output]
+    sides, notes = [], []
+    for axis, (c, s, n, m) in enumerate(zip(given, out_node.scale, shape, out_node.shape)):
+        if c is None or s == 1:
+            sides.append(c)
+            continue
+        near = max(1, min(n, round(c / s)))
+        side = min((b for b in (near, near - 1, near + 1) if 1 <= b <= n),
+                   key=lambda b: (abs(fixed_side(b, s, m) - c), b != near))
+        got = fixed_side(side, s, m)
+        if got != c:
+            notes.append(f"chunks: the output is {s} times the input along {AXIS_NAMES[axis]}, "
+                         f"so its chunks there are {got}, the nearest side to the {c} asked for")
+        sides.append(side)
+    return tuple(sides), notes
+
+
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
               keep=None, spill: bool = False, strategy=None, compute_dtype=None) -> Plan:
-    """The plan of an exact run. ``chunks``: as `coerce_chunks` takes or returns it
-    (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
+    """The plan of an exact run. ``chunks``: the output's chunks, as `coerce_chunks`
+    takes them (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
     (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch;
     ``strategy``: 'slab' or 'whole' (by default the device's, `resolve_strategy`); on a
     GPU the default memory_limit is the device's (`volarray.devices.task_budget`)."""
@@ -219,7 +255,10 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     planner = Planner.for_device(graph, memory_limit if limit is None else limit, device,
                                  strategy)
     shape = graph.nodes[graph.input].shape
-    given = coerce_chunks(chunks, shape)
+    given, chunk_notes = input_chunks(graph,
+                                      coerce_chunks(chunks, graph.nodes[graph.output].shape))
+    if given is not None:
+        planner = replace(planner, fixed_output=tuple(c is not None for c in given))
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
     budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))
@@ -228,6 +267,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
+    notes = chunk_notes + notes
     stages = grid.layout.stages
     # kept tensors are stored in the compute dtype (float16 runs keep half the bytes)
     stored = np.dtype(kept_dtype(compute, graph.dtype)).itemsize

@@ -241,7 +241,7 @@ class Exact:
             g = graph
             if argmax:  # a new graph: the scores' plan keeps the whole head
                 g = fuse_argmax_head(graph) or graph
-            return make_plan(g, coerce_chunks(self.chunks, arr.shape[1:]), self.memory_limit,
+            return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
                              self.device, keep=self.keep, spill=self.spill,
                              strategy=self.strategy, compute_dtype=self.compute_dtype)
         return self.traced.get(("plan", tuple(arr.shape), argmax,

@@ -8,7 +8,6 @@ written or removed, and what a stopped run leaves, is decided in `outputs`.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import re
@@ -20,7 +19,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
-from .cluster import with_scheduler_file
+from .cluster import client_of, with_scheduler_file
 from .api import QUANTIZED_ATTRS, predict, prediction
 from .claim import claimed
 from .digest import (BAD_VOXEL, check_input_unchanged, forget_input_chunk, input_hashes,
@@ -458,20 +457,6 @@ def compute_stoppable(collection, scheduler):
         return collection.compute(scheduler="threads", pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def client_of(scheduler):
-    """The distributed Client ``scheduler`` names (or the default one), or None."""
-    try:
-        from distributed import Client, default_client
-    except ImportError:
-        return None
-    if isinstance(scheduler, Client):
-        return scheduler
-    if scheduler is None and dask.config.get("scheduler", None) in (None, "dask.distributed"):
-        with contextlib.suppress(ValueError):
-            return default_client()
-    return None
 
 
 def _version() -> str:

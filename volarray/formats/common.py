@@ -104,11 +104,37 @@ def unused_folder(folder, overwrite: bool, suffixes, prefix: str = "slice",
     return folder
 
 
+def array_data(array):
+    """What a writer streams from ``array``: a DataArray's ``.data``, a numpy or dask
+    array itself (a numpy array's ``.data`` is a memoryview)."""
+    return array if isinstance(array, np.ndarray) else getattr(array, "data", array)
+
+
 def staging_file(path: str) -> str:
     """A new file beside ``path`` to write into and then move onto it: no user file is
-    ever written over, and a stopped write leaves no half file under ``path``."""
+    ever written over, and a stopped write leaves no half file under ``path``. Its mode
+    is a new file's under the process's umask (mkstemp's is 0600), so that the output
+    moved into place is as readable as any other file the process writes."""
     import tempfile
     fd, tmp = tempfile.mkstemp(prefix=".volarray-", suffix=".partial",
                                dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~process_umask())
+    finally:
+        os.close(fd)
     return tmp
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it
+    and back, as os.umask must, races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

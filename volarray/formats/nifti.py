@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..readers import CheckedReader, lazy_array
-from .common import lazy_dataarray, require, staging_file, stream_blocks, unused_target
+from .common import (array_data, lazy_dataarray, require, staging_file, stream_blocks,
+                     unused_target)
 
 SUFFIXES = (".nii", ".nii.gz")
 DIMS = ("i", "j", "k")
@@ -143,7 +144,7 @@ def write_nifti(array, path, *, like=None, affine=None, overwrite: bool = False)
     Labels keep their integer type (uint8/uint16), scores are float32. Streamed slab by
     slab, never the whole volume in memory."""
     nib = require("nibabel", "medical")
-    data = getattr(array, "data", array)
+    data = array_data(array)
     path = unused_target(path, overwrite)
     if not path.endswith(SUFFIXES):
         raise InputError(f"output {path!r}: a NIfTI file name ends with .nii or .nii.gz")

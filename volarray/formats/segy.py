@@ -13,7 +13,8 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .common import lazy_dataarray, require, staging_file, stream_blocks, unused_target
+from .common import (array_data, lazy_dataarray, require, staging_file, stream_blocks,
+                     unused_target)
 
 SUFFIXES = (".sgy", ".segy")
 
@@ -87,7 +88,7 @@ def write_segy(array, path, *, like, overwrite: bool = False, iline: int = 189,
     geometry. Written line block by line block, never the whole cube in memory."""
     segyio = require("segyio", "seismic")
     cube = SegyCube(like, iline, xline)
-    data = getattr(array, "data", array)
+    data = array_data(array)
     if tuple(data.shape) != cube.shape:
         raise InputError(f"the cube to write has shape {tuple(data.shape)}; {cube.path!r} "
                          f"holds {cube.shape} ({', '.join(cube.dims)}): pass one channel of "

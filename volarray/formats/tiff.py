@@ -17,7 +17,8 @@ import tempfile
 import numpy as np
 
 from ..errors import InputError
-from .common import lazy_dataarray, require, stream_blocks, unused_folder
+from .common import (array_data, lazy_dataarray, process_umask, require, stream_blocks,
+                     unused_folder)
 
 SUFFIXES = (".tif", ".tiff")
 DIMS = ("slice", "row", "column")
@@ -89,7 +90,7 @@ def write_tiff(array, folder, *, overwrite: bool = False, prefix: str = "slice")
     """A (slice, row, column) volume as a folder of single-page TIFFs, one per slice
     (``slice_00000.tif``...), in the array's type, a few slices at a time."""
     tifffile = require("tifffile", "microct")
-    data = getattr(array, "data", array)
+    data = array_data(array)
     if data.ndim != 3:
         raise InputError(f"a TIFF stack is written from a (slice, row, column) volume; got "
                          f"shape {tuple(data.shape)} (select one channel)")
@@ -99,7 +100,8 @@ def write_tiff(array, folder, *, overwrite: bool = False, prefix: str = "slice")
     # no partial stack where a complete one is expected
     parent = os.path.dirname(os.path.abspath(folder))
     staging = tempfile.mkdtemp(prefix=".volarray-tiff-", dir=parent)
-    try:
+    try:  # a new folder's mode under the umask (mkdtemp's is 0700)
+        os.chmod(staging, 0o777 & ~process_umask())
         digits = max(5, len(str(data.shape[0])))
         for lo, block in stream_blocks(data, axis=0):
             for i, page in enumerate(block):
