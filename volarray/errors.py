@@ -36,3 +36,12 @@ class TraceError(VolarrayError):
 
 class MemoryBudgetError(VolarrayError):
     """A task of the plan cannot fit in the memory limit."""
+
+
+class VolarrayWarning(UserWarning):
+    """Base class of the warnings volarray issues: it runs, but likely not as meant."""
+
+
+class TaskCountWarning(VolarrayWarning):
+    """A run of so many tasks (tiny chunks, tiny windows) that planning and scheduling
+    alone take minutes and gigabytes."""
