@@ -335,11 +335,11 @@ def test_cli_refusals(tmp_path, folder, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "case.npy", random_volume((20, 24, 20)))
     (tmp_path / "seg.zarr").mkdir()
-    cases = [(["seg.zarr", "--nnunet", folder], "exists; pass overwrite=True (--overwrite)"),
+    cases = [(["seg.zarr", "--nnunet", folder], "exists; pass --overwrite"),
              (["new.zarr", "--nnunet", folder, "--tta", "flips"], "--tta: not for --nnunet"),
              (["new.zarr", "--model", "x:y", "--folds", "1"], "--folds: only for --nnunet"),
              (["new.zarr", "--nnunet", folder, "--folds", "4"],
-              ("volarray: error: --folds: '", "pass folds=(0, 1) or some")),
+              ("volarray: error: --folds: '", "pass --folds 0 1 or some")),
              (["new.zarr", "--model", "x:y", "--output", "logits"], "--output logits applies")]
     for argv, needle in cases:
         assert main(["predict", "case.npy", *map(str, argv)]) == 2

@@ -72,7 +72,7 @@ _ASSIGNED = re.compile(rf"(?<![\w.\-/'])([a-z][a-z0-9_]*)=({_VALUE})?(\s*\(--[a-
 _BARE = re.compile(r"(?<![\w.\-=/'])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![=(])")
 
 
-def in_flags(message: str, options: set[str] | None = None) -> str:
+def in_flags(message: str, options: dict | None = None) -> str:
     """``message`` with each parameter of the API that the command line has as a flag
     written as that flag: ``overwrite=True (--overwrite)`` -> ``--overwrite``,
     ``chunks=(8, 8, 8)`` -> ``--chunks 8,8,8``, ``memory_limit`` -> ``--memory-limit``."""
@@ -87,7 +87,8 @@ def in_flags(message: str, options: set[str] | None = None) -> str:
             return m.group(0)
         tail = value[-1] if value.endswith(".") and len(value) > 1 else ""
         same = (m.group(3) or "").strip() in ("", f"({flag})")
-        return (_as_flag(name, flag, value[:len(value) - len(tail)]) + tail
+        apart = options[flag] in ("+", "*")  # --folds 0 1, not --folds 0,1
+        return (_as_flag(name, flag, value[:len(value) - len(tail)], apart) + tail
                 + ("" if same else m.group(3)))
 
     def bare(m: re.Match) -> str:
@@ -97,7 +98,7 @@ def in_flags(message: str, options: set[str] | None = None) -> str:
     return _BARE.sub(bare, _ASSIGNED.sub(assigned, message))
 
 
-def _as_flag(name: str, flag: str, value: str) -> str:
+def _as_flag(name: str, flag: str, value: str, apart: bool = False) -> str:
     if (name, value) in VALUE_OF:
         return f"{flag} {VALUE_OF[name, value]}"
     if value == "":
@@ -109,7 +110,8 @@ def _as_flag(name: str, flag: str, value: str) -> str:
     if value == "None":
         return f"no {flag}"
     if value[0] in "([" and value[-1] in ")]":  # (64, 128, 128) -> 64,128,128
-        value = ",".join(v.strip() for v in value[1:-1].split(",") if v.strip())
+        value = (" " if apart else ",").join(v.strip() for v in value[1:-1].split(",")
+                                             if v.strip())
     elif value[0] in "'\"" and re.fullmatch(r"[\w.,:/+-]+", value[1:-1]):
         value = value[1:-1]  # 'window' -> window; a path with spaces keeps its quotes
     return f"{flag} {value}"

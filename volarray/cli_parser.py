@@ -203,12 +203,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def option_names(ap: argparse.ArgumentParser | None = None) -> set[str]:
-    """Every ``--flag`` of every command, to name them in messages."""
+def option_names(ap: argparse.ArgumentParser | None = None) -> dict[str, object]:
+    """Every ``--flag`` of every command, with its ``nargs`` (``"+"``: values follow it
+    apart, ``--folds 0 1``), to name flags in messages."""
     ap = ap or parser()
-    names = set()
+    names = {}
     for command in ap.commands.values():
         for action in command._actions:
-            names.update(o for o in action.option_strings if o.startswith("--"))
+            names.update((o, action.nargs) for o in action.option_strings if o.startswith("--"))
     return names
-
