@@ -222,7 +222,11 @@ def test_cli_second_ctrl_c_exits_at_once_with_130(work, tries):
     np.save(d / "v.npy", random_volume((24, 24, 32), seed=4))
     args = ["predict", "v.npy", "o.zarr", "--model", MODEL, "--weights", "w.pt", "--chunks", "8",
             "--quiet"]
-    script = slow_writes(0.2) + "import sys, volarray.cli\nsys.exit(volarray.cli.main(sys.argv[1:]))"
+    script = slow_writes(0.2) + """
+import sys, volarray.cli
+sys.argv[0] = "volarray"  # as the volarray script's process
+sys.exit(volarray.cli.main(sys.argv[1:]))
+"""
     for _ in range(tries):
         for p in d.glob("*o.zarr*"):
             shutil.rmtree(p)
@@ -243,7 +247,8 @@ def test_cli_second_ctrl_c_exits_at_once_with_130(work, tries):
         assert proc.returncode == 130, err
         assert "terminate called" not in err and "Traceback" not in err, err
         assert time.time() - t0 < 30
-        assert "second Ctrl-C" in screen(err)[-1] and "--resume" in screen(err)[-1], err
+        # the line of the second Ctrl-C, or the first's if it was handled already
+        assert "--resume" in screen(err)[-1] and "chunks" in screen(err)[-1], err
         assert marks(d / "o.zarr").sum() >= 2  # the finished chunks are kept
 
 

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_errors import (RUN, CLIError, RunFailed, debug_wanted, error_line, failure_line,
-                         flag_of, second_interrupt_exits, unexpected_line,
-                         warnings_in_one_line, what_to_fix)
+from .cli_errors import (RUN, CLIError, RunFailed, command_line_process, debug_wanted,
+                         error_line, exit_now, failure_line, flag_of, second_interrupt_exits,
+                         unexpected_line, warnings_in_one_line, what_to_fix)
 from .cli_parser import NNUNET_ONLY, NOT_NNUNET, parser
 
 __all__ = ["main", "parser", "load_model", "preview", "CLIError", "error_line", "flag_of"]
@@ -289,15 +289,13 @@ def run_writer(args, write, scheduler, source, store: str, resume: bool):
             Location.of(store, args.storage_options).exists()
     except Exception:
         replacing = False
-    RUN.output = store
+    RUN.output = store  # for the line of a second Ctrl-C
     try:
         return write(scheduler, source, store, resume)
     except (VolarrayError, CLIError, KeyboardInterrupt):
         raise
     except Exception as e:
         raise RunFailed(failure_line(e, kept_after(e, store, replacing, args)), e) from e
-    finally:
-        RUN.output = None
 
 
 def kept_after(error: Exception, store: str, replacing: bool, args) -> str:
@@ -407,8 +405,13 @@ def main(argv=None) -> int:
     """Run one command; every failure is one line on stderr and an exit code (see
     `cli_errors`), a traceback only with --debug or VOLARRAY_DEBUG=1."""
     args = parser().parse_args(argv)
-    with second_interrupt_exits(), warnings_in_one_line():
-        return run_command(args)
+    with second_interrupt_exits() as interrupted, warnings_in_one_line():
+        code = run_command(args)
+    if interrupted and command_line_process():
+        # stopped by Ctrl-C, its line said: leave now, not after the interpreter's
+        # teardown (seconds, which a second Ctrl-C would cut short with SIGINT's death)
+        exit_now(None, code)
+    return code
 
 
 def run_command(args) -> int:

@@ -227,21 +227,22 @@ def interrupted_while_starting(signum, frame):
     exit_now(STARTING)
 
 
-def exit_now(line: str, code: int = 130):
+def exit_now(line: str | None, code: int = 130):
     """Flush what was printed, say ``line``, and leave without the interpreter's
     teardown (threads still in torch would abort it: 'terminate called ...')."""
     try:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         with contextlib.suppress(Exception):
-            sys.stderr.write(line + "\n")
+            sys.stderr.write(line + "\n" if line else "")
             sys.stderr.flush()
     finally:
         os._exit(code)
 
 
 def second_interrupt_line() -> str:
-    if RUN.output is None:
+    out = RUN.output
+    if out is None or ("://" not in out and not os.path.exists(out)):
         return "volarray: stopped at once by a second Ctrl-C; nothing was written"
     return (f"volarray: stopped at once by a second Ctrl-C; the chunks finished in "
             f"{RUN.output!r} are kept: run again with --resume to compute the rest")
@@ -251,19 +252,23 @@ def second_interrupt_line() -> str:
 def second_interrupt_exits():
     """While a command runs: the first Ctrl-C raises KeyboardInterrupt (the run stops
     after the tasks in flight and keeps its finished chunks); a second one, while the
-    first is handled, exits at once with 130. The handler stays for the rest of a
-    command-line process (its teardown may outlast the run); elsewhere (``main``
-    called from Python) the previous one comes back."""
+    first is handled, exits at once with 130; once the command is over (the process is
+    ending), any Ctrl-C exits quietly with 130. Once a Ctrl-C has stopped the command, or in a command-line
+    process, the handler stays for the process's teardown; else (``main`` called from
+    Python and not interrupted) the previous one comes back. Yields a list that holds
+    the signal once a Ctrl-C came."""
+    fired, handled = [], []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield fired
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN:  # a background job: Ctrl-C is not for this process
-        yield
+        yield fired
         return
-    fired = []
 
     def handler(signum, frame):
+        if handled:  # the command is over, the process is ending: end it now
+            exit_now(None)
         if fired:
             exit_now(second_interrupt_line())
         fired.append(signum)
@@ -274,7 +279,8 @@ def second_interrupt_exits():
 
     signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield fired
     finally:
-        if not command_line_process():
+        handled.append(True)
+        if not fired and not command_line_process():
             signal.signal(signal.SIGINT, previous)
