@@ -253,10 +253,10 @@ def second_interrupt_exits():
     """While a command runs: the first Ctrl-C raises KeyboardInterrupt (the run stops
     after the tasks in flight and keeps its finished chunks); a second one, while the
     first is handled, exits at once with 130; once the command is over (the process is
-    ending), any Ctrl-C exits quietly with 130. Once a Ctrl-C has stopped the command, or in a command-line
-    process, the handler stays for the process's teardown; else (``main`` called from
-    Python and not interrupted) the previous one comes back. Yields a list that holds
-    the signal once a Ctrl-C came."""
+    ending), any Ctrl-C exits quietly with 130. The handler stays for the process's
+    teardown once a Ctrl-C stopped the command, or in a command-line process; else
+    (``main`` called from Python, not interrupted) the previous one comes back. Yields
+    a list that holds the signal once a Ctrl-C came."""
     fired, handled = [], []
     if threading.current_thread() is not threading.main_thread():
         yield fired

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import html
 import math
-import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import psutil
 
-from .errors import InputError, MemoryBudgetError, TaskCountWarning
+from .errors import InputError, MemoryBudgetError
 from .geometry import (AXIS_NAMES, SPATIAL, Interval, chunk_bounds, coerce_chunks,
                        intervals)
 from .program import TileProgram
+from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
 from .trace import Graph
 
 MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
@@ -776,7 +776,8 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     planner = Planner.for_device(graph, memory_limit, device)
     shape = graph.nodes[graph.input].shape
     given = coerce_chunks(chunks, shape)
-    estimate = warn_of_tiny_chunks(shape, given, max(max(alignment(graph)), 8))
+    step = max(max(planner.align), 8)  # the smallest chunk side worth suggesting
+    estimate = warn_of_tiny_chunks(shape, given, step)
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
     budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))
@@ -793,47 +794,5 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                 keep_budget=budget, planned_axes=planned)
     if estimate <= TASK_WARNING < plan.n_tasks:  # not foreseen: stages and barriers
         warn_of_many_tasks(plan.n_tasks, f"the plan of chunks={plan.chunks} has "
-                           f"{plan.n_tasks:,} tasks", fewer_chunks(shape, planner.align[0]))
+                           f"{plan.n_tasks:,} tasks", fewer_chunks(shape, step))
     return plan
-
-
-# A graph past this many tasks warns: planning it takes minutes (524,290 tasks, from
-# chunks=1 on a 64^3 volume: 5 minutes and 3.7 GB of graph), and so does stopping it.
-TASK_WARNING = 100_000
-
-
-def chunk_count(shape, chunks) -> int:
-    """Chunks of ``shape`` in chunks of ``chunks`` (None on an axis: one chunk there, the
-    fewest the planner could choose)."""
-    return math.prod(-(-n // min(c or n, n)) for n, c in zip(shape, chunks))
-
-
-def fewer_chunks(shape, step: int = 8) -> str:
-    """The chunks to suggest in place of tiny ones: the smallest side, a power of two
-    times ``step``, that makes at most TASK_WARNING / 10 chunks."""
-    side = max(step, 1)
-    while side < max(shape) and chunk_count(shape, (side,) * len(shape)) > TASK_WARNING // 10:
-        side *= 2
-    side = min(side, max(shape))
-    n = chunk_count(shape, (side,) * len(shape))
-    return (f"pass chunks={side} or larger ({n:,} chunk{'s' if n > 1 else ''}), or no "
-            "chunks= for the planner's choice")
-
-
-def warn_of_many_tasks(count: int, what: str, fix: str) -> None:
-    """A TaskCountWarning past TASK_WARNING tasks: ``what`` made ``count``, ``fix``."""
-    if count > TASK_WARNING:
-        warnings.warn(f"{what}: a graph of at least {count:,} tasks, more than "
-                      f"{TASK_WARNING:,}, whose planning and scheduling alone take minutes "
-                      f"and gigabytes; {fix}", TaskCountWarning, stacklevel=3)
-
-
-def warn_of_tiny_chunks(shape, given, step: int = 8) -> int:
-    """Before any planning, from the shape alone: the fewest tasks ``given`` chunks
-    (as `coerce_chunks` returns them) can make, warned of past TASK_WARNING."""
-    if given is None:
-        return 0
-    count = chunk_count(shape, given)
-    warn_of_many_tasks(count, f"chunks={tuple(given)} split the volume {tuple(shape)} into "
-                       f"{count:,} chunks", fewer_chunks(shape, step))
-    return count

@@ -27,6 +27,7 @@ from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .heap import release_freed_memory, use_mapped_tensors
 from .io import check_finite
+from .taskcount import chunk_count, fewer_chunks, warn_of_many_tasks
 from .trace import first_line, meta_forward, pick_output, user_frame
 
 
@@ -234,7 +235,6 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
 def warn_of_many_windows(shape, roi, overlap, chunks, starts) -> None:
     """Before the graph is built: a TaskCountWarning when its windows and output
     chunks pass the planner's TASK_WARNING tasks."""
-    from .planner import chunk_count, fewer_chunks, warn_of_many_tasks
     windows, blocks = math.prod(len(s) for s in starts), chunk_count(shape, chunks)
     fix = fewer_chunks(shape) if blocks >= windows else \
         "pass a larger roi_size or a smaller overlap"
