@@ -1,6 +1,7 @@
 """Failures a user meets mid-run, as they meet them: a full disk, a model that raises,
 Ctrl-C twice or while starting, absurdly small chunks. Each ends in one line that says
 what failed, what is kept and how to finish; the finished chunks resume bitwise."""
+import importlib
 import os
 import shutil
 import signal
@@ -58,6 +59,11 @@ class Flat(nn.Module):
 
 def flat():
     return Flat().eval()
+
+def small():
+    from volarray.models import FaultSeg3D
+    torch.manual_seed(0)
+    return FaultSeg3D(width=4).eval()
 
 def sleepy():
     open("loading", "w").close()
@@ -124,8 +130,8 @@ def work(tmp_path):
 
 def test_cli_disk_full_keeps_finished_chunks_and_resume_finishes_bitwise(work):
     d, vol = work
-    args = ["predict", "v.npy", "o.zarr", "--model", MODEL, "--weights", "w.pt", "--chunks",
-            "8", "--quiet"]
+    args = ["predict", "v.npy", "o.zarr", "--model", "mymodels:small", "--chunks", "8",
+            "--quiet"]
     r = cli(*args, cwd=d, script=FULL_DISK)
     assert r.returncode == 1, r.stderr
     line = one_line(r.stderr)
@@ -134,12 +140,23 @@ def test_cli_disk_full_keeps_finished_chunks_and_resume_finishes_bitwise(work):
     assert "chunks are finished and kept in 'o.zarr'" in line and "free disk space" in line
     assert "--resume" in line and "resume=" not in line and "--debug" in line
     assert 3 <= marks(d / "o.zarr").sum() < marks(d / "o.zarr").size
-    assert sorted(p.name for p in d.iterdir()) == ["mymodels.py", "o.zarr", "v.npy", "w.pt"]
+    assert sorted(p.name for p in d.iterdir() if p.name != "__pycache__") == [
+        "mymodels.py", "o.zarr", "v.npy", "w.pt"]  # no scratch left
     r = cli(*args, "--resume", cwd=d)  # space freed
     assert r.returncode == 0, r.stderr
-    fresh = volarray.predict_to_zarr(seeded(FaultSeg3D), vol, d / "fresh.zarr", chunks=8)
+    fresh = volarray.predict_to_zarr(load_models(d).small(), vol, d / "fresh.zarr", chunks=8)
     resumed = zarr.open_group(str(d / "o.zarr"), mode="r")["prediction"][...]
     np.testing.assert_array_equal(resumed, fresh[...])
+
+
+def load_models(folder: Path):
+    """The test's model file, imported here as the command line imports it."""
+    sys.path.insert(0, str(folder))
+    try:
+        import mymodels
+        return importlib.reload(mymodels)
+    finally:
+        sys.path.remove(str(folder))
 
 
 def test_cli_model_raising_in_window_mode_keeps_chunks_and_resumes(work):
@@ -157,12 +174,7 @@ def test_cli_model_raising_in_window_mode_keeps_chunks_and_resumes(work):
     assert 0 < done.sum() < done.size
     r = cli(*args, "--resume", cwd=d)
     assert r.returncode == 0, r.stderr
-    sys.path.insert(0, str(d))
-    try:
-        import mymodels
-    finally:
-        sys.path.remove(str(d))
-    ref = volarray.predict(mymodels.flaky(), vol, method="window", roi_size=8,
+    ref = volarray.predict(load_models(d).flaky(), vol, method="window", roi_size=8,
                            chunks=8).compute(scheduler="sync")
     np.testing.assert_array_equal(zarr.open_group(str(d / "o.zarr"))["prediction"][...], ref)
 
