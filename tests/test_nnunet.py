@@ -365,7 +365,7 @@ def test_cli_refusals(tmp_path, folder, capsys, monkeypatch):
              (["new.zarr", "--nnunet", folder, "--tta", "flips"], "--tta: not for --nnunet"),
              (["new.zarr", "--model", "x:y", "--folds", "1"], "--folds: only for --nnunet"),
              (["new.zarr", "--nnunet", folder, "--folds", "4"],
-              ("volarray: error: --folds: '", "pass folds=(0, 1) or some")),
+              ("volarray: error: --folds: '", "pass --folds 0 1 or some")),
              (["new.zarr", "--model", "x:y", "--output", "logits"], "--output logits applies")]
     for argv, needle in cases:
         assert main(["predict", "case.npy", *map(str, argv)]) == 2

@@ -113,7 +113,8 @@ def test_errors_name_their_parameter_and_the_cli_its_flag(capsys, tmp_path, monk
     code = main(["predict", "v.npy", "o.zarr", "--model", "volarray.models:FaultSeg3D",
                  "--method", "window", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("volarray: error: --roi-size: method='window' needs")
+    assert code == 2 and err.startswith("volarray: error: --roi-size: --method window needs "
+                                          "--roi-size, the model's patch size")
     assert not (tmp_path / "o.zarr").exists()
 
 

@@ -1,12 +1,16 @@
 """volarray: exact, out-of-core, distributed full-volume inference for PyTorch 3D models."""
-from .heap import request_huge_pages
+from .cli_errors import quiet_start
+
+quiet_start()  # on the command line, Ctrl-C while torch and dask load is one line
+
+from .heap import request_huge_pages  # noqa: E402
 
 request_huge_pages()  # before torch's first allocation, if it comes first (volarray/heap.py)
 
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import normalization, plan, predict
-from .errors import (InputError, MemoryBudgetError, OutputBusyError, TraceError,
-                     UnsupportedOpError, VolarrayError)
+from .errors import (InputError, MemoryBudgetError, OutputBusyError, TaskCountWarning,
+                     TraceError, UnsupportedOpError, VolarrayError, VolarrayWarning)
 from .formats import open_dataarray
 from .normalize import Normalization
 from .planner import Plan
@@ -18,4 +22,5 @@ __all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "fli
            "labels", "MeanStd", "normalization", "Normalization",
            "open_dataarray",
            "VolarrayError", "InputError", "UnsupportedOpError", "TraceError",
-           "MemoryBudgetError", "OutputBusyError", "__version__"]
+           "MemoryBudgetError", "OutputBusyError", "VolarrayWarning", "TaskCountWarning",
+           "__version__"]

@@ -79,9 +79,16 @@ class DatasetAccessor:
     def __init__(self, obj: xr.Dataset):
         self._obj = obj
 
-    def predict(self, model, *, var: str, name: str = "prediction", **kwargs) -> xr.Dataset:
+    def predict(self, model, *, var: str | None = None, name: str = "prediction",
+                **kwargs) -> xr.Dataset:
         """The Dataset with a new lazy variable ``name``: the prediction of ``var``
         (two variables ``<name>_mean`` and ``<name>_std`` with ``ensemble=``)."""
+        if var is None:
+            volumes = [n for n, v in self._obj.data_vars.items() if v.ndim in (3, 4)]
+            raise InputError(f"Dataset.volinfer.predict needs var=, the name of the variable "
+                             f"to predict: the Dataset has {list(self._obj.data_vars)}"
+                             + (f", e.g. var={volumes[0]!r}" if volumes else ""),
+                             parameter="var")
         if var not in self._obj.data_vars:
             raise InputError(f"var={var!r} is not a variable of the Dataset; it has "
                              f"{list(self._obj.data_vars)}")

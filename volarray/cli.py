@@ -1,8 +1,7 @@
-"""The `volarray` command line: predict, plan, demo."""
+"""The `volarray` command line: predict, plan, demo. Its arguments are in `cli_parser`,
+what it says on a failure or Ctrl-C in `cli_errors`."""
 from __future__ import annotations
 
-import argparse
-import json
 import contextlib
 import importlib
 import os
@@ -11,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_errors import (RUN, CLIError, RunFailed, command_line_process, debug_wanted,
+                         error_line, exit_now, failure_line, flag_of, second_interrupt_exits,
+                         unexpected_line, warnings_in_one_line, what_to_fix)
+from .cli_parser import NNUNET_ONLY, NOT_NNUNET, parser
 
-class CLIError(Exception):
-    """A problem worth one line on stderr, not a traceback."""
+__all__ = ["main", "parser", "load_model", "preview", "CLIError", "error_line", "flag_of"]
 
 
 def _peak_rss_gb() -> float:
@@ -131,31 +133,18 @@ def predict_options(args) -> dict:
                 channels=args.channels, normalize=args.normalize)
 
 
-# flags of a plain model's run that an nnU-Net model folder sets itself, and back
-NOT_NNUNET = ("weights", "method", "memory_limit", "keep", "pad", "select", "roi_size",
-              "overlap", "blend_mode", "sigma_scale", "threshold", "tta", "ensemble", "seed",
-              "coords", "compute_dtype",
-              "scratch", "output_dtype", "channels", "normalize")
-NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
-               "no_crop", "trust_checkpoint")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def check_flags(args, defaults) -> None:
     """Flags that mean nothing for the kind of model given are refused, not ignored."""
     if args.nnunet:
         given = [d for d in NOT_NNUNET if getattr(args, d) != defaults[d]]
         if given:
-            raise CLIError(f"{', '.join(_flag(d) for d in given)}: not for --nnunet runs, "
+            raise CLIError(f"{', '.join(flag_of(d) for d in given)}: not for --nnunet runs, "
                            "whose model folder sets nnU-Net's network, patch, gaussian, "
                            "mirroring and normalization; leave it out")
         return
     given = [d for d in NNUNET_ONLY if getattr(args, d) != defaults[d]]
     if given:
-        raise CLIError(f"{', '.join(_flag(d) for d in given)}: only for --nnunet "
+        raise CLIError(f"{', '.join(flag_of(d) for d in given)}: only for --nnunet "
                        "MODEL_FOLDER runs; leave it out with --model")
     if args.output_kind == "logits":
         raise CLIError("--output logits applies to --nnunet models; a --model's output is "
@@ -200,7 +189,6 @@ def _nnunet_writer(args):
 
 
 def cmd_predict(args) -> int:
-    from volarray.outputs import RunInterrupted
     check_flags(args, args.defaults)
     check_preview_path(args.preview)
     jobs = batch_jobs(args.input, args.output, args.format, args.resume, args.overwrite)
@@ -211,9 +199,6 @@ def cmd_predict(args) -> int:
             code = _predict_one(args, write, scheduler, client, source, target, fmt)
             if code:
                 return code
-    except RunInterrupted as e:
-        print(f"volarray: {e}", file=sys.stderr)
-        return e.exit_code
     finally:
         if client is not None:
             client.close()
@@ -283,7 +268,7 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     from volarray.outputs import is_complete
     complete = resume and is_complete(store, args.storage_options)  # nothing left to compute
     with bar if client is None and not args.quiet else contextlib.nullcontext():
-        result = write(scheduler, source, store, resume)
+        result = run_writer(args, write, scheduler, source, store, resume)
     results = result if isinstance(result, tuple) else (result,)
     code = _preview(args, source, results[0], target) if args.preview else 0
     if fmt != "zarr":
@@ -298,6 +283,44 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
         if args.preview and not code:
             print(f"preview: {args.preview}")
     return code
+
+
+def run_writer(args, write, scheduler, source, store: str, resume: bool):
+    """``write(...)``; an unexpected error once the run began (a full disk, a model
+    that raises) becomes `RunFailed`, whose line says what failed and what is kept."""
+    from volarray.errors import VolarrayError
+    from volarray.location import Location
+    try:
+        replacing = args.overwrite and not resume and \
+            Location.of(store, args.storage_options).exists()
+    except Exception:
+        replacing = False
+    RUN.output = store  # for the line of a second Ctrl-C
+    try:
+        return write(scheduler, source, store, resume)
+    except (VolarrayError, CLIError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise RunFailed(failure_line(e, kept_after(e, store, replacing, args)), e) from e
+
+
+def kept_after(error: Exception, store: str, replacing: bool, args) -> str:
+    """What a failed run left in ``store``, and how to finish it."""
+    from volarray.location import Location
+    from volarray.outputs import chunk_counts, is_volarray_output
+    fix = what_to_fix(error)
+    if replacing:
+        return (f"The existing output {store!r} was left as it was: {fix}, then run again "
+                "with --overwrite to replace it")
+    try:
+        out = Location.of(store, args.storage_options).refresh()
+        finished, total = chunk_counts(out) if is_volarray_output(out) else (0, 0)
+    except Exception:
+        finished, total = 0, 0
+    if not finished:
+        return f"Nothing was kept in {store!r}: {fix}, then run again"
+    return (f"{finished} of {total} chunks are finished and kept in {store!r}: {fix}, then "
+            "run again with --resume to compute the rest")
 
 
 def check_exportable(args, fmt: str) -> None:
@@ -381,227 +404,41 @@ def cmd_demo(args) -> int:
     return 0 if diff <= 1e-5 else 1
 
 
-def _sides(text: str):
-    """'96' -> 96, '64,128,128' -> (64, 128, 128), -1 for a whole axis, 'auto' (for
-    --chunks and --roi-size)."""
-    if text == "auto":
-        return text
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not N, Z,Y,X or auto") from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _channel_list(text: str) -> list[int]:
-    """'1' -> [1], '0,2' -> [0, 2] (for --channels)."""
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not C or C1,C2,...") from None
-
-
-def _model_args(p, nnunet: bool = False):
-    p.add_argument("input", help="zarr array, zarr group (with --var), .npy, SEG-Y (.sgy), "
-                                 "MDIO (.mdio), NIfTI (.nii, .nii.gz) or TIFF (a .tif file or a "
-                                 "folder of slices): a path, a URL (s3://, gs://, file://) "
-                                 "read through fsspec, or a quoted glob pattern "
-                                 "('scans/*.nii.gz') for a batch into the output folder")
-    model_help = "MODULE:CALLABLE returning a torch.nn.Module"
-    if nnunet:
-        which = p.add_mutually_exclusive_group(required=True)
-        which.add_argument("--model", help=model_help)
-        which.add_argument("--nnunet", metavar="MODEL_FOLDER",
-                           help="a trained nnU-Net v2 model folder (plans.json, dataset.json, "
-                                "fold_N/checkpoint_final.pth). The input must already be at the "
-                                "model's target spacing, in nnU-Net's axis order: volarray does "
-                                "not resample. The plans' intensity normalization is applied "
-                                "with whole-image statistics")
-    else:
-        p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
-    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
-                   help="fsspec options for URL inputs and outputs, e.g. "
-                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'")
-    p.add_argument("--var", help="array name inside a zarr group")
-    p.add_argument("--normalize", type=_normalize,
-                   help="whole-volume normalization: zscore, percentile (0.5-99.5, or "
-                        "percentile:LO,HI), or given statistics MEAN,STD or MEAN,STD,CLIP_LO,"
-                        "CLIP_HI (a training set's)")
-    p.add_argument("--chunks", type=_sides,
-                   help="chunk side N or Z,Y,X, -1 for a whole axis (default: auto, planned)")
-    p.add_argument("--method", default="exact", choices=["exact", "window"],
-                   help="exact (the whole-volume answer) or window (sliding window)")
-    p.add_argument("--memory-limit", help="per task, e.g. 4GB")
-    p.add_argument("--keep", help="exact mode: bytes of tensors kept between stages, e.g. "
-                                  "40GB or 2x (the input's bytes); 0 recomputes all "
-                                  "(default: 1x)")
-    p.add_argument("--pad", choices=["reflect", "zeros"],
-                   help="exact mode: pad sides to the network's multiple, crop back")
-    p.add_argument("--select", type=_index_or_key,
-                   help="of several model outputs, which is the prediction: an index (default "
-                        "0, nnU-Net's full-resolution head) or a dict key")
-
-
-def _json_object(text: str) -> dict:
-    """--storage-options: a JSON object."""
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object ({{...}})")
-    return value
-
-
-def _normalize(text: str):
-    """--normalize: zscore | percentile[:LO,HI] | MEAN,STD[,CLIP_LO,CLIP_HI]."""
-    if text in ("zscore", "percentile"):
-        return text
-    try:
-        if text.startswith("percentile:"):
-            lo, hi = (float(v) for v in text.split(":", 1)[1].split(","))
-            return {"percentiles": (lo, hi)}
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) == 2:
-        return {"mean": values[0], "std": values[1]}
-    if len(values) == 4:
-        return {"mean": values[0], "std": values[1], "clip": tuple(values[2:])}
-    raise argparse.ArgumentTypeError(f"{text!r} is not zscore, percentile, percentile:LO,HI, "
-                                     "MEAN,STD or MEAN,STD,CLIP_LO,CLIP_HI")
-
-
-def _index_or_key(text: str):
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
-def _predict_args(p):
-    w = p.add_argument_group("window mode (--method window)")
-    w.add_argument("--roi-size", type=_sides, help="window (patch) size: N or Z,Y,X")
-    w.add_argument("--overlap", type=float, help="window overlap (0.25)")
-    w.add_argument("--blend-mode", choices=["gaussian", "constant"], help="(gaussian)")
-    w.add_argument("--sigma-scale", type=float, help="gaussian sigma / window (0.125)")
-    o = p.add_argument_group("outputs")
-    o.add_argument("--output", dest="output_kind", default="probabilities",
-                   choices=["probabilities", "argmax", "labels", "logits"],
-                   help="argmax (or labels): uint8/uint16 class labels; logits: --nnunet only")
-    o.add_argument("--threshold", type=float,
-                   help="labels y > T for a one-channel head (0.5 sigmoid, 0.0 logits)")
-    o.add_argument("--tta", choices=["flips"], help="mean over the 8 mirrorings")
-    o.add_argument("--ensemble", type=int,
-                   help="N samples of a stochastic model: writes NAME_mean and NAME_std")
-    o.add_argument("--seed", type=int, default=0, help="seed of the ensemble's samples")
-    o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
-    o.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
-                   help="exact mode: run tiles under torch.autocast in this type")
-    o.add_argument("--channels", type=_channel_list,
-                   help="store only these output channels, e.g. 1 or 0,2")
-    o.add_argument("--output-dtype", choices=["float32", "float16", "uint8"],
-                   help="stored type of the scores: float16 halves the output, uint8 "
-                   "(probabilities in [0, 1], scale 1/255 in the attributes) quarters it")
-    n = p.add_argument_group("nnU-Net models (with --nnunet MODEL_FOLDER)")
-    n.add_argument("--folds", nargs="+", default=["0"],
-                   help="folds whose predictions are averaged, e.g. 0 1 2 3 4, or all (0)")
-    n.add_argument("--configuration", help="e.g. 3d_fullres; checked against the checkpoints'")
-    n.add_argument("--checkpoint", default="checkpoint_final.pth",
-                   help="file in each fold_N (checkpoint_final.pth; or checkpoint_best.pth)")
-    n.add_argument("--step", type=float, default=0.5,
-                   help="tile step as a fraction of the patch (nnU-Net's tile_step_size, 0.5)")
-    n.add_argument("--no-mirror", action="store_true", help="skip the test-time mirroring")
-    n.add_argument("--no-normalize", action="store_true",
-                   help="the input is normalized already (skip the plans' normalization)")
-    n.add_argument("--no-crop", action="store_true",
-                   help="skip nnU-Net's crop to the bounding box of nonzero voxels")
-    n.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle any object in the checkpoints, as nnU-Net does (only for "
-                        "files you trust); by default only tensors, numbers and numpy arrays")
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="volarray", description=__doc__)
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="run a model (or an nnU-Net v2 model folder) over a "
-                                       "volume into a zarr store")
-    _model_args(p, nnunet=True)
-    p.add_argument("output", help="zarr store to write (a group holding --name): a path or "
-                                  "a URL; a .nii.gz, .sgy or (--format tiff) folder for the "
-                                  "field's formats; a folder for a batch")
-    p.add_argument("--name", default="prediction", help="output array name")
-    p.add_argument("--device", default=None, help="cpu, cuda (every visible GPU), cuda:N, "
-                   "cuda:0,2 or auto; by default the GPU the model is on, else cpu")
-    p.add_argument("--scheduler", default="threads",
-                   help="threads, sync, or a dask scheduler address (tcp://...)")
-    p.add_argument("--scheduler-file", help="a dask cluster's scheduler file (wins over it)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--preview", help="write a PNG of three slices of input and prediction")
-    p.add_argument("--scratch", default="auto", choices=["auto", "disk", "memory"],
-                   help="where exact mode keeps tensors between stages (auto: on disk beside "
-                        "the output past 256 MB)")
-    p.add_argument("--format", choices=["zarr", "nifti", "segy", "tiff"],
-                   help="output format (default: from the output's suffix, .nii/.nii.gz "
-                        "NIfTI with the input's affine, .sgy/.segy SEG-Y with the input's "
-                        "headers, else zarr); tiff writes a folder of slices")
-    p.add_argument("--quiet", action="store_true")
-    _predict_args(p)
-    p.set_defaults(func=cmd_predict)
-    p.set_defaults(defaults={d: p.get_default(d) for d in NOT_NNUNET + NNUNET_ONLY})
-    p = sub.add_parser("plan", help="print what predict would run, and check it fits")
-    _model_args(p)
-    p.set_defaults(func=cmd_plan)
-    d = sub.add_parser("demo", help="run FaultSeg3D on a synthetic seismic volume and check "
-                                    "it against plain torch")
-    d.add_argument("--size", type=int, default=128, help="volume side (default 128)")
-    d.add_argument("--chunks", type=int, default=None, help="chunk side (default: planned)")
-    d.add_argument("--scheduler", default="threads", choices=["threads", "sync"],
-                   help="in-process dask scheduler (default threads)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-check", action="store_true", help="skip the plain-torch comparison")
-    d.set_defaults(func=cmd_demo)
-    return ap
+COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
+    """Run one command; every failure is one line on stderr and an exit code (see
+    `cli_errors`), a traceback only with --debug or VOLARRAY_DEBUG=1."""
     args = parser().parse_args(argv)
+    with second_interrupt_exits() as interrupted, warnings_in_one_line():
+        code = run_command(args)
+    if interrupted and command_line_process():
+        # stopped by Ctrl-C, its line said: leave now, not after the interpreter's
+        # teardown (seconds, which a second Ctrl-C would cut short with SIGINT's death)
+        exit_now(None, code)
+    return code
+
+
+def run_command(args) -> int:
     from volarray.errors import VolarrayError
+    from volarray.outputs import RunInterrupted
     try:
-        return args.func(args)
-    except KeyboardInterrupt:  # before the run started writing: nothing to keep
-        if args.debug:
-            raise
-        print("volarray: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (CLIError, VolarrayError) as e:
-        if args.debug:
-            raise
-        print(error_line(e), file=sys.stderr)
-        return getattr(e, "exit_code", 2)  # 1: a valid request that could not run now
-
-
-# parameters whose flag is not --<name with dashes>; None: the API's only
-FLAG_OF = {"output": "--output", "tile_step_size": "--step", "mirror": "--no-mirror",
-           "crop_nonzero": "--no-crop", "store": None, "volume": None, "dims": None,
-           "placement": None, "channel_dim": None, "predictor": None, "multiple": None,
-           "cache": None}
-
-
-def flag_of(parameter: str | None) -> str | None:
-    """The command line's name for the API parameter an error names, if it has one."""
-    if parameter is None:
-        return None
-    return FLAG_OF.get(parameter, "--" + parameter.replace("_", "-"))
-
-
-def error_line(e: Exception) -> str:
-    """``volarray: error: [--flag: ]message``: the flag of the parameter at fault, from
-    the error's ``parameter`` (the message itself is the API's)."""
-    flag = flag_of(getattr(e, "parameter", None))
-    return f"volarray: error: {flag + ': ' if flag else ''}{e}"
+        return COMMANDS[args.command](args)
+    except RunInterrupted as e:  # finished chunks are kept; the message says so
+        print(error_line(e).replace("volarray: error: ", "volarray: ", 1), file=sys.stderr)
+        return e.exit_code
+    except BaseException as e:
+        if debug_wanted(args) or isinstance(e, (SystemExit, GeneratorExit)):
+            raise e.error if isinstance(e, RunFailed) else e
+        if isinstance(e, KeyboardInterrupt):  # before the run started writing
+            print("volarray: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        if isinstance(e, (CLIError, VolarrayError)):
+            print(error_line(e), file=sys.stderr)
+            return getattr(e, "exit_code", 2)  # 1: a valid request that could not run now
+        print(e.line if isinstance(e, RunFailed) else unexpected_line(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -275,6 +275,8 @@ def task_budget(memory_limit, device: str, model: torch.nn.Module) -> tuple[int 
     the plan's table; (None, '') where the user gave one or the run is on the CPU."""
     if memory_limit is not None or kind(device) == "cpu":
         return None, ""
+    if not torch.cuda.is_available():  # planned here (a login node), run on a cluster's GPUs
+        return None, "the default: no GPU here to ask (the cluster's workers hold them)"
     b = device_budget(device, module_bytes(model))
     return b["limit"], (f"from {b['device']}: {b['free'] / 1e9:.1f} GB free less the model "
                         f"({b['model'] / 1e9:.2f} GB) and a {b['margin'] / 1e9:.1f} GB margin, "

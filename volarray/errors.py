@@ -43,3 +43,12 @@ class OutputBusyError(VolarrayError):
     line exits with ``exit_code``: the request was valid, the output was busy."""
 
     exit_code = 1
+
+
+class VolarrayWarning(UserWarning):
+    """Base class of the warnings volarray issues: it runs, but likely not as meant."""
+
+
+class TaskCountWarning(VolarrayWarning):
+    """A run of so many tasks (tiny chunks, tiny windows) that planning and scheduling
+    alone take minutes and gigabytes."""

@@ -22,6 +22,7 @@ from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
 from .keep import choose_kept, default_keep, keep_more_to_fit, parse_keep
+from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
 
 
 def _plural(n: int, word: str) -> str:
@@ -259,6 +260,8 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                                       coerce_chunks(chunks, graph.nodes[graph.output].shape))
     if given is not None:
         planner = replace(planner, fixed_output=tuple(c is not None for c in given))
+    step = max(max(planner.align), 8)  # the smallest chunk side worth suggesting
+    estimate = warn_of_tiny_chunks(shape, given, step)
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
     budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))
@@ -271,10 +274,14 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     stages = grid.layout.stages
     # kept tensors are stored in the compute dtype (float16 runs keep half the bytes)
     stored = np.dtype(kept_dtype(compute, graph.dtype)).itemsize
-    return Plan(graph, stages, grid.base, planner.limit, model_macs(graph),
+    plan = Plan(graph, stages, grid.base, planner.limit, model_macs(graph),
                 kept_bytes=sum(tensor_bytes(graph, s.output) for s in stages[:-1])
                 * stored // graph.value_bytes,
                 notes=tuple(notes), barriers=grid.layout.barriers,
                 smallest_chunks_exceed_limit=grid.too_big and bool(planned),
                 keep_budget=budget, planned_axes=planned, device=device,
                 strategy=strategy, compute_dtype=compute, budget_from=budget_from)
+    if estimate <= TASK_WARNING < plan.n_tasks:  # not foreseen: stages and barriers
+        warn_of_many_tasks(plan.n_tasks, f"the plan of chunks={plan.chunks} has "
+                           f"{plan.n_tasks:,} tasks", fewer_chunks(shape, step))
+    return plan

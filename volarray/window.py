@@ -26,7 +26,9 @@ from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
 from .heap import release_freed_memory, use_mapped_tensors
 from .io import check_finite
+from .diagnostics import first_line, user_frame
 from .modelcall import meta_forward, pick_output
+from .taskcount import chunk_count, fewer_chunks, warn_of_many_tasks
 
 
 def scan_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -192,6 +194,7 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
     runner = WindowRunner(model, device, weights, select)
     chunks = roi if chunks is None else tuple(r if c is None else c for c, r in zip(chunks, roi))
     out_bounds = [chunk_bounds(n, min(c, n)) for n, c in zip(shape, chunks)]
+    warn_of_many_windows(shape, roi, overlap, chunks, starts)
     in_bounds = [np.cumsum((0,) + c) for c in arr.chunks[1:]]
     token = tokenize(arr.name, roi, overlap, blend_mode if not callable(blend_mode) else weights,
                      sigma_scale, chunks, device, select, ensemble, seed,
@@ -229,18 +232,42 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
                     meta=np.empty((0,) * 4, np.float32))
 
 
+def warn_of_many_windows(shape, roi, overlap, chunks, starts) -> None:
+    """Before the graph is built: a TaskCountWarning when its windows and output
+    chunks pass the planner's TASK_WARNING tasks."""
+    windows, blocks = math.prod(len(s) for s in starts), chunk_count(shape, chunks)
+    fix = fewer_chunks(shape) if blocks >= windows else \
+        "pass a larger roi_size or a smaller overlap"
+    warn_of_many_tasks(windows + blocks, f"roi_size={roi} with overlap={overlap} makes "
+                       f"{windows:,} windows and chunks={tuple(chunks)} {blocks:,} output "
+                       "chunks", fix)
+
+
 def _out_channels(model, c_in: int, roi, device, select=None) -> int:
     """The model's output channels, from a forward on meta tensors (free, and the
     model is left exactly as it was), or on one real window when the model does not
     run on meta tensors."""
+    shape = (1, c_in) + tuple(roi)
     try:
-        y = meta_forward(model, (1, c_in) + tuple(roi))
+        y = meta_forward(model, shape)
     except Exception:
         from .devices import model_on
         on_device = model_on(model, device)  # a copy where the model is elsewhere
-        with torch.inference_mode():
-            y = on_device(torch.zeros((1, c_in) + tuple(roi), device=device))
-    return int(pick_output(y, select).shape[1])
+        try:
+            with torch.inference_mode():
+                y = on_device(torch.zeros(shape, device=device))
+        except Exception as e:  # as exact mode's capture names it: the model's line
+            raise InputError(
+                f"method='window' could not run {type(model).__name__} on a window of shape "
+                f"{shape}{user_frame(e)}: {type(e).__name__}: {first_line(e)}. Window mode "
+                "calls the model on batches of 3-D windows (N, C, Z, Y, X) of roi_size; "
+                "pass a 3-D model", parameter="model") from e
+    y = pick_output(y, select)
+    if y.ndim != 5:
+        raise InputError(f"method='window': {type(model).__name__} returned a tensor of shape "
+                         f"{tuple(y.shape)} for windows of shape {shape}; window mode needs "
+                         "(N, C, Z, Y, X) back, the window's size", parameter="model")
+    return int(y.shape[1])
 
 
 def weights_token(model) -> str:
