@@ -77,21 +77,8 @@ def run_case(a):
         return torch.randn((n, n, n), generator=g, device=a.device).cpu().numpy()
 
     def faultseg():
-        stubbed = False
-        try:
-            import triton  # noqa: F401
-        except ImportError:  # import-only stand-in where there is no triton (CPU dry run)
-            stubbed = True
-            import types
-            stub = types.ModuleType("triton")
-            stub.jit = lambda f=None, **k: f if f else (lambda g: g)
-            lang = types.ModuleType("triton.language")
-            lang.constexpr = int
-            stub.language = lang
-            sys.modules["triton"], sys.modules["triton.language"] = stub, lang
-        import torchseis.models as M
-        if stubbed:
-            del sys.modules["triton"], sys.modules["triton.language"]
+        from bench_gpu import torchseis_models  # beside this script; the triton stand-in
+        M = torchseis_models()
         torch.manual_seed(0)
         return M.FaultSeg3d().eval()
 
