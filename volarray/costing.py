@@ -157,23 +157,29 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
 def sweep_bytes(graph: Graph, stage: Stage, shapes: dict, rows: int) -> tuple[int, int]:
     """A task swept in slabs of ``rows``: the bytes of one interior slab's tensors
     (its working set), and the task's projected peak: its sources and output, that
-    slab, and the rows each node holds for the next slab (the halo it reads)."""
+    slab, and each node's row buffer, sized as the sweep sizes it (`RowBuffer`): the
+    rows it holds for the next slab (the halo its consumers' new rows read) and the
+    next slab's new rows, twice over for the ring to slide in."""
     prog = stage.program
     n = graph.nodes[prog.output].shape[0]
     k = max(0, n // rows // 2 - 1)
-    a, b = Interval(k * rows, min(n, (k + 1) * rows)), Interval(
-        min(n, (k + 1) * rows), min(n, (k + 2) * rows))
-    ra, _ = prog.requirements_1d(0, a)
-    rb, _ = prog.requirements_1d(0, b)
-    held = {}  # bytes of the rows a node holds for the next slab
-    for m, iv in ra.items():
-        if m in prog.sources or m not in rb:
+    # the first of these slabs computes whole regions, as after a fresh start; the
+    # second is the sweep's steady state
+    a, b, c = prog.sweep_rows([Interval(min(n, i * rows), min(n, (i + 1) * rows))
+                               for i in (k, k + 1, k + 2)])
+    new, stores = {}, {}
+    for m, iv in b.items():
+        if m in prog.sources or m not in shapes:
             continue
-        overlap = max(0, iv.hi - rb[m].lo)
-        held[m] = graph.nodes[m].channels * graph.value_bytes * overlap * math.prod(shapes[m][1:])
-    slab_shapes = {m: (len(ra[m]),) + s[1:] for m, s in shapes.items() if m in ra}
-    return (prog.peak_bytes(slab_shapes),
-            stage.io_bytes + prog.peak_bytes(slab_shapes, held=held))
+        done = a[m].hi if m in a else iv.lo  # the rows computed before this slab
+        new[m] = (max(0, iv.hi - max(done, iv.lo)),) + shapes[m][1:]
+        held = max(0, iv.hi - c[m].lo) if m in c else 0
+        room = max(0, c[m].hi - iv.hi) if m in c else 0
+        if held:
+            stores[m] = (graph.nodes[m].channels * graph.value_bytes
+                         * 2 * (held + room) * math.prod(shapes[m][1:]))
+    return (prog.peak_bytes(new),
+            stage.io_bytes + prog.peak_bytes(new, stores=stores))
 
 
 # Thin slabs cost time (per-slab overheads, less work per call): FaultSeg3D's single

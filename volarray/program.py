@@ -241,20 +241,19 @@ class TileProgram:
 
     # ------------------------------------------------------------ cost
     def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]],
-                   held: dict[str, int] | None = None) -> int:
+                   stores: dict[str, int] | None = None) -> int:
         """Projected peak of live tensors for a tile whose nodes have the given region
-        shapes: sources, each op's padded input copies and its output. ``held``: for a
-        slab of a sweep, the bytes of the rows each node holds between slabs; a node
-        holds them alone until the slab computes it (then they are part of its tensor,
-        its new rows copied in after them) and again after its last
-        reader (`RowBuffer`)."""
+        shapes: sources, each op's padded input copies and its output. ``stores``: for
+        a slab of a sweep (``node_shapes`` then the rows each node computes in it), the
+        bytes of each node's row buffer (`RowBuffer`), held for the whole sweep; a
+        node's new rows are copied into it once computed."""
         def nbytes(name, shape=None):
             shape = node_shapes.get(name) if shape is None else shape
             if not shape:
                 return 0
             return self.nodes[name].channels * self.value_bytes * math.prod(shape)
-        held = held or {}
-        resting = sum(held.values())  # held rows of the nodes not live now
+        stores = stores or {}
+        resting = sum(stores.values())
         live = {s: nbytes(s) for s in self.sources}
         peak = sum(live.values()) + resting
         for i, name in enumerate(self.order):
@@ -264,15 +263,11 @@ class TileProgram:
             out = nbytes(name)
             if node.op.scratch_channels:
                 out += out // max(node.channels, 1) * node.op.scratch_channels
-            # while its held rows (resting) and new rows are copied into one tensor
-            joining = out - held[name] if held.get(name) else 0
-            peak = max(peak, sum(live.values()) + temps + out + joining + resting)
-            live[name] = out
-            resting -= held.get(name, 0)
+            peak = max(peak, sum(live.values()) + temps + out + resting)
+            live[name] = 0 if name in stores else out  # else a view of its store
             for p in node.inputs:
                 if self.last_use.get(p) == i:
                     live.pop(p, None)
-                    resting += held.get(p, 0)
         return peak
 
 
