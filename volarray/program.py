@@ -37,6 +37,23 @@ def _even_border(want: Box, shape) -> tuple[int, ...]:
     return tuple(max(0, min(-iv.lo, iv.hi - n)) for iv, n in zip(want.axes, shape))
 
 
+def _conv_border(want: Box, shape, stride: int) -> tuple[tuple[int, ...], int | None]:
+    """The zero padding a conv reading ``want`` applies itself: per axis the part of
+    the border it pads evenly; along z, where ``want`` reaches out on one side more
+    than on the other, the larger of the two on both sides, and then how many output
+    rows to skip (the rows the extra padding added; None: z padded evenly as asked).
+    A one-sided z border is the first and last slab of every sweep: padded by the
+    conv, the input is read in place (an output row crop is a view), not copied
+    into a padded tensor. Not across (a crop there would copy the output)."""
+    pad = _even_border(want, shape)
+    z = want.axes[0]
+    lo, hi = max(0, -z.lo), max(0, z.hi - shape[0])
+    if lo == hi or z.hi <= 0 or z.lo >= shape[0] or (max(lo, hi) - lo) % stride:
+        return pad, None  # even, or the extra rows would shift the stride's grid
+    p = max(lo, hi)
+    return (p,) + pad[1:], (p - lo) // stride
+
+
 class TileProgram:
     """The ops that turn a stage's source tensors into its output node, per tile."""
 
@@ -100,13 +117,57 @@ class TileProgram:
         return Requirements(node, edge)
 
     # ------------------------------------------------------------ execution
+    def sweep_rows(self, slabs: list[Interval]) -> list[dict[str, Interval]]:
+        """Per slab (its output rows along z, in order): the rows of each node the slab
+        reads. A node's consumers hold the rows they computed in earlier slabs, so a
+        node is read only where its consumers' new rows read it (the bounding box of
+        the whole slab would hold, at every node before a U-Net's skip, as many rows as
+        the decoder lags behind). Mirrors `sweep`: a node continues its rows when the
+        slab starts within them, else computes them afresh."""
+        rows: dict[str, Interval] = {}  # what each node holds after the last slab
+        out = []
+        for s in slabs:
+            need = {self.output: s}
+            for name in reversed(self.order):
+                iv = need.get(name, EMPTY)
+                if iv.empty:
+                    rows.pop(name, None)  # its buffer is let go
+                    continue
+                prev = rows.get(name)
+                if prev is not None and prev.lo <= iv.lo <= prev.hi:
+                    new = Interval(min(max(prev.hi, iv.lo), iv.hi), iv.hi)
+                    rows[name] = Interval(iv.lo, max(prev.hi, iv.hi))
+                else:
+                    new = rows[name] = iv
+                if new.empty:
+                    continue
+                node = self.nodes[name]
+                for p, want, fill in zip(node.inputs, node.op.need(0, new), node.op.fills):
+                    src = source_interval(want, self.nodes[p].shape[0], fill)
+                    need[p] = need.get(p, EMPTY).union(src)
+            out.append(need)
+        return out
+
+    def sweep_requirements(self, full: Requirements, slabs: list[Box]) -> list[Requirements]:
+        """`requirements` of each slab of a sweep over the region ``full`` was made for,
+        along z only what the slab reads (`sweep_rows`)."""
+        if len(slabs) == 1:
+            return [full]
+        per_slab = self.sweep_rows([s.axes[0] for s in slabs])
+        reqs = []
+        for need in per_slab:
+            node = {n: (z,) + full.node[n][1:] for n, z in need.items()
+                    if not z.empty and n in full.node}
+            reqs.append(Requirements(node, full.edge))
+        return reqs
+
     def sweep(self, ctx, sources: dict[str, torch.Tensor], full: Requirements,
               slabs: list[Box]):
         """Yield ``(slab, output over slab)`` for consecutive slabs along z of the
         region ``full`` was made for. Each node keeps the rows the next slab also
         reads, so a halo inside the region is computed once, not once per slab (a
         streaming sweep: memory is one slab's tensors plus these rows)."""
-        reqs = [self.requirements(s) for s in slabs]
+        reqs = self.sweep_requirements(full, slabs)
         env = {n: (t, full.box(n)) for n, t in sources.items()}
         held: dict[str, RowBuffer] = {}
         for j, req in enumerate(reqs):
@@ -132,9 +193,9 @@ class TileProgram:
         new = Interval(min(max(buf.rows.hi, z.lo), z.hi), z.hi) if buf is not None else z
         if not new.empty:
             node = self.nodes[name]
-            edges = [req.edge[(name, j)] for j in range(len(node.inputs))]
-            if len(new) != len(z):  # the edges of the new rows only
-                edges = [(w,) + e[1:] for w, e in zip(node.op.need(0, new), edges)]
+            # the new rows' edges along z; across, the region's
+            edges = [(w,) + req.edge[(name, j)][1:]
+                     for j, w in enumerate(node.op.need(0, new))]
             y = self._compute(ctx, name, env, Box((new,) + box.axes[1:]), edges)
             if buf is None:
                 buf = held[name] = RowBuffer(y, new.lo, box.axes[1:])
@@ -150,14 +211,17 @@ class TileProgram:
             t, have = env.get(p, (None, None))
             src = self.nodes[p]
             want = Box(edges[j])
+            skip, extra = None, {}
             if getattr(node.op, "native_padding", False):
-                # Let the conv zero-pad the part of the border it can pad evenly.
-                pad = _even_border(want, src.shape)
+                # Let the conv zero-pad the part of the border it can pad evenly, and
+                # along z a one-sided border too (a sweep's first and last slabs)
+                pad, skip = _conv_border(want, src.shape, node.op.stride[0])
+                z = want.axes[0].clip(src.shape[0]) if skip is not None else None
                 want = Box.from_bounds([lo + q for lo, q in zip(want.lo, pad)],
                                        [hi - q for hi, q in zip(want.hi, pad)])
+                if z is not None:  # the rows inside the volume, the conv pads the rest
+                    want = Box((z,) + want.axes[1:])
                 extra = {"padding": pad}
-            else:
-                extra = {}
             x = extend(t, have, want, src.shape, node.op.fills[j], src.channels, ctx.dtype,
                        ctx.device)
             # Keep every tile channels-last: crops are views and 1-channel tensors
@@ -168,6 +232,8 @@ class TileProgram:
         if name in self.relu_fused:
             extra["relu"] = True
         y = node.op.run(ctx, ins, box, **extra)
+        if skip is not None:  # the rows the even z padding added at either end
+            y = y.narrow(2, skip, len(box.axes[0]))
         if tuple(y.shape[2:]) != box.shape:
             raise RuntimeError(f"volarray internal error: {node.where} produced a tile of "
                                f"shape {tuple(y.shape[2:])} for region {box}")
@@ -175,20 +241,19 @@ class TileProgram:
 
     # ------------------------------------------------------------ cost
     def peak_bytes(self, node_shapes: dict[str, tuple[int, ...]],
-                   held: dict[str, int] | None = None) -> int:
+                   stores: dict[str, int] | None = None) -> int:
         """Projected peak of live tensors for a tile whose nodes have the given region
-        shapes: sources, each op's padded input copies and its output. ``held``: for a
-        slab of a sweep, the bytes of the rows each node holds between slabs; a node
-        holds them alone until the slab computes it (then they are part of its tensor,
-        its new rows copied in after them) and again after its last
-        reader (`RowBuffer`)."""
+        shapes: sources, each op's padded input copies and its output. ``stores``: for
+        a slab of a sweep (``node_shapes`` then the rows each node computes in it), the
+        bytes of each node's row buffer (`RowBuffer`), held for the whole sweep; a
+        node's new rows are copied into it once computed."""
         def nbytes(name, shape=None):
             shape = node_shapes.get(name) if shape is None else shape
             if not shape:
                 return 0
             return self.nodes[name].channels * self.value_bytes * math.prod(shape)
-        held = held or {}
-        resting = sum(held.values())  # held rows of the nodes not live now
+        stores = stores or {}
+        resting = sum(stores.values())
         live = {s: nbytes(s) for s in self.sources}
         peak = sum(live.values()) + resting
         for i, name in enumerate(self.order):
@@ -198,15 +263,11 @@ class TileProgram:
             out = nbytes(name)
             if node.op.scratch_channels:
                 out += out // max(node.channels, 1) * node.op.scratch_channels
-            # while its held rows (resting) and new rows are copied into one tensor
-            joining = out - held[name] if held.get(name) else 0
-            peak = max(peak, sum(live.values()) + temps + out + joining + resting)
-            live[name] = out
-            resting -= held.get(name, 0)
+            peak = max(peak, sum(live.values()) + temps + out + resting)
+            live[name] = 0 if name in stores else out  # else a view of its store
             for p in node.inputs:
                 if self.last_use.get(p) == i:
                     live.pop(p, None)
-                    resting += held.get(p, 0)
         return peak
 
 
@@ -222,52 +283,77 @@ def _keep_rows_for(env: dict, held: dict, name: str, nxt: Requirements | None) -
         held.pop(name)
     else:
         buf.drop_below(want[0].lo)
-        buf.compact(room=max(0, want[0].hi - buf.rows.hi))  # the rows it will compute
+        room = max(0, want[0].hi - buf.rows.hi)  # for the rows it will compute
+        # and as many again as the slab reads, for the ring to slide into
+        buf.compact(room=room, spare=len(buf.rows) + room)
 
 
 class RowBuffer:
     """A node's rows along z across the slabs of a sweep. Between slabs it holds only
-    the rows the next slab reads (a halo's few, copied out of the slab's tensor so
-    that the slab's rows are freed); a slab's new rows are written after them."""
+    the rows the next slab reads (copied out of the slab's tensor, so that the slab's
+    rows are freed); a slab's new rows are written after them.
+
+    Its store is a ring that does not wrap: the held rows and the next slab's slide
+    down it, always one contiguous view, and are moved back to its front only when
+    they reach its end. With ``spare`` rows more than the held and the new ones, a
+    row is moved at most once per ``spare`` rows the sweep advances (a U-Net's skip
+    tensor holds many more rows than a slab adds: moved every slab, they cost more
+    than the convolutions), and no store is allocated after the first slab."""
 
     def __init__(self, first: torch.Tensor, row: int, yx):
         self.store, self.start, self.end, self.row0, self.yx = first, 0, first.shape[2], row, yx
+        self.owned = False  # the store is a slab's tensor, not one made to hold rows
+        # the first row of the store handed out since the rows last moved: another
+        # node may hold a view of it for the rest of the slab (a ReLU passed on)
+        self.viewed = self.end
 
     @property
     def rows(self) -> Interval:
         return Interval(self.row0, self.row0 + self.end - self.start)
 
     def view(self, rows: Interval) -> torch.Tensor:
-        assert self.row0 <= rows.lo and rows.hi <= self.rows.hi, (rows, self.rows)
-        return self.store.narrow(2, self.start + rows.lo - self.row0, len(rows))
+        if not (self.row0 <= rows.lo and rows.hi <= self.rows.hi):
+            raise RuntimeError(f"volarray internal error: rows {rows} asked of a buffer "
+                               f"holding {self.rows}")
+        first = self.start + rows.lo - self.row0
+        self.viewed = min(self.viewed, first)
+        return self.store.narrow(2, first, len(rows))
 
     def drop_below(self, row: int) -> None:
         k = min(max(0, row - self.row0), self.end - self.start)
         self.start, self.row0 = self.start + k, self.row0 + k
 
-    def compact(self, room: int = 0) -> None:
-        """Keep a copy of the held rows alone, letting the rest of the store go, with
-        ``room`` rows after them for the next slab's new rows: `append` then copies
-        only those, not the held rows again (a U-Net's skip tensor holds as many
-        rows as its decoder lags behind, often more than a slab). On CPU the room is
-        left unwritten, and a large store's unwritten pages are not resident (`heap`)."""
-        kept = self.end - self.start
-        if self.store.device.type != "cpu":
-            room = 0  # device memory is committed when allocated, not when written
-        if kept == self.store.shape[2] and not room:
+    def compact(self, room: int = 0, spare: int = 0) -> None:
+        """Leave ``room`` rows after the held ones for the next slab's new rows, so
+        that `append` copies only those: in place where the store has them left;
+        else the held rows move back to the store's front where that leaves them (the
+        ring slides back); else (the first slab's tensor, or a store too small) into
+        a new store of the held rows, the room and ``spare`` rows more. On CPU a new
+        store's unwritten rows are not resident until written (`heap`)."""
+        kept, size = self.end - self.start, self.store.shape[2]
+        if self.owned and size - self.end >= room:
+            self.viewed = size  # the slab's views are let go before the next slab
+            return  # nothing moves
+        if self.owned and min(self.start, self.viewed) >= kept and size >= kept + room:
+            # to the front, over no row they are moving from nor any handed out
+            if kept:
+                self.store[:, :, :kept] = self.store.narrow(2, self.start, kept)
+            self.start, self.end, self.viewed = 0, kept, size
             return
-        store = torch.empty(self.store.shape[:2] + (kept + room,) + self.store.shape[3:],
+        store = torch.empty(self.store.shape[:2] + (kept + room + spare,) + self.store.shape[3:],
                             dtype=self.store.dtype, device=self.store.device,
                             memory_format=torch.channels_last_3d)
         store[:, :, :kept] = self.store.narrow(2, self.start, kept)
-        self.store, self.start, self.end = store, 0, kept
+        self.store, self.start, self.end, self.owned = store, 0, kept, True
+        self.viewed = store.shape[2]
 
     def append(self, y: torch.Tensor) -> None:
         """The held rows followed by ``y``'s, in one tensor: written into the room
         `compact` left, or copied into a new one of exactly those rows."""
         n, kept = y.shape[2], self.end - self.start
         if kept == 0:  # nothing held: the slab's tensor itself
-            self.store, self.start, self.end = y, 0, n
+            self.store, self.start, self.end, self.owned = y, 0, n, False
+            self.viewed = n
             return
         if (self.store.shape[2] - self.end >= n and y.dtype == self.store.dtype
                 and y.device == self.store.device):  # the room `compact` left
@@ -278,4 +364,5 @@ class RowBuffer:
                             device=y.device, memory_format=torch.channels_last_3d)
         store[:, :, :kept] = self.store.narrow(2, self.start, kept)
         store[:, :, kept:] = y
-        self.store, self.start, self.end = store, 0, kept + n
+        self.store, self.start, self.end, self.owned = store, 0, kept + n, True
+        self.viewed = kept + n
