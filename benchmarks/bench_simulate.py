@@ -92,7 +92,10 @@ class TaskCost:
         """(MACs, bytes read, bytes written, kind) of one task of the graph."""
         fn = task[0]
         if fn in (run_task, stats_task):
-            index, (lo, hi), boxes, channels = task[2], task[3], task[5], task[6]
+            spec = task[2]
+            index, (lo, hi) = spec.index, spec.bounds
+            boxes = [b for _, b in spec.reads]
+            channels = [self.plan.graph.nodes[s.node].channels for s, _ in spec.reads]
             part = self.plan.stages[index] if fn is run_task else self.plan.barriers[index]
             macs = part.macs * box_voxels(lo, hi) / self.domain(part.bounds)
             read = sum(box_voxels(*b) * c for b, c in zip(boxes, channels)) * FLOAT_BYTES

@@ -8,6 +8,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "volarray"
 MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_CODE = 60  # lines of code: docstrings, blank and comment lines left out
+MAX_TASK_PARAMETERS = 6
 MAX_CLASS_LINES = 250
 MAX_MODULE_LINES = 600
 
@@ -79,6 +81,145 @@ def test_functions_and_classes_stay_small():
 ])
 def test_the_private_name_rule_catches_what_it_should(source, expected):
     assert len(reaches_into_privates(ast.parse(source))) == expected
+
+
+# ---------------------------------------------------------------- shapes of functions
+def docstring_lines(tree) -> set[int]:
+    found = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) \
+                and n.body and isinstance(n.body[0], ast.Expr) \
+                and isinstance(n.body[0].value, ast.Constant) \
+                and isinstance(n.body[0].value.value, str):
+            found.update(range(n.body[0].lineno, n.body[0].end_lineno + 1))
+    return found
+
+
+def long_functions(text: str, limit: int = MAX_FUNCTION_CODE) -> list[str]:
+    """Functions over ``limit`` lines of code (their docstrings, blank and comment-only
+    lines left out; nested functions count in theirs)."""
+    tree, lines = ast.parse(text), text.splitlines()
+    skip = docstring_lines(tree)
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            code = sum(1 for i in range(n.lineno, n.end_lineno + 1) if i not in skip
+                       and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+            if code > limit:
+                found.append(f"line {n.lineno} {n.name} ({code} lines of code > {limit})")
+    return found
+
+
+def crowded_tasks(text: str, limit: int = MAX_TASK_PARAMETERS) -> list[str]:
+    """Task functions (named ``*_task``) taking more than ``limit`` parameters."""
+    found = []
+    for n in ast.walk(ast.parse(text)):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.endswith("_task"):
+            a = n.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) \
+                + bool(a.kwarg)
+            if count > limit:
+                found.append(f"line {n.lineno} {n.name} ({count} parameters > {limit})")
+    return found
+
+
+def test_functions_fit_in_sixty_lines_of_code():
+    long = {str(path): found for path, _ in modules()
+            if (found := long_functions((PACKAGE.parent / path).read_text()))}
+    assert not long, long
+
+
+def test_task_functions_take_a_handful_of_arguments():
+    text = (PACKAGE / "worker.py").read_text()
+    assert "def run_task(" in text
+    assert not crowded_tasks(text), crowded_tasks(text)
+
+
+@pytest.mark.parametrize("source,long", [
+    ("def f():\n" + "    x = 1\n" * 59, 0),
+    ("def f():\n" + "    x = 1\n" * 60, 1),
+    ('def f():\n    """doc\n' + "    more\n" * 30 + '    """\n' + "    # note\n\n" * 30
+     + "    x = 1\n" * 58, 0),
+    ("def f():\n    def g():\n" + "        x = 1\n" * 60, 2),
+], ids=["60", "61", "docstring-and-comments", "nested"])
+def test_the_function_length_rule_catches_what_it_should(source, long):
+    assert len(long_functions(source)) == long
+
+
+@pytest.mark.parametrize("source,crowded", [
+    ("def run_task(runner, names, boxes, channels, parts, scratch, gnames, gvalues):\n    pass",
+     1),
+    ("def run_task(runner, spec, parts, values):\n    pass", 0),
+    ("def stats_task(a, b, c, d, e, *rest, **more):\n    pass", 1),
+    ("def helper(a, b, c, d, e, f, g):\n    pass", 0),
+])
+def test_the_task_parameter_rule_catches_what_it_should(source, crowded):
+    assert len(crowded_tasks(source)) == crowded
+
+
+# ---------------------------------------------------------------- module state
+MUTATORS = {"setdefault", "update", "append", "add", "pop", "extend", "insert", "remove",
+            "discard", "clear", "popitem"}
+# caches, not registries: functools' own, and weak maps whose entries live with (and
+# are found from) the objects they are about, as an attribute of theirs would
+CACHE_CALLS = {"lru_cache", "cache", "WeakKeyDictionary"}
+
+
+def mutated_names(fn) -> list[tuple[str, int]]:
+    """Names a function fills: ``name[k] = v``, ``del name[k]``, ``name.update(...)``..."""
+    found = []
+    for n in ast.walk(fn):
+        targets = n.targets if isinstance(n, (ast.Assign, ast.Delete)) else \
+            [n.target] if isinstance(n, ast.AugAssign) else []
+        found += [(t.value.id, n.lineno) for t in targets
+                  if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)]
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
+                and n.func.attr in MUTATORS and isinstance(n.func.value, ast.Name):
+            found.append((n.func.value.id, n.lineno))
+    return found
+
+
+def filled_at_run_time(text: str) -> list[str]:
+    """Module-level names bound to a dict, list or set (a literal, a comprehension or a
+    call) that a function of the module fills; constants never filled pass."""
+    tree, bound = ast.parse(text), {}
+    for st in tree.body:
+        value = st.value if isinstance(st, (ast.Assign, ast.AnnAssign)) else None
+        targets = st.targets if isinstance(st, ast.Assign) else [st.target] if value else []
+        if isinstance(value, ast.Call):
+            func = value.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in CACHE_CALLS:
+                continue
+        if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp,
+                              ast.SetComp, ast.Call)):
+            bound.update((t.id, st.lineno) for t in targets if isinstance(t, ast.Name))
+    return sorted({f"{name} (line {bound[name]}) filled in {fn.name}, line {line}"
+                   for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef,
+                                                               ast.AsyncFunctionDef))
+                   for name, line in mutated_names(fn) if name in bound})
+
+
+def test_no_module_level_container_is_filled_at_run_time():
+    bad = {str(path): found for path, _ in modules()
+           if (found := filled_at_run_time((PACKAGE.parent / path).read_text()))}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("source,filled", [
+    ("import weakref\n_READERS = weakref.WeakValueDictionary()\n"
+     "def remember(name, data):\n    _READERS[name] = data", 1),
+    ("SEEN = set()\ndef f(x):\n    SEEN.add(x)", 1),
+    ("TABLE = {}\ndef f(k):\n    del TABLE[k]", 1),
+    ("CACHE = dict()\ndef f(k):\n    return CACHE.setdefault(k, [])", 1),
+    ("OPS = {'a': 1}\nNAMES = [1, 2]\ndef f(k):\n    return OPS[k] + NAMES[0]", 0),
+    ("import weakref\n_seen = weakref.WeakKeyDictionary()\ndef f(m):\n"
+     "    return _seen.setdefault(m, {})", 0),
+    ("import functools\n@functools.lru_cache\ndef f(k):\n    return [k]", 0),
+    ("def f():\n    local = {}\n    local['a'] = 1", 0),
+])
+def test_the_module_state_rule_catches_what_it_should(source, filled):
+    assert len(filled_at_run_time(source)) == filled
 
 
 def test_modules_stay_readable():

@@ -12,7 +12,7 @@ import xarray as xr
 
 import volarray
 from volarray.formats import open_dataarray
-from volarray.readers import _READERS
+from volarray.readers import source_of
 from volarray.models import FaultSeg3D, seeded
 
 MODEL = "fieldmodel:faultseg"
@@ -69,7 +69,7 @@ def test_segy_opens_lazily_with_headers_geometry(survey):
     assert amp.dims == ("inline", "crossline", "sample")
     assert list(amp.inline.values) == ilines and list(amp.crossline.values) == xlines
     assert amp.sample.values[1] == pytest.approx(4.0) and amp.attrs["format"] == "segy"
-    source = _READERS[amp.data.name]
+    source = source_of(amp.data)
     assert source.traces_read == 0  # nothing read on opening
     block = amp[:8].values
     assert np.array_equal(block, cube[:8]) and source.traces_read == 8 * 16  # one chunk
@@ -168,7 +168,7 @@ def test_nifti_opens_lazily_with_its_affine(tmp_path, suffix):
     assert np.allclose(img.attrs["affine"], nifti_affine())
     assert img.k.values[1] == pytest.approx(2.5)  # mm from the voxel size
     if suffix == ".nii":
-        source = _READERS[img.data.name]
+        source = source_of(img.data)
         seen = []
         get = type(source).__getitem__
         type(source).__getitem__ = lambda self, ix: seen.append(ix) or get(self, ix)
@@ -206,7 +206,7 @@ def test_tiff_stack_of_uint16_slices(tmp_path):
     (tmp_path / "stack" / "notes.txt").write_text("scan log")
     ct = open_dataarray(tmp_path / "stack", chunks=(6, 16, 16))
     assert ct.dims == ("slice", "row", "column") and ct.dtype == np.uint16
-    source = _READERS[ct.data.name]
+    source = source_of(ct.data)
     assert np.array_equal(ct[6:12].values, vol[6:12]) and source.slices_read == 6
     model = seeded(FaultSeg3D)
     x = vol.astype(np.float64)

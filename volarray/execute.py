@@ -17,7 +17,8 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .geometry import Box, chunk_range, grid_boxes
 from .planner import Plan
-from .worker import ModelRunner, combine_task, eval_task, run_task, stats_task, value_task
+from .worker import (ArraySource, ChunkSource, ModelRunner, ScratchSource, TaskSpec,
+                     combine_task, eval_task, run_task, stats_task, value_task)
 
 COMBINE_FAN_IN = 8  # partial statistics merged per combine task
 
@@ -38,12 +39,13 @@ class _GraphBuilder:
         for s in plan.stages:
             self.arrays[s.output] = (self.layer_name(f"stage-{s.index}-{op_label(s.program)}"),
                                      s.bounds)
-        self.scratch = dict(scratch or {})  # kept node -> zarr scratch array path
-        # the input read region by region straight from its array (one key of the graph)
+        # kept node -> its zarr scratch array; the input read straight from its array
+        # (its VolumeSource: one key of the graph, fetched by the tasks that read it)
+        self.sources = {n: ScratchSource(n, where) for n, where in (scratch or {}).items()}
         self.reader = reader
         if reader is not None:
             self.reader_key = f"volarray-input-{self.token}"
-            self.scratch[self.graph.input] = self.reader_key
+            self.sources[self.graph.input] = ArraySource(self.graph.input)
 
     def global_key(self, name: str) -> str:
         return f"volarray-global-{name}-{self.token}"
@@ -53,27 +55,23 @@ class _GraphBuilder:
         so that dask's dashboard and task stream show volarray's phases."""
         return f"volarray-{what}-{self.token}"
 
-    def tile_args(self, prog, box: Box):
-        """Arguments of a tile task: its sources' regions, the chunks they come
-        from (lists, so that dask substitutes the keys) and the global values."""
+    def task(self, fn, index: int, prog, box: Box, write_to=None) -> tuple:
+        """A tile or statistics task: its frozen `TaskSpec`, then what dask fetches for
+        it (lists, so that dask substitutes the keys): per source read, the chunks it
+        comes from (or the input's array), and the whole-volume values."""
         req = prog.requirements(box)
-        names, boxes, channels, parts, scratch = [], [], [], [], []
+        reads, parts = [], []
         for src in prog.sources:
-            scratch.append(self.scratch.get(src))
             need = req.box(src)
-            names.append(src)
-            boxes.append((need.lo, need.hi))
-            channels.append(self.graph.nodes[src].channels)
-            parts.append(self.chunk_parts(src, need))
-        gnames = list(prog.globals)
-        return (names, boxes, channels, parts, scratch, gnames,
-                [self.global_key(g) for g in gnames])
+            source = self.sources.get(src) or ChunkSource(src, self.graph.nodes[src].channels)
+            reads.append((source, (need.lo, need.hi)))
+            parts.append(self.reader_key if isinstance(source, ArraySource)
+                         else self.chunk_parts(src, need))
+        spec = TaskSpec(index, (box.lo, box.hi), tuple(reads), tuple(prog.globals), write_to)
+        return (fn, self.model_key, spec, parts, [self.global_key(g) for g in prog.globals])
 
     def chunk_parts(self, src: str, need: Box) -> list:
-        """``[(bounds, key)]`` of the chunks of ``src`` that overlap ``need``; none for
-        the input when tasks read it straight from its array."""
-        if self.reader is not None and src == self.graph.input:
-            return []
+        """``[(bounds, key)]`` of the chunks of ``src`` that overlap ``need``."""
         key, bounds = self.arrays[src]
         ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
         deps = []
@@ -106,12 +104,10 @@ class _GraphBuilder:
                 self.owner[self.global_key(g.name)] = self.global_key(g.name)
         for stage in self.plan.stages:
             key = self.arrays[stage.output][0]
-            write_to = self.scratch.get(stage.output)
-            dsk = {}
-            for idx, box in grid_boxes(stage.bounds):
-                dsk[(key, 0) + idx] = (run_task, self.model_key, stage.index,
-                                       (box.lo, box.hi)) + self.tile_args(
-                                           stage.program, box) + (write_to,)
+            scratch = self.sources.get(stage.output)
+            write_to = scratch.where if isinstance(scratch, ScratchSource) else None
+            dsk = {(key, 0) + idx: self.task(run_task, stage.index, stage.program, box, write_to)
+                   for idx, box in grid_boxes(stage.bounds)}
             self.add_layer(key, dsk, tile=True, reads=self.reads(stage.program))
         for i, b in enumerate(self.plan.barriers):
             self.build_barrier(i, b)
@@ -152,8 +148,7 @@ class _GraphBuilder:
         tiles, level = {}, []
         for idx, box in grid_boxes(b.bounds):
             key = (prefix, 0) + idx
-            tiles[key] = (stats_task, self.model_key, i, (box.lo, box.hi)) + self.tile_args(
-                b.program, box)
+            tiles[key] = self.task(stats_task, i, b.program, box)
             level.append(key)
         self.add_layer(prefix, tiles, tile=True, reads=self.reads(b.program))
         fan_in = combine_fan_in()
@@ -196,7 +191,7 @@ def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
                 seed: int = 0, autocast=None, reader=None, model_token=None) -> da.Array:
     """The lazy result of ``plan`` over ``volume`` (C, Z, Y, X). ``scratch`` maps kept
     tensors to zarr arrays that hold them instead of memory; ``seed`` picks the sample
-    of stochastic layers; ``reader`` (a RegionReader of the array ``volume`` was made
+    of stochastic layers; ``reader`` (the `readers.VolumeSource` ``volume`` was made
     from) lets tasks read their input regions straight from it; ``model_token``: the
     captured model's `weights_token`, when the caller has it already."""
     return _GraphBuilder(plan, volume, device, scratch, seed, autocast, reader,

@@ -52,7 +52,7 @@ def _libc():
 
 _TRIM, _MALLOPT, _PRCTL = _libc()
 _fixed = threading.Lock()
-_done = []
+_done = []  # rebound to [whether it was set] by the first call
 
 
 def request_huge_pages() -> bool:
@@ -100,21 +100,28 @@ def huge_pages_off(off: bool = True):
         yield
         return
     with _thp_lock:
-        if _thp["running"] == 0:
-            _thp["was"] = _PRCTL(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
+        if _thp.running == 0:
+            _thp.was = _PRCTL(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
             _PRCTL(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        _thp["running"] += 1
+        _thp.running += 1
     try:
         yield
     finally:
         with _thp_lock:
-            _thp["running"] -= 1
-            if _thp["running"] == 0:
-                _PRCTL(_PR_SET_THP_DISABLE, _thp["was"], 0, 0, 0)
+            _thp.running -= 1
+            if _thp.running == 0:
+                _PRCTL(_PR_SET_THP_DISABLE, _thp.was, 0, 0, 0)
 
 
 _thp_lock = threading.Lock()
-_thp = {"running": 0, "was": 0}  # tasks running with huge pages off; the flag before
+
+
+class _HugePagesOff:
+    """Tasks running with huge pages off, and the flag as it was before the first."""
+    running, was = 0, 0
+
+
+_thp = _HugePagesOff()
 
 
 def kernel_thp_mode() -> dict:
@@ -144,12 +151,13 @@ def huge_pages_requested() -> bool:
 def use_mapped_tensors() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process, once (the
     first task of a process calls it); True if this call set it."""
+    global _done
     if _done or _MALLOPT is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     with _fixed:
         if _done:
             return False
-        _done.append(bool(_MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)))
+        _done = [bool(_MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))]
         return _done[0]
 
 

@@ -11,7 +11,7 @@ from dask.base import tokenize
 
 from .errors import InputError
 from .location import Location
-from .readers import CheckedReader, MappedSource, reader_of, remember_reader
+from .readers import CheckedReader, VolumeSource, region_array, source_of
 
 
 def open_volume(source, var: str | None = None, storage_options: dict | None = None):
@@ -59,43 +59,54 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
     """Canonical (C, Z, Y, X) float dask array; raises InputError naming the problem.
     Integer volumes (uint8 and uint16 CT stacks, int16 scans) are cast to float32 region
     by region; ``integers=True`` keeps them as they are, for a caller that normalizes
-    them itself (nnU-Net's pipeline casts to float32 first, as nnU-Net does)."""
+    them itself (nnU-Net's pipeline casts to float32 first, as nnU-Net does).
+
+    A numpy or zarr array, or a field format's reader, becomes an array that carries
+    its `VolumeSource` (`readers.source_of`): exact mode's tasks read their regions
+    straight from it."""
     volume = _from_torch(volume)
     if type(volume).__name__ == "DataArray":
-        volume = volume.data  # numpy or dask; a field format's reader stays registered
-    source = reader_of(volume.name) if isinstance(volume, da.Array) else None
+        volume = volume.data  # numpy or dask (a field format's reader in its graph)
     if _is_zarr_array(volume):
         volume = CheckedReader(volume)
-    if isinstance(volume, da.Array):
-        arr = volume
-    elif hasattr(volume, "shape") and hasattr(volume, "dtype"):
-        data = volume  # numpy, zarr, h5py, memmap
-        arr = da.from_array(data, chunks=_natural_chunks(data),
-                            asarray=isinstance(data, np.ndarray) or None,
-                            name=getattr(data, "dask_name", None))
-    else:
+    if not (hasattr(volume, "shape") and hasattr(volume, "dtype")):
         raise InputError(f"volume of type {type(volume).__name__} is not an array; pass a numpy, "
                          "dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X)")
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4:
-        raise InputError(f"volume has shape {tuple(arr.shape)} ({arr.ndim} dims); volarray needs "
+    shape, dtype = tuple(volume.shape), np.dtype(volume.dtype)
+    if len(shape) not in (3, 4):
+        raise InputError(f"volume has shape {shape} ({len(shape)} dims); volarray needs "
                          "(Z, Y, X) for one channel or (C, Z, Y, X)")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InputError(f"volume has dtype {arr.dtype}; pass numbers (floating-point or "
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise InputError(f"volume has dtype {dtype}; pass numbers (floating-point or "
                          "integer data, e.g. volume.astype('float32'))")
-    if not arr.dtype.isnative:  # big-endian numbers (SEG-Y conversions): torch needs native
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    if any(s == 0 for s in arr.shape):
-        raise InputError(f"volume has an empty axis: shape {tuple(arr.shape)}")
-    if not isinstance(volume, da.Array) and isinstance(data, (np.ndarray, CheckedReader)):
-        remember_reader(arr.name, data)
-    elif source is not None and arr.shape[1:] == volume.shape[-3:] and \
-            arr.numblocks[0] == 1 and arr.dtype == volume.dtype:
-        remember_reader(arr.name, source)  # the same array, given a channel axis
+    if any(s == 0 for s in shape):
+        raise InputError(f"volume has an empty axis: shape {(1,) * (4 - len(shape)) + shape}")
+    arr = _canonical(volume)
     if np.issubdtype(arr.dtype, np.integer) and not integers:
         arr = map_volume(arr, to_float32)
     return arr
+
+
+def _canonical(volume) -> da.Array:
+    """(C, Z, Y, X) in native byte order; over a `VolumeSource` where ``volume`` is a
+    numpy or zarr array or a dask array read from a field format's reader."""
+    source = source_of(volume)
+    if isinstance(source, VolumeSource):
+        return volume  # made here already
+    if source is not None:  # a field format's reader
+        chunks = ((1,),) * (4 - volume.ndim) + volume.chunks
+        return region_array(VolumeSource(source), chunks, "volume-" + tokenize(volume.name))
+    if isinstance(volume, (np.ndarray, CheckedReader)):
+        chunks = da.core.normalize_chunks(_natural_chunks(volume), volume.shape,
+                                          dtype=volume.dtype)
+        chunks = ((1,),) * (4 - volume.ndim) + chunks
+        name = getattr(volume, "dask_name", None) or "array-" + tokenize(volume, chunks)
+        return region_array(VolumeSource(volume), chunks, name)
+    arr = volume if isinstance(volume, da.Array) else da.from_array(
+        volume, chunks=_natural_chunks(volume))  # h5py and other array-likes
+    arr = arr[None] if arr.ndim == 3 else arr
+    # big-endian numbers (SEG-Y conversions): torch needs native
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def to_float32(block: np.ndarray) -> np.ndarray:
@@ -107,13 +118,10 @@ def map_volume(arr: da.Array, fn) -> da.Array:
     A volume that tasks read straight from its zarr or numpy array stays so: they read
     their regions through ``fn``."""
     name = "mapped-" + tokenize(arr.name, fn)
-    data = reader_of(arr.name)
-    if data is None:  # fn is per channel: every block holds all channels
+    source = source_of(arr)
+    if source is None:  # fn is per channel: every block holds all channels
         return arr.rechunk({0: -1}).map_blocks(fn, dtype=np.float32, name=name)
-    view = MappedSource(data, fn)
-    out = da.from_array(view, chunks=arr.chunks, asarray=False, name=name)
-    remember_reader(out.name, view)
-    return out
+    return region_array(VolumeSource(source, fn), arr.chunks, name)
 
 
 def _from_torch(volume):

@@ -29,7 +29,7 @@ from .io import as_dask_volume, rechunk_to
 from .ops.conv import ArgmaxConv, fuse_argmax_head
 from .ops.dropout import PositionalDropout
 from .planner import Plan, make_plan
-from .readers import region_reader
+from .readers import VolumeSource, source_of
 from .trace import trace
 
 
@@ -250,8 +250,9 @@ class Exact:
     def build(self, p: Plan, arr: da.Array, seed: int) -> da.Array:
         """The dask graph of plan ``p`` over ``arr``."""
         p.validate()  # no task may exceed the budget (memory_limit=, or the default)
-        reader = region_reader(arr)  # tasks read their regions straight from zarr or numpy
-        if reader is None:
+        reader = source_of(arr)  # tasks read their regions straight from zarr or numpy
+        if not isinstance(reader, VolumeSource):
+            reader = None
             arr = rechunk_to(arr, [chunk_bounds(n, c) for n, c in zip(arr.shape[1:], p.chunks)])
         paths = self.scratch.arrays_for(p) if self.scratch is not None else None
         return build_graph(p, arr, self.device, scratch=paths, seed=seed,

@@ -1,37 +1,57 @@
 """The arrays tasks read their regions from: a volume's zarr or numpy array (through
 `CheckedReader` for zarr, whose unreadable chunks raise one line), a field format's
-reader (`lazy_array`), or a view through a pointwise function (`MappedSource`).
+reader, or either through a pointwise function (an integer cast, a normalization).
 
-A dask array made straight from one of them is recorded here by its name, so that
-`predict`'s tasks read their regions (halo included) from the array itself
-(`region_reader`), and dask holds no input chunks between tasks.
+A dask array made from one of them (`region_array`) carries it in its own graph: its
+top layer, a `SourceLayer`, holds the source its chunks are read from, and
+`source_of` gives it back. `predict`'s tasks then read their regions (halo included)
+straight from it, and dask holds no input chunks between tasks. An array derived from
+it (sliced, padded, rechunked) has another top layer, so it reads through its chunks.
 """
 from __future__ import annotations
 
 import os
-import weakref
 
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .errors import InputError
+from .geometry import Box
 
 
-# dask array name -> the zarr or numpy array it reads (alive while the graph holds it):
-# tasks read their region (halo included) straight from it, so dask holds no input
-# chunks between tasks
-_READERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+class SourceLayer(MaterializedLayer):
+    """The chunks of a dask array read from one array-like ``source``."""
+
+    def __init__(self, mapping, source):
+        super().__init__(mapping)
+        self.source = source
 
 
-def remember_reader(name: str, data) -> None:
-    """Record that the dask array called ``name`` is exactly ``data``, read whole."""
-    _READERS[name] = data
+def region_array(source, chunks, name: str) -> da.Array:
+    """A dask array called ``name`` over the array-like ``source`` (shape, dtype,
+    ``__getitem__`` of slices), in ``chunks``, that carries ``source`` (`source_of`)."""
+    chunks = da.core.normalize_chunks(chunks, source.shape, dtype=source.dtype)
+    held = "original-" + name  # the source, one key that every chunk task reads
+    bounds = [np.cumsum((0,) + c) for c in chunks]
+    dsk = {(name,) + idx: (_getitem, held, tuple(slice(int(b[i]), int(b[i + 1]))
+                                                 for b, i in zip(bounds, idx)))
+           for idx in np.ndindex(*(len(c) for c in chunks))}
+    graph = HighLevelGraph({held: MaterializedLayer({held: source}),
+                            name: SourceLayer(dsk, source)}, {held: set(), name: {held}})
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), source.dtype))
 
 
-def reader_of(name: str):
-    """The array the dask array called ``name`` reads, or None (see `remember_reader`)."""
-    return _READERS.get(name)
+def _getitem(source, index):
+    return np.asarray(source[index])
+
+
+def source_of(arr):
+    """The array-like the dask array ``arr`` reads, where ``arr`` is exactly one that
+    `region_array` made (not sliced, padded or otherwise derived), else None."""
+    layer = arr.__dask_graph__().layers.get(arr.name) if isinstance(arr, da.Array) else None
+    return layer.source if isinstance(layer, SourceLayer) else None
 
 
 def lazy_array(source, chunks) -> da.Array:
@@ -42,54 +62,39 @@ def lazy_array(source, chunks) -> da.Array:
         if path is not None and os.path.isfile(path) else None  # a rewritten file differs
     name = "read-" + tokenize(type(source).__name__, path or id(source), stamp, source.shape,
                               str(source.dtype), chunks)
-    arr = da.from_array(source, chunks=chunks, asarray=False, name=name)
-    _READERS[arr.name] = source
-    return arr
+    return region_array(source, chunks, name)
 
 
-class MappedSource:
-    """A (C, Z, Y, X) float32 view of a (Z, Y, X) or (C, Z, Y, X) array whose regions
-    come out through a pointwise function (an integer cast, a normalization)."""
+class VolumeSource:
+    """A (C, Z, Y, X) view of a (Z, Y, X) or (C, Z, Y, X) array, in native byte order,
+    optionally through a pointwise function ``fn`` (float32 out; per channel, so that
+    every channel is read): dask chunks come out C-contiguous (`__getitem__`), a task's
+    region channels-last (`read`)."""
 
-    def __init__(self, data, fn):
+    def __init__(self, data, fn=None):
         self.data, self.fn = data, fn
         shape = tuple(data.shape)
         self.shape = shape if len(shape) == 4 else (1,) + shape
-        self.ndim, self.dtype = 4, np.dtype(np.float32)
+        self.ndim = 4
+        self.dtype = np.dtype(np.float32) if fn is not None else \
+            np.dtype(data.dtype).newbyteorder("=")
 
     def __getitem__(self, index):
         index = tuple(index) + (slice(None),) * (4 - len(tuple(index)))
         if len(self.data.shape) == 3:
             block = np.asarray(self.data[index[1:]])[None]
-        else:  # every channel: fn is per channel
-            block = np.asarray(self.data[(slice(None),) + index[1:]])
-        return self.fn(block.astype(block.dtype.newbyteorder("="), copy=False))[index[:1]]
+        else:  # with fn, every channel: fn is per channel
+            block = np.asarray(self.data[index if self.fn is None else
+                                         (slice(None),) + index[1:]])
+        block = block.astype(block.dtype.newbyteorder("="), copy=False)
+        return block if self.fn is None else self.fn(block)[index[:1]]
 
-
-def region_reader(arr: da.Array) -> "RegionReader | None":
-    """The array ``arr`` reads, where ``arr`` is exactly a volume `as_dask_volume` made
-    from it (not sliced, padded or otherwise derived)."""
-    data = _READERS.get(arr.name)
-    return RegionReader(data) if data is not None else None
-
-
-class RegionReader:
-    """Regions (C, z, y, x) of a (Z, Y, X) or (C, Z, Y, X) zarr or numpy volume, in
-    native byte order."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def read(self, lo, hi) -> np.ndarray:
-        """The region ``[lo, hi)``, laid out channels-last as tiles run (the layout of a
-        region assembled from dask chunks, so both give bitwise the same result)."""
-        index = tuple(slice(a, b) for a, b in zip(lo, hi))
-        if len(self.data.shape) == 3:
-            a = np.asarray(self.data[index])[None]
-        else:
-            a = np.asarray(self.data[(slice(None),) + index])
-        out = np.empty(a.shape[1:] + a.shape[:1], a.dtype.newbyteorder("="))
-        out = out.transpose(3, 0, 1, 2)
+    def read(self, box: Box) -> np.ndarray:
+        """The region ``box`` of every channel, laid out channels-last as tiles run (the
+        layout of a region assembled from dask chunks, so both give bitwise the same
+        result)."""
+        a = self[(slice(None),) + box.slices()]
+        out = np.empty(a.shape[1:] + a.shape[:1], a.dtype).transpose(3, 0, 1, 2)
         out[...] = a
         return out
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pickle
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -24,7 +26,6 @@ from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .packed import PackedChunk, region
 from .planner import Plan
-from .readers import RegionReader
 from .runners import first_device, on_task_device, stage_rows
 
 
@@ -277,28 +278,6 @@ def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
     return out
 
 
-def _sources(names, boxes, channels, parts, scratch):
-    """Each source's region: from the chunks in memory, read from its zarr scratch
-    array (then the chunk values are only completion tokens), or read straight from
-    the input volume (``scratch`` holds its RegionReader)."""
-    out = {}
-    for n, b, c, p, path in zip(names, boxes, channels, parts, scratch):
-        if isinstance(path, RegionReader):
-            if not Box.from_bounds(*b).empty:
-                out[n] = path.read(*b)
-            continue
-        if not p:
-            continue  # a tile lying wholly in a layer's padding reads nothing of it
-        if path is None:
-            out[n] = assemble(b, c, p)
-        else:
-            for _, token in p:
-                if isinstance(token, PendingWrite):
-                    token.wait()
-            out[n] = open_scratch(path)[(slice(None),) + Box.from_bounds(*b).slices()]
-    return out
-
-
 class PendingWrite:
     """A task's output on its way to its scratch array, written by a background thread
     while the worker computes its next task (write-behind: scratch I/O overlaps
@@ -367,37 +346,100 @@ def open_scratch(where):
     return zarr.open_array(str(where), mode="r+")
 
 
-def run_task(runner, stage, out_bounds, names, boxes, channels, parts, scratch, gnames, gvalues,
-             write_to=None):
-    box = Box.from_bounds(*out_bounds)
+@dataclass(frozen=True)
+class ChunkSource:
+    """A tensor's region assembled from the dask chunks that overlap it (the volume's,
+    or a kept tensor's held in memory); the task fetches them (``[(bounds, chunk)]``)."""
+    node: str
+    channels: int
+
+    def read(self, box: Box, fetched) -> np.ndarray | None:
+        # a tile lying wholly in a layer's padding reads nothing of it
+        return assemble((box.lo, box.hi), self.channels, fetched) if fetched else None
+
+
+@dataclass(frozen=True)
+class ScratchSource:
+    """A kept tensor's region read from its zarr scratch array (a `Location` or a
+    path); the fetched chunks are only completion tokens, waited for."""
+    node: str
+    where: Any
+
+    def read(self, box: Box, fetched) -> np.ndarray | None:
+        if not fetched:
+            return None
+        for _, token in fetched:
+            if isinstance(token, PendingWrite):
+                token.wait()
+        return open_scratch(self.where)[(slice(None),) + box.slices()]
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """The input's region read straight from the array the volume was made from: the
+    task fetches its `readers.VolumeSource` (one key of the graph)."""
+    node: str
+
+    def read(self, box: Box, fetched) -> np.ndarray | None:
+        return None if box.empty else fetched.read(box)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one tile or statistics task computes: stage (or barrier) ``index``, its
+    output region ``bounds`` ``(lo, hi)``, its ``reads`` (``(source, (lo, hi))`` pairs,
+    in the order of the fetched parts), the whole-volume values it reads (``values``,
+    in the order of the fetched values), and the scratch array its output goes to."""
+    index: int
+    bounds: tuple
+    reads: tuple
+    values: tuple = ()
+    write_to: Any = None
+
+    @property
+    def box(self) -> Box:
+        return Box.from_bounds(*self.bounds)
+
+    def sources(self, parts) -> dict[str, np.ndarray]:
+        """Each source's region, read with the parts the task fetched for it."""
+        out = {}
+        for (source, bounds), fetched in zip(self.reads, parts):
+            a = source.read(Box.from_bounds(*bounds), fetched)
+            if a is not None:
+                out[source.node] = a
+        return out
+
+    def origins(self) -> dict:
+        """Where each source's region starts in its whole tensor (for messages)."""
+        return {source.node: tuple(bounds[0]) for source, bounds in self.reads}
+
+
+def run_task(runner, spec: TaskSpec, parts, values):
+    """A stage's output over ``spec.bounds``: returned (packed, when kept), or written
+    to its scratch array (then a completion token)."""
+    box = spec.box
     use_mapped_tensors()
     try:
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
-            y = runner.run(stage, box, _sources(names, boxes, channels, parts, scratch),
-                           dict(zip(gnames, gvalues)), _origins(names, boxes))
+            y = runner.run(spec.index, box, spec.sources(parts),
+                           dict(zip(spec.values, values)), spec.origins())
     finally:
         release_freed_memory()  # the task's intermediates, before the next task
-    if write_to is None:  # kept tensors wait for their readers compressed
-        return y if stage == len(runner.programs) - 1 else PackedChunk(y)
+    if spec.write_to is None:  # kept tensors wait for their readers compressed
+        return y if spec.index == len(runner.programs) - 1 else PackedChunk(y)
     # a completion token; readers wait for it, then go to the scratch store
-    return SCRATCH_WRITER.submit(write_to, (slice(None),) + box.slices(), y)
+    return SCRATCH_WRITER.submit(spec.write_to, (slice(None),) + box.slices(), y)
 
 
-def stats_task(runner, barrier, out_bounds, names, boxes, channels, parts, scratch, gnames,
-               gvalues):
+def stats_task(runner, spec: TaskSpec, parts, values):
+    """Partial statistics of barrier ``spec.index`` over ``spec.bounds``."""
     use_mapped_tensors()
     try:
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
-            return runner.stats(barrier, Box.from_bounds(*out_bounds),
-                                _sources(names, boxes, channels, parts, scratch),
-                                dict(zip(gnames, gvalues)), _origins(names, boxes))
+            return runner.stats(spec.index, spec.box, spec.sources(parts),
+                                dict(zip(spec.values, values)), spec.origins())
     finally:
         release_freed_memory()
-
-
-def _origins(names, boxes) -> dict:
-    """Where each source's region starts in its whole tensor (for messages)."""
-    return {n: tuple(b[0]) for n, b in zip(names, boxes)}
 
 
 def combine_task(*parts):
