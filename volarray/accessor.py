@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .api import QUANTIZED_ATTRS
+from .api import prediction
 from .errors import InputError
-from .io import as_dask_volume
-from .normalize import resolve
+from .options import PredictOptions, output_attrs
 from .predictors import MeanStd
 
 
@@ -20,8 +19,6 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
     (the first dim when ``dims=`` is not given). Labels (``output="argmax"`` or
     ``threshold=``) come back with the spatial dims only; ``ensemble=`` gives a
     ``(mean, std)`` pair of DataArrays, as `predict` does."""
-    from .version import __version__
-    from .api import predict
     if dims is None:
         if arr.ndim not in (3, 4):
             raise InputError(f"DataArray {arr.name!r} has dims {arr.dims}; pass dims= the three "
@@ -36,14 +33,9 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         raise InputError(f"DataArray {arr.name!r} has dims {arr.dims}: besides the spatial "
                          f"{dims}, only one channel dim may remain, not {rest}")
     arr = arr.transpose(*(rest + list(dims)))
-    normalization = {}
-    if kwargs.get("normalize") is not None:  # computed once, recorded in the attributes
-        kwargs["normalize"] = resolve(kwargs["normalize"], as_dask_volume(arr.data, integers=True))
-        normalization = kwargs["normalize"].attrs
-    y = predict(model, arr.data, **kwargs)
-    attrs = dict(arr.attrs, volarray_model=type(model).__name__,
-                 volarray_method=kwargs.get("method", "exact"), volarray_version=__version__,
-                 **normalization)
+    options = PredictOptions(**kwargs)  # once: the run's and the attributes'
+    y, options = prediction(model, arr.data, options)  # normalization resolved once
+    attrs = dict(arr.attrs, **output_attrs(model, options, prefix="volarray_"))
 
     def wrap(a, suffix=""):
         coords = {d: arr.coords[d] for d in dims
@@ -51,11 +43,9 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         label = None if name is None else f"{name}{suffix}"
         if a.ndim == 3:  # labels
             return xr.DataArray(a, dims=dims, coords=coords, attrs=attrs, name=label)
-        scores_attrs = dict(attrs, **(QUANTIZED_ATTRS if kwargs.get("output_dtype") == "uint8"
-                                      else {}))  # xarray decodes them on reading
         if squeeze and a.shape[0] == 1:
-            return xr.DataArray(a[0], dims=dims, coords=coords, attrs=scores_attrs, name=label)
-        return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=scores_attrs,
+            return xr.DataArray(a[0], dims=dims, coords=coords, attrs=attrs, name=label)
+        return xr.DataArray(a, dims=(channel_dim,) + dims, coords=coords, attrs=attrs,
                             name=label)
     if isinstance(y, tuple):  # ensemble
         return MeanStd(wrap(y.mean, "_mean"), wrap(y.std, "_std"))

@@ -7,20 +7,9 @@ import numpy as np
 
 from .errors import InputError
 from .io import as_dask_volume, map_volume
+from .options import WINDOW_DEFAULTS, PredictOptions
 from .planner import Plan
-from .predictors import (Exact, MeanStd, Window, check_samples, ensemble as ensemble_of, flips,
-                         labels)
-
-METHODS = ("exact", "window")
-# arguments that mean something for one method only: given for the other, refused
-EXACT_ONLY = {"memory_limit": "the memory of a tile task", "keep": "tensors kept between stages",
-              "pad": "window mode pads its windows itself",
-              "compute_dtype": "window mode calls the model as it is: cast the model itself",
-              "strategy": "how a tile task runs its stage"}
-WINDOW_ONLY = {"roi_size": "the window's size", "overlap": "the windows' overlap",
-               "blend_mode": "how windows are blended", "sigma_scale": "the gaussian's width"}
-WINDOW_DEFAULTS = {"overlap": 0.25, "blend_mode": "gaussian", "sigma_scale": 0.125}
-
+from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, flips, labels
 
 def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=None,
          pad: str | None = None, select=None, output: str = "probabilities",
@@ -32,7 +21,7 @@ def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=Non
     the CLI), whose kept tensors may go to a scratch store, so that its default keep
     budget is the input's bytes (a lazy `predict` keeps at most an eighth of the memory
     it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``."""
-    check_options(method="exact", output=output, threshold=None, tta=None, ensemble=None)
+    PredictOptions(output=output)
     exact = Exact(model, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
                   pad=pad, select=select, spill=scratch, compute_dtype=compute_dtype,
                   strategy=strategy)
@@ -112,57 +101,54 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
-    return prediction(model, volume, method=method, chunks=chunks, device=device,
-                      memory_limit=memory_limit, keep=keep, pad=pad,
-                      compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
-                      blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
-                      threshold=threshold, ensemble=ensemble, seed=seed, coords=coords,
-                      normalize=normalize, select=select, output_dtype=output_dtype,
-                      channels=channels, strategy=strategy)
+    options = PredictOptions(
+        method=method, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
+        pad=pad, compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
+        blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
+        threshold=threshold, ensemble=ensemble, seed=seed, coords=coords, normalize=normalize,
+        select=select, output_dtype=output_dtype, channels=channels, strategy=strategy)
+    return prediction(model, volume, options)[0]
 
 
-def prediction(model, volume, *, scratch=None, coords=False, normalize=None,
-               output_dtype=None, channels=None, **options):
-    """`predict`, plus ``scratch``: the ScratchSpace of `predict_to_zarr`, which holds
-    exact mode's kept tensors on disk."""
-    check_options(**{k: options.get(k, d) for k, d in (
-        ("method", "exact"), ("output", "probabilities"), ("threshold", None), ("tta", None),
-        ("ensemble", None), ("seed", 0))})
-    output_dtype = check_output_dtype(output_dtype, options)
-    predictor = make_predictor(model, scratch, **options)  # refusals before any statistics
-    arr = as_dask_volume(volume, integers=normalize is not None)
-    if normalize is not None:  # statistics of the whole volume (integers as they are), once
-        from .normalize import resolve
-        arr = map_volume(arr, resolve(normalize, arr))
-    if coords:
+def prediction(model, volume, options: PredictOptions, scratch=None):
+    """`predict` with its options built, and the options with the normalization
+    resolved (for the attributes that record it). ``scratch``: the ScratchSpace of
+    `predict_to_zarr`, which holds exact mode's kept tensors on disk."""
+    predictor = make_predictor(model, options, scratch)  # refusals before any statistics
+    arr, options = prepared(volume, options)
+    return predicted(predictor, arr, options), options
+
+
+def prepared(volume, options: PredictOptions, integers: bool = False):
+    """The volume as a (C, Z, Y, X) dask array, once per call (integers kept when
+    ``integers`` or when normalized: statistics of the values as they are), and the
+    options with ``normalize=`` resolved to its whole-volume statistics, once."""
+    arr = as_dask_volume(volume, integers=integers or options.normalize is not None)
+    if options.normalize is None:
+        return arr, options
+    from .normalize import resolve
+    return arr, options.with_normalization(resolve(options.normalize, arr))
+
+
+def predicted(predictor, arr: da.Array, options: PredictOptions):
+    """The lazy result of ``predictor`` over the volume `prepared` made."""
+    if options.normalize is not None:
+        arr = map_volume(arr, options.normalize)
+    if options.coords:
         arr = with_coordinates(arr)
-    y = compose(predictor, arr, **{k: options.get(k) for k in ("tta", "output", "threshold",
-                                                                "ensemble", "seed")})
-    return cast_output(select_channels(y, channels, options), output_dtype)
+    y = compose(predictor, arr, tta=options.tta, output=options.output,
+                threshold=options.threshold, ensemble=options.ensemble, seed=options.seed)
+    return cast_output(select_channels(y, options), options.output_dtype)
 
 
-def make_predictor(model, scratch=None, *, method="exact", chunks=None, device=None,
-                   select=None, tta=None, output=None, threshold=None, ensemble=None, seed=0,
-                   **settings):
-    """The `Exact` or `Window` predictor ``method`` names, with its own settings;
-    settings of the other method are refused."""
-    given = {k: v for k, v in settings.items() if v is not None}
-    other = WINDOW_ONLY if method == "exact" else EXACT_ONLY
-    for name in other:
-        if name in given:
-            mine = "window" if method == "exact" else "exact"
-            raise InputError(f"{name}={given[name]!r} applies to method='{mine}' "
-                             f"({other[name]}); leave it out with method='{method}'",
-                             parameter=name)
-    if method == "window":
-        if "sigma_scale" in given and given.get("blend_mode", "gaussian") != "gaussian":
-            raise InputError(f"sigma_scale={given['sigma_scale']!r} shapes the gaussian blend; "
-                             f"blend_mode={given['blend_mode']!r} has none: leave it out",
-                             parameter="sigma_scale")
-        return Window(model, chunks=chunks, device=device, select=select,
-                      **{**WINDOW_DEFAULTS, **given})
-    return Exact(model, chunks=chunks, device=device, select=select, scratch=scratch,
-                 spill=scratch is not None and scratch.may_spill, **given)
+def make_predictor(model, options: PredictOptions, scratch=None):
+    """The `Exact` or `Window` predictor ``options.method`` names, with its own settings
+    (those of the other method were refused when the options were built)."""
+    common = dict(chunks=options.chunks, device=options.device, select=options.select)
+    if options.method == "window":
+        return Window(model, **common, **{**WINDOW_DEFAULTS, **options.settings()})
+    return Exact(model, **common, scratch=scratch,
+                 spill=scratch is not None and scratch.may_spill, **options.settings())
 
 
 def compose(predictor, arr: da.Array, *, tta=None, output="probabilities", threshold=None,
@@ -193,17 +179,13 @@ def normalization(volume, normalize="zscore", *, var: str | None = None,
                                              integers=True))
 
 
-OUTPUT_DTYPES = ("float32", "float16", "uint8")
-# CF conventions (read by xarray): the stored uint8 q stands for q * scale_factor
-QUANTIZED_ATTRS = {"scale_factor": 1 / 255, "add_offset": 0.0}
-
-
-def select_channels(y, channels, options):
+def select_channels(y, options: PredictOptions):
     """Only the output channels ``channels`` (an int or a list of ints) of the scores
     (or of an ensemble's mean and std), so that the stored result holds no more."""
+    channels = options.channels
     if channels is None:
         return y
-    if makes_labels(options):
+    if options.makes_labels:
         raise InputError(f"channels={channels!r} selects score channels; labels (output="
                          "'argmax', threshold=) have none", parameter="channels")
     n = (y[0] if isinstance(y, tuple) else y).shape[0]
@@ -220,26 +202,6 @@ def select_channels(y, channels, options):
 def each(y, fn):
     """``fn`` of the array ``y``, or of each array of an ensemble's `MeanStd`."""
     return MeanStd(*map(fn, y)) if isinstance(y, tuple) else fn(y)
-
-
-def makes_labels(options) -> bool:
-    """Whether ``predict``'s options ask for labels rather than scores."""
-    return options.get("output", "probabilities") != "probabilities" or \
-        options.get("threshold") is not None
-
-
-def check_output_dtype(output_dtype, options) -> str | None:
-    if output_dtype is None:
-        return None
-    name = np.dtype(output_dtype).name if isinstance(output_dtype, type) else output_dtype
-    if name not in OUTPUT_DTYPES:
-        raise InputError(f"output_dtype={output_dtype!r} is not one of {OUTPUT_DTYPES} "
-                         "(uint8 for probabilities in [0, 1])", parameter="output_dtype")
-    if makes_labels(options):
-        raise InputError(f"output_dtype={output_dtype!r} applies to scores; labels "
-                         "(output='argmax', threshold=) are already uint8 or uint16",
-                         parameter="output_dtype")
-    return name
 
 
 def cast_output(y, output_dtype):
@@ -261,38 +223,6 @@ def quantize_probabilities(block: np.ndarray) -> np.ndarray:
                          f"output reaches {lo if lo < 0 else hi:.4g} (logits?). Add a sigmoid "
                          "or softmax, or pass output_dtype='float16'", parameter="output_dtype")
     return np.rint(np.clip(block, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def check_options(*, method, output, threshold, tta, ensemble, seed=0) -> None:
-    """The option values and combinations, refused before anything is traced."""
-    if method not in METHODS:
-        hint = (f"; {method!r} is a blend: pass method='window', blend_mode={method!r}"
-                if method in ("gaussian", "constant") else "")
-        raise InputError(f"method={method!r} is not one of {METHODS}{hint}", parameter="method")
-    if output not in ("probabilities", "argmax"):
-        raise InputError(f"output={output!r} is not 'probabilities' or 'argmax'",
-                         parameter="output")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
-                not np.isfinite(threshold):
-            raise InputError(f"threshold={threshold!r} is not a number; pass e.g. 0.5 for a "
-                             "sigmoid head or 0.0 for logits", parameter="threshold")
-        if output == "argmax":
-            raise InputError("output='argmax' and threshold= are two ways to make labels; pass "
-                             "one (threshold for a one-channel head, argmax for classes)",
-                             parameter="threshold")
-    if tta not in (None, "flips"):
-        raise InputError(f"tta={tta!r} is not None or 'flips'", parameter="tta")
-    if ensemble is not None:
-        check_samples(ensemble)
-        if tta is not None or output != "probabilities" or threshold is not None:
-            raise InputError("ensemble= combines with neither tta=, output='argmax' nor "
-                             "threshold=; reduce the returned mean yourself",
-                             parameter="ensemble")
-    elif seed not in (0, None):
-        raise InputError(f"seed={seed!r} seeds the samples of ensemble=; without it the "
-                         "prediction draws nothing: leave it out or pass ensemble=N",
-                         parameter="seed")
 
 
 def with_coordinates(arr: da.Array) -> da.Array:

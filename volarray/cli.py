@@ -121,16 +121,17 @@ def check_preview_path(path: str | None) -> None:
         raise CLIError(f"--preview {path!r} cannot be written here; pass another path")
 
 
+# predict's options without a flag, and the flags stored under another name
+NO_FLAG = ("strategy",)
+FLAG_DEST = {"output": "output_kind"}
+
+
 def predict_options(args) -> dict:
-    """`predict`'s keyword arguments from the command line's flags."""
-    return dict(chunks=args.chunks, method=args.method, device=args.device,
-                memory_limit=args.memory_limit, roi_size=args.roi_size, overlap=args.overlap,
-                blend_mode=args.blend_mode, sigma_scale=args.sigma_scale, tta=args.tta,
-                output=args.output_kind, threshold=args.threshold, coords=args.coords,
-                ensemble=args.ensemble, seed=args.seed, compute_dtype=args.compute_dtype,
-                pad=args.pad,
-                select=args.select, output_dtype=args.output_dtype, keep=args.keep,
-                channels=args.channels, normalize=args.normalize)
+    """`predict`'s keyword arguments from the command line's flags, by the names the
+    options object declares (`volarray.options.OPTION_NAMES`)."""
+    from .options import OPTION_NAMES
+    return {name: getattr(args, FLAG_DEST.get(name, name)) for name in OPTION_NAMES
+            if name not in NO_FLAG}
 
 
 def check_flags(args, defaults) -> None:

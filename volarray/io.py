@@ -109,6 +109,17 @@ def _canonical(volume) -> da.Array:
     return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
+def canonical(volume, integers: bool = False) -> da.Array:
+    """``volume`` as `as_dask_volume` makes it: one it already made (a (C, Z, Y, X)
+    dask array of native floats, or integers with ``integers``) passes as it is, so
+    that a volume is canonicalised once per call however many steps it passes through."""
+    kinds = (np.floating, np.integer) if integers else (np.floating,)
+    if isinstance(volume, da.Array) and volume.ndim == 4 and volume.dtype.isnative and \
+            any(np.issubdtype(volume.dtype, k) for k in kinds) and all(volume.shape):
+        return volume
+    return as_dask_volume(volume, integers)
+
+
 def to_float32(block: np.ndarray) -> np.ndarray:
     return block.astype(np.float32)
 

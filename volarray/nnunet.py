@@ -33,7 +33,7 @@ from dask.base import tokenize
 
 from .errors import InputError
 from .geometry import coerce_chunks
-from .io import as_dask_volume, check_finite
+from .io import canonical, check_finite
 
 OUTPUTS = ("probabilities", "labels", "logits")
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization",
@@ -196,7 +196,7 @@ class NnUNetModel:
         from .predictors import check_model, resolve_device
         from .window import predict_window
         _check_options(output, tile_step_size)
-        arr = as_dask_volume(volume, integers=True)
+        arr = canonical(volume, integers=True)
         if arr.shape[0] != self.input_channels:
             raise InputError(f"the volume has {arr.shape[0]} channel(s); this model takes "
                              f"{self.input_channels} ({_channel_names(self.dataset_json)}): "

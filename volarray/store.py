@@ -8,7 +8,6 @@ written or removed, and what a stopped run leaves, is decided in `outputs`.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 
@@ -20,19 +19,15 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import outputs
 from .cluster import client_of, with_scheduler_file
-from .api import QUANTIZED_ATTRS, predict, prediction
+from .api import make_predictor, predicted, prepared
 from .claim import claimed
 from .digest import (BAD_VOXEL, check_input_unchanged, forget_input_chunk, input_hashes,
                      record_hashes)
 from .errors import InputError, VolarrayError
-from .io import as_dask_volume, open_volume
+from .io import open_volume
 from .location import Location
-from .normalize import resolve as resolve_normalize
+from .options import PredictOptions, output_attrs
 from .outputs import DONE, HASHES, RunInterrupted
-
-PREDICT_DEFAULTS = {name: p.default for name, p in inspect.signature(predict).parameters.items()
-                    if p.kind is p.KEYWORD_ONLY}
-PREDICT_OPTIONS = tuple(PREDICT_DEFAULTS)
 
 
 def _zarr():
@@ -141,7 +136,7 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     change the numbers) joins the run's identity and its ``attrs`` the arrays'
     attributes. ``model`` then stands for the weights; ``options`` must be empty.
     """
-    check_options(predictor, options)
+    options = check_options(predictor, options)
     check_name(name)
     src = open_volume(volume, var, storage_options)
     inputs = (outputs.input_paths(volume, storage_options)
@@ -151,17 +146,15 @@ def predict_to_zarr(model, volume, store, *, name: str = "prediction", var: str 
     with claimed(out):  # one run per output: a second one is refused until this one ends
         action = outputs.check_action(out, str(store), overwrite=overwrite, resume=resume)
         # validates before anything is traced or written
-        source = as_dask_volume(src, integers=predictor is not None or
-                                options.get("normalize") is not None)
-        if options.get("normalize") is not None:  # once, recorded in the arrays' attributes
-            options = dict(options, normalize=resolve_normalize(options["normalize"], source))
+        # the volume canonical and its normalization resolved once (recorded in the attributes)
+        source, options = prepared(src, options, integers=predictor is not None)
         if action != "create":
             outputs.remove_leftovers(out)  # of this output's runs killed with SIGKILL
         run = _Run(out, model, source, options, predictor, scheduler)
         space = ScratchSpace(out, scratch)
         try:
             result = (predictor(source) if predictor is not None
-                      else prediction(model, source, scratch=space, **options))
+                      else predicted(make_predictor(model, options, space), source, options))
             run.arrays = _named_arrays(result, name)
             run.axes = spatial_axes(src, run.arrays)
             run.run_id = _run_id(model, volume, var, source, run.arrays, options,
@@ -225,8 +218,9 @@ class _Run:
             raise
 
 
-def check_options(predictor, options: dict) -> None:
-    """``predict``'s options, or a predictor with a token (what identifies its run)."""
+def check_options(predictor, options: dict) -> PredictOptions:
+    """``predict``'s options, built, or a predictor with a token (what identifies its
+    run) and the default options."""
     if predictor is not None and not hasattr(predictor, "token"):
         raise InputError(f"predictor={type(predictor).__name__} has no token (the settings "
                          "that change its numbers), so a resumed run could not tell it from "
@@ -235,10 +229,7 @@ def check_options(predictor, options: dict) -> None:
     if predictor is not None and options:
         raise InputError(f"predict_to_zarr got predict options {sorted(options)} and a "
                          "predictor; the predictor sets its own", parameter="predictor")
-    unknown = sorted(set(options) - set(PREDICT_OPTIONS))
-    if unknown:
-        raise InputError(f"predict_to_zarr got unknown option(s) {unknown}; it takes "
-                         f"predict's options {list(PREDICT_OPTIONS)}")
+    return PredictOptions.given(options, "predict_to_zarr")
 
 
 def check_name(name) -> None:
@@ -273,7 +264,7 @@ def input_sample(arr) -> str:
     return tokenize(arr.shape, str(arr.dtype), [np.asarray(v) for v in values])
 
 
-def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
+def _run_id(model, volume, var, source_array, arrays: dict, options: PredictOptions,
             predictor_token=None, storage_options=None) -> dict:
     """What makes a run the same run, part by part: the model's weights, the input (its
     path when it has one, so that fixing a bad voxel in place keeps finished chunks
@@ -282,7 +273,7 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
     from .window import weights_token
     source = ((Location.of(str(volume), storage_options).url, var, input_sample(source_array))
               if isinstance(volume, (str, os.PathLike)) else source_array.name)
-    given = {**PREDICT_DEFAULTS, **options}  # an option passed at its default is the same run
+    given = options.as_dict()  # an option passed at its default is the same run
     ignored = {"memory_limit", "device", "chunks"} | ({"seed"} if given["ensemble"] is None
                                                      else set())  # seeds draw ensembles only
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
@@ -294,7 +285,7 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: dict,
                                            for n, a in arrays.items()])}
 
 
-def _create_output(out: Location, run_id: dict, arrays: dict, model, options: dict,
+def _create_output(out: Location, run_id: dict, arrays: dict, model, options: PredictOptions,
                    predictor=None, axes=None, hashes=None, made: list | None = None):
     """A new output group; its volarray mark comes first, so that a run stopped while
     creating it leaves a store volarray recognises (and may remove). ``made`` gets True
@@ -317,13 +308,7 @@ def _create_output(out: Location, run_id: dict, arrays: dict, model, options: di
         group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
                            dtype=a.dtype, dimension_names=(
                                spatial_dims if a.ndim == 3 else ("channel",) + spatial_dims),
-                           attributes={"model": type(model).__name__,
-                                       "method": options.get("method", "exact"),
-                                       "volarray_version": _version(),
-                                       **(QUANTIZED_ATTRS if a.dtype == np.uint8
-                                          and options.get("output_dtype") == "uint8" else {}),
-                                       **getattr(options.get("normalize"), "attrs", {}),
-                                       **getattr(predictor, "attrs", {})})
+                           attributes=output_attrs(model, options, predictor))
     return group
 
 
