@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,17 +25,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from bench_scale import measure  # each engine in its own process, through _runner.py
+
 HERE = Path(__file__).parent
 SIZES = list(range(96, 321, 32))
 ENGINES = ("torch", "memory", "to_zarr")
-
-
-def measure(engine, model, size, *args):
-    cmd = [sys.executable, str(HERE / "_runner.py"), engine, model, str(size), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def plan_line(model_name, size) -> str:
