@@ -206,12 +206,11 @@ class TileProgram:
 
     def _compute(self, ctx, name: str, env: dict, box: Box, edges) -> torch.Tensor:
         node = self.nodes[name]
-        ins, extra = [], {}
+        ins, extra, skip = [], {}, None  # a node may have no tensor input (a global value)
         for j, p in enumerate(node.inputs):
             t, have = env.get(p, (None, None))
             src = self.nodes[p]
             want = Box(edges[j])
-            skip, extra = None, {}
             if getattr(node.op, "native_padding", False):
                 # Let the conv zero-pad the part of the border it can pad evenly, and
                 # along z a one-sided border too (a sweep's first and last slabs)
