@@ -249,6 +249,7 @@ def test_resume_with_another_model_names_what_differs(tmp_path):
     assert "pass chunks" not in str(e.value)
 
 
+@pytest.mark.slow  # a CLI subprocess (10 s); the default run stays under 15 minutes
 def test_cli_resume_of_a_finished_output_says_so(tmp_path):
     np.save(tmp_path / "v.npy", random_volume((16, 16, 16)))
     torch.save(seeded(FaultSeg3D).state_dict(), tmp_path / "w.pt")
@@ -260,6 +261,7 @@ def test_cli_resume_of_a_finished_output_says_so(tmp_path):
         in r.stdout and "wrote" not in r.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess (10 s); the default run stays under 15 minutes
 def test_cli_output_that_is_a_file_gets_one_message(tmp_path):
     np.save(tmp_path / "v.npy", random_volume((8, 8, 8)))
     (tmp_path / "o.zarr").write_text("mine")

@@ -86,6 +86,7 @@ def test_upsampling_head_whole_axis_and_an_odd_side(work):
     assert volarray.predict(model, vol, chunks=5).chunksize == (2, 4, 4, 4)
 
 
+@pytest.mark.slow  # a CLI subprocess (10 s); the default run stays under 15 minutes
 def test_cli_chunks_of_a_half_size_output(work):
     d, scaled, vol = work
     r = subprocess.run([sys.executable, "-m", "volarray.cli", "plan", "vol.npy", "--model",

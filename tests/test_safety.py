@@ -390,6 +390,7 @@ def test_cli_window_mode(project):
 
 # -- shapes the network cannot take, weights that do not fit ------------------------------
 
+@pytest.mark.slow  # a CLI subprocess (10 s); the default run stays under 15 minutes
 def test_cli_side_not_a_multiple_says_so_and_pads(tmp_path):
     vol = random_volume((12, 20, 16), seed=9)
     np.save(tmp_path / "v.npy", vol)
