@@ -110,14 +110,14 @@ def count_run(exact, vol):
 
 def test_whole_strategy_runs_each_conv_once_per_task(monkeypatch):
     import dataclasses
-    import volarray.costing as planner  # choose_slab and sweep_bytes live in costing
+    import volarray.costing as costing
 
     def thinnest(graph, stage, shapes, target, unit, limit=None):  # every task swept
         if stage.chunk_shape[0] > unit and stage.program.order:
-            return dataclasses.replace(stage, slab=unit, peak_bytes=planner.sweep_bytes(
+            return dataclasses.replace(stage, slab=unit, peak_bytes=costing.sweep_bytes(
                 graph, stage, shapes, unit)[1])
         return stage
-    monkeypatch.setattr(planner, "choose_slab", thinnest)
+    monkeypatch.setattr(costing, "choose_slab", thinnest)
     model = seeded(FaultSeg3D, width=4)
     vol = random_volume((32, 32, 32), seed=2)
     ref = whole_volume(model, vol)
