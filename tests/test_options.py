@@ -79,3 +79,16 @@ def test_predict_to_zarr_canonicalises_the_volume_once(model, tmp_path, canonica
 def test_predict_canonicalises_the_volume_once(model, canonicalisations):
     volarray.predict(model, random_volume((16, 16, 16)), tta="flips")
     assert len(canonicalisations) == 1
+
+
+def test_a_four_dimensional_reader_is_seen_through_its_volume_source(model):
+    """A 4-D float array straight from a field format's reader looks canonical, but its
+    tasks read their regions only through a `VolumeSource`: `canonical` wraps it."""
+    from volarray.readers import VolumeSource, lazy_array, source_of
+    data = random_volume((2, 12, 14, 10))
+    bare = lazy_array(data, ((2,), (6, 6), (7, 7), (10,)))
+    assert not isinstance(source_of(bare), VolumeSource)
+    made = volarray.io.canonical(bare)
+    assert isinstance(source_of(made), VolumeSource)
+    assert volarray.io.canonical(made) is made  # made once
+    np.testing.assert_array_equal(made.compute(), data)

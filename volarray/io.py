@@ -115,9 +115,18 @@ def canonical(volume, integers: bool = False) -> da.Array:
     that a volume is canonicalised once per call however many steps it passes through."""
     kinds = (np.floating, np.integer) if integers else (np.floating,)
     if isinstance(volume, da.Array) and volume.ndim == 4 and volume.dtype.isnative and \
-            any(np.issubdtype(volume.dtype, k) for k in kinds) and all(volume.shape):
+            any(np.issubdtype(volume.dtype, k) for k in kinds) and all(volume.shape) and \
+            not _bare_reader(volume):
         return volume
     return as_dask_volume(volume, integers)
+
+
+def _bare_reader(volume: da.Array) -> bool:
+    """Whether ``volume`` reads a field format's reader not yet seen through a
+    `VolumeSource` (a 4-D float reader looks canonical but its tasks would not read
+    their regions from it)."""
+    source = source_of(volume)
+    return source is not None and not isinstance(source, VolumeSource)
 
 
 def to_float32(block: np.ndarray) -> np.ndarray:
