@@ -193,19 +193,25 @@ def test_cli_runs_rot90_and_flips_with_max(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------- torchseis itself
 def torchseis():
     """torchseis's package from TORCHSEIS_PATH (or the path), skipped when absent; an
-    import-only stand-in for triton where there is none (its GPU kernels are not run)."""
+    import-only stand-in for triton while it imports, where there is none (its GPU
+    kernels are not run; torch's compiler imports triton for real when it is present)."""
     if os.environ.get("TORCHSEIS_PATH"):
         sys.path.insert(0, os.environ["TORCHSEIS_PATH"])
     try:
         import triton  # noqa: F401
+        stubbed = False
     except ImportError:
         import types
         stub, lang = types.ModuleType("triton"), types.ModuleType("triton.language")
         stub.jit = lambda f=None, **k: f if f else (lambda g: g)
         lang.constexpr, stub.language = int, lang
-        sys.modules.setdefault("triton", stub)
-        sys.modules.setdefault("triton.language", lang)
-    return pytest.importorskip("torchseis")
+        sys.modules["triton"], sys.modules["triton.language"] = stub, lang
+        stubbed = True
+    try:
+        return pytest.importorskip("torchseis")
+    finally:
+        if stubbed:
+            del sys.modules["triton"], sys.modules["triton.language"]
 
 
 @pytest.mark.slow

@@ -69,13 +69,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     index of a list or tuple (default 0, the full-resolution head of nnU-Net's deep
     supervision) or a key of a dict.
 
-    ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
-    (nnU-Net's test-time mirroring), in either method, traced once. ``tta="rot90"``: the
-    4 quarter turns in the (Y, X) plane (the lateral plane, time or depth on Z; torchseis's
-    multi_angle); ``tta="multires"``: the volume and its decimations ``[::2]`` along Z, Y
-    and X, each prediction interpolated back trilinearly (torchseis's multi_resolution).
-    Joined by '+' ('flips+rot90') every combination runs. ``merge="mean"`` (default) or
-    ``"max"`` (torchseis's) merges the passes. See `volarray.tta`.
+    ``tta``: test-time augmentation, "flips", "rot90", "multires" or several joined by "+",
+    merged by ``merge="mean"|"max"``, in either method, traced once (see `volarray.tta`).
 
     ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
     256 classes), reduced chunk by chunk; it needs two or more classes. For a
