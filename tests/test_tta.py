@@ -5,6 +5,7 @@ whole array in memory; `test_equals_torchseis_fault_pipeline` compares to torchs
 itself where it is present (TORCHSEIS_PATH, as benchmarks/bench_gpu.py finds it)."""
 import itertools
 import os
+import subprocess
 import sys
 
 import dask.array as da
@@ -165,9 +166,11 @@ def test_accessor_and_predict_to_zarr_take_tta_and_merge(tmp_path):
     np.testing.assert_array_equal(out[...], want)
 
 
-def test_cli_runs_rot90_and_flips_with_max(tmp_path, monkeypatch, capsys):
-    """The command line's --tta and --merge (in process: its flags are the case here;
-    tests/test_cli.py runs the command line in subprocesses)."""
+@pytest.mark.parametrize("in_process", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["in-process", "subprocess"])
+def test_cli_runs_rot90_and_flips_with_max(tmp_path, monkeypatch, capsys, in_process):
+    """The command line's --tta and --merge (in process by default; as users run it, in a
+    subprocess, in the slow run)."""
     vol = random_volume((7, 6, 9), seed=8)
     np.save(tmp_path / "in.npy", vol)
     torch.save(small_model().state_dict(), tmp_path / "w.pt")
@@ -178,16 +181,27 @@ def test_cli_runs_rot90_and_flips_with_max(tmp_path, monkeypatch, capsys):
         "        torch.nn.Conv3d(4, 2, 3, padding=1), torch.nn.Sigmoid())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     run = ["predict", str(tmp_path / "in.npy"), str(tmp_path / "out.zarr"), "--model",
-           "tiny_tta_model:make", "--weights", str(tmp_path / "w.pt"), "--quiet",
-           "--scheduler", "sync"]
-    assert volarray.cli.main(run + ["--tta", "rot90+flips", "--merge", "max"]) == 0
+           "tiny_tta_model:make", "--weights", str(tmp_path / "w.pt"), "--quiet"]
+
+    def cli(*flags):
+        if in_process:
+            try:
+                return volarray.cli.main(run + list(flags)), capsys.readouterr().err
+            except SystemExit as e:
+                return e.code, capsys.readouterr().err
+        root = os.path.dirname(os.path.dirname(volarray.__file__))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+        done = subprocess.run([sys.executable, "-m", "volarray.cli", *run, *flags], env=env,
+                              capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stderr
+    code, err = cli("--tta", "rot90+flips", "--merge", "max")
+    assert code == 0, err
     import zarr
     got = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["prediction"][...]
     np.testing.assert_allclose(got, reference(small_model(), vol, "flips+rot90", "max"),
                                rtol=0, atol=1e-5)
-    with pytest.raises(SystemExit):
-        volarray.cli.main(run + ["--tta", "rot45", "--overwrite"])
-    assert "--tta" in capsys.readouterr().err
+    code, err = cli("--tta", "rot45", "--overwrite")
+    assert code != 0 and "--tta" in err and "rot45" in err
 
 
 # ---------------------------------------------------------------- torchseis itself
