@@ -133,5 +133,5 @@ def test_tta_flips_equals_mean_of_flipped_forwards(model, mode):
                 y = model(torch.from_numpy(v)[None, None])[0].numpy()
         ref = ref + (np.flip(y, tuple(a + 1 for a in axes)) if axes else y)
     assert_volume_close(out, ref / 8, atol=1e-5)
-    with pytest.raises(volarray.InputError, match="tta='rot90'"):
-        volarray.predict(model, vol, tta="rot90")
+    with pytest.raises(volarray.InputError, match="tta='rot45'"):
+        volarray.predict(model, vol, tta="rot45")

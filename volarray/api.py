@@ -9,7 +9,8 @@ from .errors import InputError
 from .io import as_dask_volume, map_volume
 from .options import WINDOW_DEFAULTS, PredictOptions
 from .planner import Plan
-from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, flips, labels
+from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, labels
+from .tta import augmented
 
 def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=None,
          pad: str | None = None, select=None, output: str = "probabilities",
@@ -31,7 +32,7 @@ def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=Non
 def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
             memory_limit=None, keep=None, pad: str | None = None, compute_dtype=None,
             roi_size=None, overlap: float | None = None, blend_mode=None,
-            sigma_scale: float | None = None, tta: str | None = None,
+            sigma_scale: float | None = None, tta: str | None = None, merge: str | None = None,
             output: str = "probabilities", threshold: float | None = None,
             ensemble: int | None = None, seed: int = 0, coords: bool = False, normalize=None,
             select=None, output_dtype: str | None = None, channels=None, strategy=None):
@@ -68,8 +69,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     index of a list or tuple (default 0, the full-resolution head of nnU-Net's deep
     supervision) or a key of a dict.
 
-    ``tta="flips"``: the mean over the 8 mirrorings of the three spatial axes
-    (nnU-Net's test-time mirroring), in either method, traced once.
+    ``tta``: test-time augmentation, "flips", "rot90", "multires" or several joined by "+",
+    merged by ``merge="mean"|"max"``, in either method, traced once (see `volarray.tta`).
 
     ``output="argmax"``: integer labels (Z', Y', X') per voxel (uint8, or uint16 past
     256 classes), reduced chunk by chunk; it needs two or more classes. For a
@@ -104,7 +105,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     options = PredictOptions(
         method=method, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
         pad=pad, compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
-        blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
+        blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, merge=merge, output=output,
         threshold=threshold, ensemble=ensemble, seed=seed, coords=coords, normalize=normalize,
         select=select, output_dtype=output_dtype, channels=channels, strategy=strategy)
     return prediction(model, volume, options)[0]
@@ -136,7 +137,7 @@ def predicted(predictor, arr: da.Array, options: PredictOptions):
         arr = map_volume(arr, options.normalize)
     if options.coords:
         arr = with_coordinates(arr)
-    y = compose(predictor, arr, tta=options.tta, output=options.output,
+    y = compose(predictor, arr, tta=options.tta, merge=options.merge, output=options.output,
                 threshold=options.threshold, ensemble=options.ensemble, seed=options.seed)
     return cast_output(select_channels(y, options), options.output_dtype)
 
@@ -151,14 +152,14 @@ def make_predictor(model, options: PredictOptions, scratch=None):
                  spill=scratch is not None and scratch.may_spill, **options.settings())
 
 
-def compose(predictor, arr: da.Array, *, tta=None, output="probabilities", threshold=None,
-            ensemble=None, seed=0):
+def compose(predictor, arr: da.Array, *, tta=None, merge=None, output="probabilities",
+            threshold=None, ensemble=None, seed=0):
     """Scores, labels or an ensemble's (mean, std) of ``arr``, from ``predictor``."""
     if ensemble is not None:
         return ensemble_of(predictor, arr, ensemble, seed or 0)
     if output == "argmax" and tta is None:
         return predictor.argmax(arr)
-    scores = flips(predictor, arr) if tta == "flips" else predictor(arr)
+    scores = augmented(predictor, arr, tta, merge) if tta is not None else predictor(arr)
     if output == "argmax" or threshold is not None:
         return labels(scores, threshold)
     return scores

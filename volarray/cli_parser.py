@@ -11,8 +11,8 @@ DEBUG_HELP = ("on a failure, show the full traceback (also VOLARRAY_DEBUG=1); by
 
 # flags of a plain model's run that an nnU-Net model folder sets itself, and back
 NOT_NNUNET = ("weights", "method", "memory_limit", "keep", "pad", "select", "roi_size",
-              "overlap", "blend_mode", "sigma_scale", "threshold", "tta", "ensemble", "seed",
-              "coords", "compute_dtype",
+              "overlap", "blend_mode", "sigma_scale", "threshold", "tta", "merge", "ensemble",
+              "seed", "coords", "compute_dtype",
               "scratch", "output_dtype", "channels", "normalize")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
@@ -31,6 +31,16 @@ def _sides(text: str):
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or Z,Y,X")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _tta(text: str) -> str:
+    """--tta: flips, rot90, multires, or several joined by + (e.g. flips+rot90)."""
+    names = text.split("+")
+    known = ("flips", "rot90", "multires")
+    if any(n not in known for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not flips, rot90, multires or several "
+                                         "of them joined by + (e.g. flips+rot90)")
+    return "+".join(n for n in known if n in names)
 
 
 def _channel_list(text: str) -> list[int]:
@@ -129,7 +139,12 @@ def _predict_args(p):
                    help="argmax (or labels): uint8/uint16 class labels; logits: --nnunet only")
     o.add_argument("--threshold", type=float,
                    help="labels y > T for a one-channel head (0.5 sigmoid, 0.0 logits)")
-    o.add_argument("--tta", choices=["flips"], help="mean over the 8 mirrorings")
+    o.add_argument("--tta", type=_tta, metavar="{flips,rot90,multires}[+...]",
+                   help="test-time augmentation: flips (the 8 mirrorings), rot90 (4 turns in "
+                        "the Y-X plane), multires (the volume and its [::2] decimations along "
+                        "each axis, interpolated back); joined by + for every combination")
+    o.add_argument("--merge", choices=["mean", "max"],
+                   help="how --tta's passes are merged per voxel (default mean)")
     o.add_argument("--ensemble", type=int,
                    help="N samples of a stochastic model: writes NAME_mean and NAME_std")
     o.add_argument("--seed", type=int, default=0, help="seed of the ensemble's samples")

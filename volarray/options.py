@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .predictors import check_samples
+from .tta import canonical_tta, check_merge
 
 METHODS = ("exact", "window")
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
@@ -41,6 +42,7 @@ class PredictOptions:
     blend_mode: Any = _only("window", "how windows are blended")
     sigma_scale: float | None = _only("window", "the gaussian's width")
     tta: str | None = None
+    merge: str | None = None
     output: str = "probabilities"
     threshold: float | None = None
     ensemble: int | None = None
@@ -55,7 +57,8 @@ class PredictOptions:
     def __post_init__(self):
         check_method(self.method)
         check_output(self.output, self.threshold)
-        check_tta(self.tta)
+        object.__setattr__(self, "tta", canonical_tta(self.tta))
+        check_merge(self.merge, self.tta)
         check_ensemble(self.ensemble, self.seed, self)
         object.__setattr__(self, "output_dtype", canonical_output_dtype(self.output_dtype,
                                                                         self))
@@ -116,11 +119,6 @@ def check_output(output, threshold) -> None:
         raise InputError("output='argmax' and threshold= are two ways to make labels; pass "
                          "one (threshold for a one-channel head, argmax for classes)",
                          parameter="threshold")
-
-
-def check_tta(tta) -> None:
-    if tta not in (None, "flips"):
-        raise InputError(f"tta={tta!r} is not None or 'flips'", parameter="tta")
 
 
 def check_ensemble(ensemble, seed, options) -> None:
