@@ -61,6 +61,18 @@ def test_long_axis_and_unchanged_shape():
     assert resample(d, x.shape[1:], (1, 1, 1), (2, 2, 2)) is d
 
 
+def test_lazy_limits():
+    """eager=False (the logits' way back): the clip's min and max wait for compute."""
+    x = np.random.default_rng(4).normal(0, 3, (2, 12, 10, 9)).astype(np.float32)
+    ref = nnunet(x, (15, 7, 13), (1, 1, 1), (0.8, 1.4, 0.7))
+    calls = []
+    d = da.from_array(x, chunks=5).map_blocks(lambda b: calls.append(b.size) or b,
+                                              dtype=x.dtype)
+    y = resample(d, (15, 7, 13), (1, 1, 1), (0.8, 1.4, 0.7), eager=False)
+    assert not any(calls)  # dask's meta probe only
+    assert_same(y.compute(), ref)
+
+
 def test_separate_axis_as_nnunet():
     values = (0.5, 0.8, 1.0, 2.5, 3.0, 5.0)
     for spacing in itertools.product(values, repeat=3):

@@ -152,13 +152,15 @@ def resample_axis(x: da.Array, axis: int, n_out: int, order: int, separate: bool
 
 
 def resample(x: da.Array, shape, spacing, new_spacing, scheme: Scheme = Scheme(),
-             chunk: int = 64) -> da.Array:
+             chunk: int = 64, eager: bool = True) -> da.Array:
     """``x`` (C, Z, Y, X) as nnU-Net's ``resample_data_or_seg_to_shape(x, shape, spacing,
     new_spacing, **scheme)`` makes it, lazily: a dask array of ``shape`` (spatial) and
     ``x``'s dtype, chunked ``chunk`` per spatial axis. ``x`` unchanged when its shape is
     ``shape`` (nnU-Net does not touch it then). For order > 1 the clip to the input's
     range needs its minimum and maximum per channel (per slice of the separate axis):
-    they are computed here, one pass over ``x``."""
+    computed here, one pass over ``x`` (``eager=False``: when the result is, which
+    holds ``x`` until every output chunk is done; for a network's logits, which are not
+    computed twice)."""
     shape = tuple(int(n) for n in shape)
     old = tuple(x.shape[1:])
     if old == shape:
@@ -175,7 +177,7 @@ def resample(x: da.Array, shape, spacing, new_spacing, scheme: Scheme = Scheme()
         # resize clips to the range of what it resized (order <= 1 cannot leave it)
         lo, hi = (f(y, axis=tuple(a + 1 for a in plane), keepdims=True)
                   for f in (da.min, da.max))
-        limits = dask.compute(lo, hi)
+        limits = dask.compute(lo, hi) if eager else (lo, hi)
     # the passes that shrink the volume first: fewer voxels for the next ones
     for a in sorted(plane, key=lambda a: shape[a] / old[a]):
         if shape[a] != old[a]:
@@ -223,7 +225,8 @@ class Resampling:
         return resample(x, self.new_shape, self.spacing, self.target, self.data, chunk)
 
     def backward(self, logits: da.Array, chunk: int = 64) -> da.Array:
-        return resample(logits, self.shape, self.target, self.spacing, self.back, chunk)
+        return resample(logits, self.shape, self.target, self.spacing, self.back, chunk,
+                        eager=False)
 
 
 def raw_scan(volume, spacing=None, reverse_axes: bool | None = None, reader: str | None = None,
