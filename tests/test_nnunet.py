@@ -430,6 +430,9 @@ def test_raw_scan_resampled_as_nnunet(folder):
     seg16, _ = nnunet_raw(folder, vol, RAW_SPACING, False)
     assert (labels == seg16).mean() >= 0.999
     assert (labels == probs.argmax(0)).all()
+    # at the plans' own spacing nothing is resampled: the very graph of spacing=None
+    same = predict_nnunet(model, vol, spacing=(1, 1, 1), mirror=False)
+    assert same.name == predict_nnunet(model, vol, mirror=False).name != ours[0].name
 
 
 def write_scan(path, vol_kji, spacing_kji):
