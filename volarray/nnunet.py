@@ -7,16 +7,15 @@ builder). Prediction is volarray's window mode with nnU-Net's pieces: tile start
 patch, scaled by 10, in float16 as nnU-Net makes it), the mean over the flips of the
 checkpoint's ``inference_allowed_mirroring_axes`` and over the folds (one module that
 runs every fold and flip per window: the same sums nnU-Net makes, in float32), images
-smaller than the patch padded with zeros and cropped back. nnU-Net's preprocessing,
-except resampling, comes first: ``transpose_forward``, the crop to the bounding box of
-nonzero voxels, and the plans' intensity normalization with whole-image statistics
-(computed once with dask, applied chunk by chunk); after it, probabilities or labels by
-nnU-Net's label manager (softmax and argmax, or sigmoid and its region order), put back
-into the uncropped, untransposed frame as nnU-Net does.
-
-The input must already be at the configuration's target spacing: volarray does not
-resample. nnU-Net accumulates the case's logits in float16 and holds the whole case in
-memory; here the sums are float32 and each output chunk is its own task.
+smaller than the patch padded with zeros and cropped back. nnU-Net's preprocessing
+comes first: ``transpose_forward``, the crop to the bounding box of nonzero voxels, the
+plans' intensity normalization with whole-image statistics (computed once with dask,
+applied chunk by chunk) and, given the scan's ``spacing``, nnU-Net's resampling to the
+configuration's (`volarray.resample`, region by region); after it, the logits back to the
+scan's grid, probabilities or labels by nnU-Net's label manager (softmax and argmax, or
+sigmoid and its region order), put back into the uncropped, untransposed frame as
+nnU-Net does. nnU-Net accumulates the case's logits in float16 and holds the whole case
+in memory; here the sums are float32 and each output chunk is its own task.
 """
 from __future__ import annotations
 
