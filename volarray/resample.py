@@ -102,7 +102,7 @@ def check_spacing(spacing, what: str = "spacing") -> tuple:
     return values
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def axis_matrix(n_in: int, n_out: int, order: int, separate: bool) -> np.ndarray:
     """The (n_out, n_in) float64 matrix of nnU-Net's 1-D resampling: column j is the
     resampling of the unit vector e_j by skimage's resize (scipy's zoom, grid_mode,
