@@ -63,10 +63,11 @@ def _model_args(p, nnunet: bool = False):
         which.add_argument("--model", help=model_help)
         which.add_argument("--nnunet", metavar="MODEL_FOLDER",
                            help="a trained nnU-Net v2 model folder (plans.json, dataset.json, "
-                                "fold_N/checkpoint_final.pth). The input must already be at the "
-                                "model's target spacing, in nnU-Net's axis order: volarray does "
-                                "not resample. The plans' intensity normalization is applied "
-                                "with whole-image statistics")
+                                "fold_N/checkpoint_final.pth). A NIfTI scan is read as nnU-Net "
+                                "reads it and resampled from its header's spacing to the "
+                                "model's and back; other input must be at the model's spacing, "
+                                "in nnU-Net's axis order. The plans' intensity normalization is "
+                                "applied with whole-image statistics")
     else:
         p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--weights", help="state dict: torch.save file or .safetensors")

@@ -7,16 +7,15 @@ builder). Prediction is volarray's window mode with nnU-Net's pieces: tile start
 patch, scaled by 10, in float16 as nnU-Net makes it), the mean over the flips of the
 checkpoint's ``inference_allowed_mirroring_axes`` and over the folds (one module that
 runs every fold and flip per window: the same sums nnU-Net makes, in float32), images
-smaller than the patch padded with zeros and cropped back. nnU-Net's preprocessing,
-except resampling, comes first: ``transpose_forward``, the crop to the bounding box of
-nonzero voxels, and the plans' intensity normalization with whole-image statistics
-(computed once with dask, applied chunk by chunk); after it, probabilities or labels by
-nnU-Net's label manager (softmax and argmax, or sigmoid and its region order), put back
-into the uncropped, untransposed frame as nnU-Net does.
-
-The input must already be at the configuration's target spacing: volarray does not
-resample. nnU-Net accumulates the case's logits in float16 and holds the whole case in
-memory; here the sums are float32 and each output chunk is its own task.
+smaller than the patch padded with zeros and cropped back. nnU-Net's preprocessing
+comes first: ``transpose_forward``, the crop to the bounding box of nonzero voxels, the
+plans' intensity normalization with whole-image statistics (computed once with dask,
+applied chunk by chunk) and, given the scan's ``spacing``, nnU-Net's resampling to the
+configuration's (`volarray.resample`, region by region); after it, the logits back to the
+scan's grid, probabilities or labels by nnU-Net's label manager (softmax and argmax, or
+sigmoid and its region order), put back into the uncropped, untransposed frame as
+nnU-Net does. nnU-Net accumulates the case's logits in float16 and holds the whole case
+in memory; here the sums are float32 and each output chunk is its own task.
 """
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ from dask.base import tokenize
 from .errors import InputError
 from .geometry import coerce_chunks
 from .io import canonical, check_finite
+from .resample import Resampling, raw_scan
 
 OUTPUTS = ("probabilities", "labels", "logits")
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization",
@@ -191,16 +191,27 @@ class NnUNetModel:
 
     def predict(self, volume, *, output: str = "probabilities", tile_step_size: float = 0.5,
                 mirror: bool = True, normalize: bool = True, crop_nonzero: bool = True,
-                chunks=None, device="cpu") -> da.Array:
+                spacing=None, reverse_axes: bool | None = None, chunks=None,
+                device="cpu") -> da.Array:
         """See `predict_nnunet`."""
         from .predictors import check_model, resolve_device
         from .window import predict_window
         _check_options(output, tile_step_size)
+        volume, spacing, reverse = raw_scan(volume, spacing, reverse_axes,
+                                            self.plans.get("image_reader_writer"))
         arr = canonical(volume, integers=True)
         if arr.shape[0] != self.input_channels:
             raise InputError(f"the volume has {arr.shape[0]} channel(s); this model takes "
                              f"{self.input_channels} ({_channel_names(self.dataset_json)}): "
                              "pass (C, Z, Y, X) with the channels in dataset.json's order")
+        if reverse:  # nnU-Net's axis order inside, the volume's outside
+            c = coerce_chunks(chunks, arr.shape[1:])
+            y = self.predict(arr.transpose(0, 3, 2, 1), output=output, mirror=mirror,
+                             tile_step_size=tile_step_size, normalize=normalize,
+                             crop_nonzero=crop_nonzero, reverse_axes=False, device=device,
+                             spacing=None if spacing is None else spacing[::-1],
+                             chunks=None if c is None else c[::-1])
+            return y.transpose(tuple(range(y.ndim - 3)) + (y.ndim - 1, y.ndim - 2, y.ndim - 3))
         arr = arr.astype(np.float32)
         shape = tuple(arr.shape[1:])
         chunks_in = coerce_chunks(chunks, shape)
@@ -210,23 +221,28 @@ class NnUNetModel:
             crop = self.normalize(crop, box_lo=tuple(a for a, _ in box))
         else:  # NaN / Inf refused as everywhere in volarray, naming the voxel
             crop = crop.map_blocks(_checked, box_lo=tuple(a for a, _ in box), dtype=np.float32)
-        tf = self.transpose_forward
+        grid = None if spacing is None else Resampling.for_configuration(
+            self.configuration_manager.configuration, self.transpose_forward, spacing,
+            crop.shape[1:])
+        if grid is not None:  # nnU-Net resamples after normalizing
+            crop = grid.forward(crop)
+        tf, tb = self.transpose_forward, self.transpose_backward
         net_in = crop.transpose((0,) + tuple(t + 1 for t in tf)) if tf != (0, 1, 2) else crop
         window_chunks = (self.patch_size if chunks_in is None  # None per axis: the patch's
                          else tuple(p if chunks_in[t] is None else chunks_in[t]
                                     for t, p in zip(tf, self.patch_size)))
         model = self.ensemble(mirror)
         check_model(model)
-        step = float(tile_step_size)
         logits = predict_window(
             model, net_in.rechunk({0: -1}), roi_size=self.patch_size, overlap=0.0,
-            blend_mode=self.gaussian, placement=_NnUNetSteps(step),
+            blend_mode=self.gaussian, placement=_NnUNetSteps(float(tile_step_size)),
             chunks=coerce_chunks(window_chunks, net_in.shape[1:]), device=resolve_device(device))
-        y = self._convert(logits, output)
-        tb = self.transpose_backward
         if tb != (0, 1, 2):
-            y = y.transpose((0,) + tuple(t + 1 for t in tb)) if y.ndim == 4 else y.transpose(tb)
-        y = self._uncrop(y, box, shape, output)
+            logits = logits.transpose((0,) + tuple(t + 1 for t in tb))
+        if grid is not None:  # the logits back to the scan's grid (order 1), then labels
+            logits = grid.backward(logits)
+        y = _uncrop(self._convert(logits, output), box, shape, output,
+                    self.label_manager.has_regions)
         final = tuple(p if c is None else c for c, p in
                       zip(chunks_in or (None,) * 3, (self.patch_size[t] for t in tb)))
         return y.rechunk(y.chunks[:-3] + tuple(min(c, n) for c, n in zip(final, shape)))
@@ -299,21 +315,6 @@ class NnUNetModel:
         """nnU-Net's: uint8 below 255 foreground labels, else uint16."""
         return np.uint8 if len(self.label_manager.foreground_labels) < 255 else np.uint16
 
-    def _uncrop(self, y: da.Array, box, shape, output: str) -> da.Array:
-        """The cropped prediction put back in the whole image: outside the box labels
-        are 0, probabilities 1 for the background class (0 for every region), as
-        nnU-Net's revert_cropping_on_probabilities; logits 0 (nnU-Net has none)."""
-        pads = [(a, n - b) for (a, b), n in zip(box, shape)]
-        if not any(p for pad in pads for p in pad):
-            return y
-        if y.ndim == 3:
-            return da.pad(y, pads, mode="constant", constant_values=0)
-        pads = [(0, 0)] + pads
-        if output == "probabilities" and not self.label_manager.has_regions:
-            return da.concatenate([da.pad(y[:1], pads, mode="constant", constant_values=1),
-                                   da.pad(y[1:], pads, mode="constant", constant_values=0)])
-        return da.pad(y, pads, mode="constant", constant_values=0)
-
     def token(self) -> str:
         """What identifies the model's numbers besides its weights: plans and labels."""
         return tokenize(self.plans, self.dataset_json, self.configuration, self.folds,
@@ -359,16 +360,25 @@ def load_nnunet(model_folder, *, folds=(0,), configuration: str | None = None,
 def predict_nnunet(model_folder, volume, *, folds=(0,), configuration: str | None = None,
                    checkpoint: str = "checkpoint_final.pth", output: str = "probabilities",
                    tile_step_size: float = 0.5, mirror: bool = True, normalize: bool = True,
-                   crop_nonzero: bool = True, chunks=None, device="cpu",
-                   trust_checkpoint: bool = False) -> da.Array:
+                   crop_nonzero: bool = True, spacing=None, reverse_axes: bool | None = None,
+                   chunks=None, device="cpu", trust_checkpoint: bool = False) -> da.Array:
     """nnU-Net v2's prediction of ``volume`` as a lazy dask array, out of core.
 
     ``model_folder``: a trained model folder (plans.json, dataset.json, fold_N/) or a
     loaded `NnUNetModel`. ``volume``: numpy, dask, zarr or torch, (Z, Y, X) or
     (C, Z, Y, X) with dataset.json's channels, in the axis order nnU-Net's reader gives
-    (the plans' ``transpose_forward`` is applied here), **already at the
-    configuration's target spacing**: volarray does not resample. Integer volumes are
-    cast to float32 as nnU-Net casts them.
+    (the plans' ``transpose_forward`` is applied here); or a NIfTI scan (a path, or
+    `volarray.open_nifti`'s DataArray), whose (i, j, k) axes are reversed as nnU-Net's
+    readers reverse them (``reverse_axes``) and whose header gives ``spacing``. Integer
+    volumes are cast to float32 as nnU-Net casts them.
+
+    ``spacing``: the volume's voxel size per axis (in its own order). Given, the volume
+    is resampled to the configuration's spacing as nnU-Net's preprocessor does it (after
+    the crop and the normalization; its ``resample_data_or_seg_to_shape``: order 3, the
+    low-resolution axis alone with order 0 when a spacing is anisotropic), lazily, region
+    by region (`volarray.resample`), and the logits back to the volume's grid (order 1)
+    before probabilities or labels, as nnU-Net's predictor does. None: the volume is
+    taken as at the configuration's spacing already, and not resampled.
 
     ``output``: "probabilities" (softmax, or sigmoid for region-based label sets;
     (C, Z, Y, X) float32), "labels" (argmax, or nnU-Net's region-to-label order;
@@ -385,8 +395,8 @@ def predict_nnunet(model_folder, volume, *, folds=(0,), configuration: str | Non
         model_folder, folds=folds, configuration=configuration, checkpoint=checkpoint,
         trust_checkpoint=trust_checkpoint)
     return model.predict(volume, output=output, tile_step_size=tile_step_size, mirror=mirror,
-                         normalize=normalize, crop_nonzero=crop_nonzero, chunks=chunks,
-                         device=device)
+                         normalize=normalize, crop_nonzero=crop_nonzero, spacing=spacing,
+                         reverse_axes=reverse_axes, chunks=chunks, device=device)
 
 
 def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "prediction",
@@ -400,11 +410,11 @@ def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "predicti
     overwrites without ``overwrite=True``, resumable, finished chunks kept). ``volume``
     may be a path or URL (zarr array, zarr group with ``var``, .npy), ``store`` a URL
     (``storage_options`` for fsspec, as `predict_to_zarr`); ``options`` are
-    `predict_nnunet`'s (output, tile_step_size, mirror, normalize, crop_nonzero, chunks,
-    device)."""
+    `predict_nnunet`'s (output, tile_step_size, mirror, normalize, crop_nonzero, spacing,
+    reverse_axes, chunks, device); a NIfTI scan is resampled from its header's spacing."""
     from .store import predict_to_zarr
     allowed = {"output", "tile_step_size", "mirror", "normalize", "crop_nonzero", "chunks",
-               "device"}
+               "device", "spacing", "reverse_axes"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"predict_nnunet_to_zarr got unknown option(s) {unknown}; it takes "
@@ -413,6 +423,9 @@ def predict_nnunet_to_zarr(model_folder, volume, store, *, name: str = "predicti
     model = model_folder if isinstance(model_folder, NnUNetModel) else load_nnunet(
         model_folder, folds=folds, configuration=configuration, checkpoint=checkpoint,
         trust_checkpoint=trust_checkpoint)
+    _, spacing, reverse = raw_scan(volume, options.get("spacing"), options.get("reverse_axes"),
+                                   model.plans.get("image_reader_writer"), open_path=False)
+    options.update(spacing=spacing, reverse_axes=reverse)  # predict_to_zarr passes dask
     pipeline = NnUNetPipeline(model, **options)
     return predict_to_zarr(model.ensemble(options.get("mirror", True)), volume, store,
                            name=name, var=var, overwrite=overwrite, resume=resume,
@@ -557,6 +570,22 @@ def _normalize_block(block, params, box_lo, block_info=None):
         elif kind == "rgb":
             x /= 255.
     return out
+
+
+def _uncrop(y: da.Array, box, shape, output: str, regions: bool) -> da.Array:
+    """The cropped prediction put back in the whole image: outside the box labels
+    are 0, probabilities 1 for the background class (0 for every region), as
+    nnU-Net's revert_cropping_on_probabilities; logits 0 (nnU-Net has none)."""
+    pads = [(a, n - b) for (a, b), n in zip(box, shape)]
+    if not any(p for pad in pads for p in pad):
+        return y
+    if y.ndim == 3:
+        return da.pad(y, pads, mode="constant", constant_values=0)
+    pads = [(0, 0)] + pads
+    if output == "probabilities" and not regions:
+        return da.concatenate([da.pad(y[:1], pads, mode="constant", constant_values=1),
+                               da.pad(y[1:], pads, mode="constant", constant_values=0)])
+    return da.pad(y, pads, mode="constant", constant_values=0)
 
 
 def _probabilities(block, label_manager):

@@ -75,6 +75,26 @@ def open_nifti(path, *, chunks=None, cache=None):
     return lazy_dataarray(NiftiVolume(img), DIMS, coords, attrs, "image", chunks)
 
 
+def scan_header(volume):
+    """The voxel size (mm, in the file's (i, j, k) order) and the axis codes of the
+    affine (e.g. ("R", "A", "S")) of a NIfTI scan: a path (only the header is read) or a
+    DataArray `open_nifti` made; None for anything else."""
+    if isinstance(volume, (str, os.PathLike)):
+        if not os.fspath(volume).endswith(SUFFIXES) or not os.path.isfile(volume):
+            return None
+        nib = require("nibabel", "medical")
+        img = nib.load(os.fspath(volume))
+        zooms, affine = img.header.get_zooms()[:3], img.affine
+    else:
+        attrs = getattr(volume, "attrs", None) or {}
+        if attrs.get("format") != "nifti" or "voxel_size_mm" not in attrs:
+            return None
+        nib = require("nibabel", "medical")
+        zooms, affine = attrs["voxel_size_mm"], np.asarray(attrs["affine"])
+    return {"spacing": tuple(float(z) for z in zooms),
+            "axcodes": tuple(nib.aff2axcodes(affine))}
+
+
 def _cached(img, path, cache, coords, attrs, chunks):
     """A .nii.gz streamed once into a zarr cache, then read lazily from it."""
     import xarray as xr
