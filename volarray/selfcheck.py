@@ -10,6 +10,7 @@ output differs, or the module after which they part.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -35,6 +36,18 @@ def probe_shape(shape, align) -> tuple[int, ...]:
             p += a
         out.append(min(p, side))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch's intra-op threads of this thread set to one inside the block (a probe is
+    a few thousand voxels: on a busy machine two spinning threads made it 5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
@@ -128,7 +141,7 @@ def _run_by_module(gm, x):
             if path and isinstance(v, torch.Tensor):
                 values[path] = v.detach().clone()
             return v
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), one_thread():
         torch.manual_seed(0)
         y = Recorder(gm).run(x)
     return y, values
@@ -148,7 +161,7 @@ def _run_recording(model: nn.Module, runner, x, leaves):
             calls.append((names[module], output.detach().clone()))
     handles = [m.register_forward_hook(hook) for m in names]
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), one_thread():
             torch.manual_seed(0)
             y = runner(x)
     finally:
