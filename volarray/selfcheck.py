@@ -64,6 +64,13 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     done = _checked.setdefault(model, set())
     if key in done:
         return
+    from .capture import phase
+    with phase("checking", f"the capture against the model on a {spatial} probe"):
+        _check(model, gm, in_channels, shape, align, dtype, pick, recapture, spatial)
+    done.add(key)
+
+
+def _check(model, gm, in_channels, shape, align, dtype, pick, recapture, spatial) -> None:
     # the modules fx calls as wholes (its leaves), recorded in both runs
     tracer = torch.fx.Tracer()
     leaves = {m for name, m in model.named_modules() if tracer.is_leaf_module(m, name)}
@@ -99,7 +106,6 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     scale = max(1.0, float(want.abs().max()))
     diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
     if diff <= TOLERANCE * scale:
-        done.add(key)
         return
     raise TraceError(
         f"the graph torch.fx captured from {type(model).__name__} differs from its own forward "

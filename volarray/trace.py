@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture, fx_capture, innermost_module
+from .capture import capture, fx_capture, innermost_module, phase
 from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
@@ -325,7 +325,11 @@ def trace(model: nn.Module, input_shape, select=None) -> Graph:
     torch._dynamo for seconds); else torch.export captures it (control flow resolved as
     the real forward resolves it); torch.fx only where export cannot, and every capture
     is checked against the model's own forward on a probe input."""
-    dtype = model_dtype(model)
+    with phase("tracing", f"{type(model).__name__} for an input of {tuple(input_shape)}"):
+        return _trace(model, input_shape, select, model_dtype(model))
+
+
+def _trace(model, input_shape, select, dtype) -> Graph:
     graph = fast_trace(model, input_shape, select, dtype)
     if graph is not None:
         return graph
