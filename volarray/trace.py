@@ -11,6 +11,7 @@ This module walks the captured graph; what each op becomes is the op registry's
 """
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from fractions import Fraction
@@ -24,7 +25,7 @@ from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .graph import Graph, Node, alignment
-from .modelcall import meta_forward, meta_weights, model_dtype, pick_output
+from .modelcall import meta_forward, model_dtype, pick_output
 from .padding import padding_error
 from .selfcheck import check_capture
 from .ops.base import Attr, GlobalArg, SpatialArg
@@ -388,15 +389,26 @@ def fast_trace(model, input_shape, select, dtype) -> Graph | None:
 
 
 def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
-    """Every node's whole-volume value, as `meta_values` computes it, on meta tensors
-    (the weights swapped for meta ones while it runs, then put back). Raises what the
-    graph raises: a CPU constant made in forward does not mix with meta tensors."""
-    values = {}
+    """Every node's whole-volume value, as `meta_values` computes it, on meta tensors:
+    each module runs as a copy with meta weights (`meta_copy`), so that the model
+    itself, which the fx graph shares, is never touched (a task of an earlier run may be
+    reading it). Raises what the graph raises: a CPU constant made in forward does not
+    mix with meta tensors."""
+    values, copies = {}, {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             values[n.name] = v = super().run_node(n)
             return v
+
+        def get_attr(self, target, args, kwargs):
+            v = super().get_attr(target, args, kwargs)
+            return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+        def call_module(self, target, args, kwargs):
+            if target not in copies:
+                copies[target] = meta_copy(self.fetch_attr(target))
+            return copies[target](*args, **kwargs)
 
         def call_function(self, target, args, kwargs):
             if target is torch.cat:  # its meta kernel imports torch._dynamo (seconds)
@@ -404,9 +416,22 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
                 if out is not None:
                     return out
             return super().call_function(target, args, kwargs)
-    with meta_weights(gm), torch.no_grad():
+    with torch.no_grad():
         Recorder(gm).run(torch.empty(input_shape, dtype=dtype, device="meta"))
     return values
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` and its submodules whose parameters and buffers are
+    empty meta tensors; ``module`` itself is left as it is."""
+    new = copy.copy(module)
+    new._parameters = {k: None if t is None else nn.Parameter(
+        torch.empty_like(t, device="meta"), t.requires_grad)
+        for k, t in module._parameters.items()}
+    new._buffers = {k: None if t is None else torch.empty_like(t, device="meta")
+                    for k, t in module._buffers.items()}
+    new._modules = {k: None if m is None else meta_copy(m) for k, m in module._modules.items()}
+    return new
 
 
 def meta_cat(tensors, dim=0):
