@@ -73,8 +73,8 @@ def test_captures_and_probes_are_made_on_the_models_device(monkeypatch):
     # the fx capture: the self-check's probe (its whole-volume run is on meta tensors)
     assert asked == ["FaultSeg3D"], asked
     asked.clear()
-    import volarray.trace
-    monkeypatch.setattr(volarray.trace, "fast_trace", lambda *a: None)
+    from volarray import trace
+    monkeypatch.setattr(trace, "fast_trace", lambda *a: None)
     volarray.plan(seeded(FaultSeg3D, width=4), random_volume((16, 16, 16)))
     # torch.export's fake input and the self-check's probe for the model itself, the
     # whole-volume fake run for its capture
