@@ -70,6 +70,12 @@ def test_captures_and_probes_are_made_on_the_models_device(monkeypatch):
     monkeypatch.setattr(devices, "input_device", spy)
     model = seeded(FaultSeg3D, width=4)
     volarray.plan(model, random_volume((16, 16, 16)))
+    # the fx capture: the self-check's probe (its whole-volume run is on meta tensors)
+    assert asked == ["FaultSeg3D"], asked
+    asked.clear()
+    from volarray import trace
+    monkeypatch.setattr(trace, "fast_trace", lambda *a: None)
+    volarray.plan(seeded(FaultSeg3D, width=4), random_volume((16, 16, 16)))
     # torch.export's fake input and the self-check's probe for the model itself, the
     # whole-volume fake run for its capture
     assert asked.count("FaultSeg3D") >= 2 and len(asked) >= 3, asked

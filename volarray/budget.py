@@ -3,6 +3,7 @@ them, and the defaults (per task, and the memory a lazy result will run in)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import psutil
 
@@ -51,6 +52,8 @@ def run_memory() -> int:
     """The memory a lazy result will run in: the workers' of the default
     dask.distributed client when there is one, else this machine's."""
     try:
+        if "distributed" not in sys.modules:  # no client without it (0.2 s to import)
+            raise ImportError
         from distributed import default_client
         workers = default_client().scheduler_info().get("workers", {})
     except (ImportError, ValueError):

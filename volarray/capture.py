@@ -15,8 +15,11 @@ fake tensors, so capturing a 4096^3 volume costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
+import logging
+import time
 import warnings
 import weakref
 
@@ -34,6 +37,23 @@ from .ops.registry import Const
 from .ops.table import OPS
 
 aten = torch.ops.aten
+
+
+PROGRESS = logging.getLogger("volarray.progress")
+
+
+@contextlib.contextmanager
+def phase(name: str, detail: str = ""):
+    """Report a phase of a run on the ``volarray.progress`` logger: one INFO line as it
+    starts (``tracing``, ``checking``, ``planning``; the command line's bar says
+    ``computing``), one DEBUG line with its seconds as it ends. Silent unless a handler
+    is set up, as the command line does when not --quiet."""
+    PROGRESS.info("%s%s", name, f" {detail}" if detail else "")
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        PROGRESS.debug("%s took %.2f s", name, time.perf_counter() - start)
 
 
 # recorded by export for its own bookkeeping; no value flows through them

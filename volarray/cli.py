@@ -264,11 +264,13 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     t0 = time.perf_counter()
     from tqdm.dask import TqdmCallback
     # tasks done, rate and time left (on a cluster, its dashboard shows the same)
-    bar = TqdmCallback(desc="volarray", mininterval=1.0, file=sys.stderr, leave=False)
+    bar = TqdmCallback(desc="volarray: computing", mininterval=1.0, file=sys.stderr,
+                       leave=False)
     resume = args.resume or (fmt != "zarr" and os.path.exists(store) and not args.overwrite)
     from volarray.outputs import is_complete
     complete = resume and is_complete(store, args.storage_options)  # nothing left to compute
-    with bar if client is None and not args.quiet else contextlib.nullcontext():
+    with bar if client is None and not args.quiet else contextlib.nullcontext(), \
+            phase_lines(not args.quiet and sys.stderr.isatty()):
         result = run_writer(args, write, scheduler, source, store, resume)
     results = result if isinstance(result, tuple) else (result,)
     code = _preview(args, source, results[0], target) if args.preview else 0
@@ -284,6 +286,25 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
         if args.preview and not code:
             print(f"preview: {args.preview}")
     return code
+
+
+@contextlib.contextmanager
+def phase_lines(show: bool):
+    """While the block runs, the phases before the bar (tracing, checking, planning) as
+    lines on stderr: on a terminal, unless --quiet (a failure stays one line in a log)."""
+    import logging
+    log = logging.getLogger("volarray.progress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("volarray: %(message)s"))
+    level = log.level
+    if show:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def run_writer(args, write, scheduler, source, store: str, resume: bool):

@@ -14,7 +14,9 @@ them, and each returns one type.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +32,7 @@ from .ops.conv import ArgmaxConv, fuse_argmax_head
 from .ops.dropout import PositionalDropout
 from .planner import Plan, make_plan
 from .readers import VolumeSource, source_of
+from .capture import phase
 from .trace import trace
 
 
@@ -53,6 +56,8 @@ def on_a_cluster() -> bool:
     """Whether a default distributed client will run the graph: then its workers, not
     this machine (a notebook on a login node without GPUs), need CUDA."""
     try:
+        if "distributed" not in sys.modules:  # no client without it (0.2 s to import)
+            return False
         from distributed import default_client
         default_client()
     except (ImportError, ValueError):
@@ -143,6 +148,21 @@ class Cache:
         self.__init__(state["size"])
 
 
+_graphs: "weakref.WeakKeyDictionary[torch.nn.Module, Cache]" = weakref.WeakKeyDictionary()
+
+
+def traced_graph(model: torch.nn.Module, input_shape, select=None, version=None):
+    """``trace(model, input_shape, select)``, kept in the process per model, input shape,
+    ``select`` and `weights_version` (modules, modes, weights, their dtype and device):
+    every predictor of one model (each `volarray.plan` or `predict` call makes one)
+    shares it, and a change of the weights traces anew."""
+    with TRACE_LOCK:
+        version = weights_version(model) if version is None else version
+        kept = _graphs.setdefault(model, Cache(SHAPES_KEPT * 2))
+        return kept.get((tuple(input_shape), repr(select), version),
+                        lambda: trace(model, tuple(input_shape), select))
+
+
 @dataclass(frozen=True, eq=False)
 class Exact:
     """Exact mode: ``Exact(model, chunks=..., keep=...)(volume)`` equals
@@ -227,12 +247,15 @@ class Exact:
 
     def graph(self, shape):
         """The traced graph for an input of ``shape`` (C, Z, Y, X), and the token of its
-        weights: traced and hashed once per shape while the weights stay the same."""
-        def traced():
-            with TRACE_LOCK:
-                graph = trace(self.model, (1,) + tuple(shape), self.select)
+        weights: traced once per model, shape and weights in the process (`traced_graph`),
+        hashed once per predictor (so that weights written through ``.data`` reach a new
+        predictor's task keys)."""
+        version = weights_version(self.model)
+
+        def hashed():
+            graph = traced_graph(self.model, (1,) + tuple(shape), self.select, version)
             return graph, graph_token(graph.gm)
-        return self.traced.get(("graph", tuple(shape), weights_version(self.model)), traced)
+        return self.traced.get(("graph", tuple(shape), version), hashed)
 
     def plan_for(self, arr: da.Array, argmax: bool = False) -> Plan:
         graph = self.graph(arr.shape)[0]
@@ -241,9 +264,10 @@ class Exact:
             g = graph
             if argmax:  # a new graph: the scores' plan keeps the whole head
                 g = fuse_argmax_head(graph) or graph
-            return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
-                             self.device, keep=self.keep, spill=self.spill,
-                             strategy=self.strategy, compute_dtype=self.compute_dtype)
+            with phase("planning", f"{type(self.model).__name__} over {tuple(arr.shape)}"):
+                return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
+                                 self.device, keep=self.keep, spill=self.spill,
+                                 strategy=self.strategy, compute_dtype=self.compute_dtype)
         return self.traced.get(("plan", tuple(arr.shape), argmax,
                                 weights_version(self.model)), planned)
 

@@ -10,6 +10,7 @@ output differs, or the module after which they part.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -37,6 +38,18 @@ def probe_shape(shape, align) -> tuple[int, ...]:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch's intra-op threads of this thread set to one inside the block (a probe is
+    a few thousand voxels: on a busy machine two spinning threads made it 5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
                   pick=lambda y: y, recapture=None) -> None:
     """Raise TraceError when ``gm`` (the capture of ``model``) computes something
@@ -51,6 +64,13 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     done = _checked.setdefault(model, set())
     if key in done:
         return
+    from .capture import phase
+    with phase("checking", f"the capture against the model on a {spatial} probe"):
+        _check(model, gm, in_channels, shape, align, dtype, pick, recapture, spatial)
+    done.add(key)
+
+
+def _check(model, gm, in_channels, shape, align, dtype, pick, recapture, spatial) -> None:
     # the modules fx calls as wholes (its leaves), recorded in both runs
     tracer = torch.fx.Tracer()
     leaves = {m for name, m in model.named_modules() if tracer.is_leaf_module(m, name)}
@@ -86,7 +106,6 @@ def check_capture(model: nn.Module, gm, in_channels: int, shape, align, dtype,
     scale = max(1.0, float(want.abs().max()))
     diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
     if diff <= TOLERANCE * scale:
-        done.add(key)
         return
     raise TraceError(
         f"the graph torch.fx captured from {type(model).__name__} differs from its own forward "
@@ -128,7 +147,7 @@ def _run_by_module(gm, x):
             if path and isinstance(v, torch.Tensor):
                 values[path] = v.detach().clone()
             return v
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), one_thread():
         torch.manual_seed(0)
         y = Recorder(gm).run(x)
     return y, values
@@ -148,7 +167,7 @@ def _run_recording(model: nn.Module, runner, x, leaves):
             calls.append((names[module], output.detach().clone()))
     handles = [m.register_forward_hook(hook) for m in names]
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), one_thread():
             torch.manual_seed(0)
             y = runner(x)
     finally:

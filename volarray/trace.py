@@ -11,6 +11,7 @@ This module walks the captured graph; what each op becomes is the op registry's
 """
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from fractions import Fraction
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture, fx_capture, innermost_module
+from .capture import capture, fx_capture, innermost_module, phase
 from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
@@ -320,10 +321,19 @@ def meta_values(gm: fx.GraphModule, input_shape, dtype) -> dict:
 
 def trace(model: nn.Module, input_shape, select=None) -> Graph:
     """Trace ``model`` for an input of shape (1, C, Z, Y, X); of several outputs, the
-    one ``select`` picks. torch.export captures it (control flow resolved as the real
-    forward resolves it); torch.fx only where export cannot, and both captures are
-    checked against the model's own forward on a probe input."""
-    dtype = model_dtype(model)
+    one ``select`` picks. A torch.fx capture that the probe check accepts serves first
+    (`fast_trace`: milliseconds, where torch.export's first call in a process imports
+    torch._dynamo for seconds); else torch.export captures it (control flow resolved as
+    the real forward resolves it); torch.fx only where export cannot, and every capture
+    is checked against the model's own forward on a probe input."""
+    with phase("tracing", f"{type(model).__name__} for an input of {tuple(input_shape)}"):
+        return _trace(model, input_shape, select, model_dtype(model))
+
+
+def _trace(model, input_shape, select, dtype) -> Graph:
+    graph = fast_trace(model, input_shape, select, dtype)
+    if graph is not None:
+        return graph
     try:
         return _trace_exported(model, input_shape, select, dtype)
     except InputError:
@@ -355,6 +365,92 @@ def global_attention(model: nn.Module):
         if name and _ATTENTION.search(type(m).__name__):
             return name, type(m).__name__
     return None
+
+
+def fast_trace(model, input_shape, select, dtype) -> Graph | None:
+    """``model`` captured with torch.fx, its whole-volume shapes computed on meta tensors
+    (no fake tensors, no torch.export: nothing imports torch._dynamo), and checked on the
+    probe as every capture is; None where any step fails or the check refuses the graph,
+    and `trace` captures with torch.export as before. An fx graph holds for every input
+    shape (fx refuses a branch on a size), so the probe checks it once for all shapes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx's advice; the export path says what fails
+            gm = fx_capture(model, select)
+            values = meta_shapes(gm, input_shape, dtype)
+        walker = _Walker(gm, values, input_shape[2:])
+        inp, out = walker.build(gm.graph)
+        graph = Graph(gm, walker.nodes, inp, out, dtype, walker.globals)
+        check_capture(model, gm, input_shape[1], tuple(input_shape[2:]), alignment(graph),
+                      dtype, lambda y: pick_output(y, select))
+    except Exception:  # noqa: BLE001 - whatever fails here, torch.export decides
+        return None
+    return graph
+
+
+def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
+    """Every node's whole-volume value, as `meta_values` computes it, on meta tensors:
+    each module runs as a copy with meta weights (`meta_copy`), so that the model
+    itself, which the fx graph shares, is never touched (a task of an earlier run may be
+    reading it). Raises what the graph raises: a CPU constant made in forward does not
+    mix with meta tensors."""
+    values, copies = {}, {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = v = super().run_node(n)
+            return v
+
+        def get_attr(self, target, args, kwargs):
+            v = super().get_attr(target, args, kwargs)
+            return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+        def call_module(self, target, args, kwargs):
+            if target not in copies:
+                copies[target] = meta_copy(self.fetch_attr(target))
+            return copies[target](*args, **kwargs)
+
+        def call_function(self, target, args, kwargs):
+            if target is torch.cat:  # its meta kernel imports torch._dynamo (seconds)
+                out = meta_cat(*args, **kwargs)
+                if out is not None:
+                    return out
+            return super().call_function(target, args, kwargs)
+    with torch.no_grad():
+        Recorder(gm).run(torch.empty(input_shape, dtype=dtype, device="meta"))
+    return values
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` and its submodules whose parameters and buffers are
+    empty meta tensors; ``module`` itself is left as it is."""
+    new = copy.copy(module)
+    new._parameters = {k: None if t is None else nn.Parameter(
+        torch.empty_like(t, device="meta"), t.requires_grad)
+        for k, t in module._parameters.items()}
+    new._buffers = {k: None if t is None else torch.empty_like(t, device="meta")
+                    for k, t in module._buffers.items()}
+    new._modules = {k: None if m is None else meta_copy(m) for k, m in module._modules.items()}
+    return new
+
+
+def meta_cat(tensors, dim=0):
+    """``torch.cat(tensors, dim)`` of meta tensors of one dtype and rank, as an empty
+    meta tensor; None for anything else (torch's own cat decides, and says what is
+    wrong)."""
+    if (not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int)
+            or not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)):
+        return None
+    first = tensors[0]
+    rank, dim = first.dim(), dim % max(first.dim(), 1)
+    same = all(t.dim() == rank and t.dtype == first.dtype and all(
+        a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim)
+        for t in tensors)
+    if not same or rank == 0:
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _trace_exported(model, input_shape, select, dtype) -> Graph:
