@@ -1,7 +1,8 @@
 """Capture a model and give every op its spatial signature.
 
-The capture is torch.export's (`volarray.capture`), lowered to torch functions; torch.fx's
-where export cannot capture the model. The result is a `Graph`: spatial nodes in
+The capture is a torch.fx graph shaped on meta tensors where the probe check accepts it
+(fast: no torch._dynamo import), else torch.export's (`volarray.capture`), lowered to torch
+functions; torch.fx's symbolic trace where export cannot capture the model either. The result is a `Graph`: spatial nodes in
 topological order, each with the whole-volume shape of its output and a tile kernel
 from `volarray.ops`. Whole-volume shapes come from running the captured graph on fake
 tensors, so tracing a 4096^3 volume costs nothing.
