@@ -123,7 +123,9 @@ def prepared(volume, options: PredictOptions, integers: bool = False):
     """The volume as a (C, Z, Y, X) dask array, once per call (integers kept when
     ``integers`` or when normalized: statistics of the values as they are), and the
     options with ``normalize=`` resolved to its whole-volume statistics, once."""
-    arr = as_dask_volume(volume, integers=integers or options.normalize is not None)
+    # exact mode's tasks move integers to the device as they are and cast them there
+    keep = options.normalize is not None or (options.method == "exact" and not options.coords)
+    arr = as_dask_volume(volume, integers=integers or keep)
     if options.normalize is None:
         return arr, options
     from .normalize import resolve
