@@ -123,14 +123,28 @@ def test_integers_move_first_and_are_cast_on_the_device():
 
 # ------------------------------------------------------------------ 4c. finiteness on the device
 def test_finiteness_is_checked_on_the_device_tensor_naming_the_voxel(monkeypatch):
-    def no_numpy(*a, **k):
-        raise AssertionError("checked on the host")
-    monkeypatch.setattr(np, "isfinite", no_numpy)
+    checked = []
+
+    def spy(t, origin):
+        checked.append((type(t), origin))
+        return devices.check_finite(t, origin)
+    monkeypatch.setattr(worker, "check_finite", spy)
     vol = random_volume((16, 16, 24))
     vol[9, 4, 21] = np.nan
     with pytest.raises(volarray.InputError, match=r"NaN at channel 0, voxel \(z, y, x\) = "
                                                   r"\(9, 4, 21\)"):
         volarray.predict(seeded(FaultSeg3D, width=4), vol, chunks=8).compute(scheduler="sync")
+    assert checked and {t for t, _ in checked} == {torch.Tensor}
+
+
+def test_the_devices_check_one_reduction_then_value_by_value():
+    """The path a GPU takes (any dtype but the CPU's float types): a sum that overflows
+    is not taken for an Inf; a NaN is found and named."""
+    t = torch.full((1, 2, 3, 4, 5), 3e38, dtype=torch.bfloat16)
+    devices.check_finite(t)
+    t[0, 1, 2, 0, 4] = float("nan")
+    with pytest.raises(volarray.InputError, match=r"NaN at channel 1, .* = \(12, 0, 5\)"):
+        devices.check_finite(t, (10, 0, 1))
 
 
 def test_a_large_finite_value_is_not_called_inf_in_half_precision():
