@@ -180,3 +180,34 @@ def test_an_array_with_dlpack_goes_in_without_numpy():
     t = devices.to_device(DLPackOnly(a), "cpu")
     assert t.shape == (1, 2, 5, 4, 3) and t.is_contiguous(memory_format=torch.channels_last_3d)
     np.testing.assert_array_equal(t[0].numpy(), a)
+
+
+# ------------------------------------------------------------------ 10. CuPy out: its refusals
+def test_cupy_output_is_refused_on_the_cpu_before_anything_runs():
+    model = seeded(FaultSeg3D, width=4)
+    with pytest.raises(volarray.InputError, match=r"output_array='cupy' .*device='cpu'.*"
+                                                  r"device='cuda'"):
+        volarray.predict(model, random_volume((16, 16, 16)), output_array="cupy")
+    with pytest.raises(volarray.InputError, match=r"output_array='host' is not one of"):
+        volarray.predict(model, random_volume((16, 16, 16)), output_array="host")
+
+
+def test_cupy_output_without_cupy_says_how_to_install_it(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_cupy(name, *a, **k):
+        if name.split(".")[0] == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(volarray.InputError, match=r"needs CuPy.*pip install cupy-cuda12x.*"
+                                                  r"output_array='numpy'") as e:
+        devices.check_output_array("cupy", "cuda:0")
+    assert e.value.parameter == "output_array"
+
+
+def test_predict_to_zarr_refuses_cupy_output(tmp_path):
+    with pytest.raises(volarray.InputError, match="only volarray.predict returns CuPy"):
+        volarray.predict_to_zarr(seeded(FaultSeg3D, width=4), random_volume((16, 16, 16)),
+                                 tmp_path / "o.zarr", output_array="cupy")

@@ -260,6 +260,44 @@ def to_device(a, device) -> torch.Tensor:
     return t[None].permute(0, 4, 1, 2, 3)
 
 
+OUTPUT_ARRAYS = ("numpy", "cupy")
+
+
+def check_output_array(output_array, device: str | None = None) -> None:
+    """``output_array`` is 'numpy' (host chunks) or 'cupy' (chunks on the run's GPU:
+    CuPy installed, the device a CUDA one); ``device`` None checks the name only."""
+    if output_array not in OUTPUT_ARRAYS:
+        raise InputError(f"output_array={output_array!r} is not one of {OUTPUT_ARRAYS}",
+                         parameter="output_array")
+    if output_array == "numpy" or device is None:
+        return
+    if kind(device) != "cuda":
+        raise InputError(f"output_array='cupy' returns chunks on a GPU, but the run is on "
+                         f"device={device!r}; pass device='cuda' (or a model on the GPU), or "
+                         "output_array='numpy'", parameter="output_array")
+    cupy_module()
+
+
+def cupy_module():
+    """CuPy, imported where it is asked for (volarray does not need it otherwise)."""
+    try:
+        import cupy
+    except ImportError:
+        raise InputError("output_array='cupy' needs CuPy, which is not installed here; "
+                         "pip install cupy-cuda12x (or the build for your CUDA), or pass "
+                         "output_array='numpy'", parameter="output_array") from None
+    return cupy
+
+
+def array_module(a):
+    """numpy for host arrays (and packed chunks), CuPy for a CuPy array: the module whose
+    ``empty`` and ``full`` make an array beside ``a``."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
 def check_finite(t: torch.Tensor, origin=(0, 0, 0)) -> None:
     """NaN or Inf in the volume would spread through every layer: refuse it, saying at
     which voxel of the whole volume. ``t`` is a (1, C, z, y, x) tensor on its device,

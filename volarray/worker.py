@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .errors import TraceError
-from .devices import check_finite, model_on, storage_dtype, to_device
+from .devices import array_module, check_finite, model_on, storage_dtype, to_device
 from .geometry import Box, Interval
 from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
@@ -262,7 +262,8 @@ def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
         return region(arr, box.slices(lo))
     # channels-last, the layout tiles run in, so the tensor needs no second copy
     shape, dtype = box.shape + (channels,), parts[0][1].dtype
-    out = (np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)).transpose(
+    xp = array_module(parts[0][1])  # CuPy chunks are assembled on their GPU
+    out = (xp.empty(shape, dtype) if fill is None else xp.full(shape, fill, dtype)).transpose(
         3, 0, 1, 2)
     for (lo, hi), arr in parts:
         inter = box.intersect(Box.from_bounds(lo, hi))
