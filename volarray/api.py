@@ -57,7 +57,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     keeps the input's bytes, on disk past 256 MB), ``pad="reflect"|"zeros"`` (a volume
     whose sides are not multiples of the network's downsampling is padded at the far end
     of each axis to the next multiple, and the prediction cropped back) and
-    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (autocast; TF32 is off otherwise),
+    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (model cast once; else TF32 is off),
     ``strategy="slab"|"whole"`` (a CPU's cache-sized slabs, a GPU's whole tiles).
 
     ``method="window"``: classic sliding-window inference, equal to MONAI's
