@@ -247,7 +247,8 @@ def to_device(a, device) -> torch.Tensor:
         a = a.astype(np.float32)
     last = a.transpose(1, 2, 3, 0)
     if device.type == "cuda":
-        host = torch.empty(last.shape, dtype=torch.from_numpy(last[:0]).dtype, pin_memory=True)
+        dtype = torch.from_numpy(np.empty(0, a.dtype)).dtype
+        host = torch.empty(last.shape, dtype=dtype, pin_memory=True)
         host.numpy()[...] = last
         t = host.to(device, non_blocking=True)
     else:
