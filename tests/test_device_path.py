@@ -211,3 +211,27 @@ def test_predict_to_zarr_refuses_cupy_output(tmp_path):
     with pytest.raises(volarray.InputError, match="only volarray.predict returns CuPy"):
         volarray.predict_to_zarr(seeded(FaultSeg3D, width=4), random_volume((16, 16, 16)),
                                  tmp_path / "o.zarr", output_array="cupy")
+
+
+# ------------------------------------------------------------------ 5. bookkeeping once per plan
+def test_requirements_are_computed_once_per_axis_interval(monkeypatch):
+    import pickle
+    from volarray.geometry import grid_boxes
+    from volarray.program import TileProgram
+    model = seeded(FaultSeg3D, width=4)
+    plan = volarray.plan(model, random_volume((32, 32, 32)), chunks=8, keep=0)
+    stage = plan.stages[-1]
+    prog = pickle.loads(pickle.dumps(stage.program))  # as a worker gets it: nothing memoized
+    walks = []
+    real = TileProgram._requirements_1d
+
+    def counted(self, axis, out):
+        walks.append((axis, out))
+        return real(self, axis, out)
+    monkeypatch.setattr(TileProgram, "_requirements_1d", counted)
+    boxes = [b for _, b in grid_boxes(stage.bounds)]
+    for box in boxes:
+        first = prog.requirements(box)
+        assert prog.requirements(box).node == first.node
+    per_axis = {(a, iv) for box in boxes for a, iv in enumerate(box.axes)}
+    assert len(boxes) == 64 and len(walks) == len(per_axis) == 12  # 4 per axis, not 3 x 64
