@@ -111,3 +111,54 @@ def test_every_gpu_at_most_two_in_flight():
     assert set(slots.started) == {f"cuda:{i}" for i in range(torch.cuda.device_count())}
     assert max(slots.peak.values()) <= 2
     assert np.abs(out - on_gpu(model, vol)).max() <= 2e-5
+
+
+# ------------------------------------------------------------------ 4. data stays on the device
+def test_half_run_casts_only_at_a_tasks_ends_on_the_gpu():
+    from test_device_path import Casts, task_count
+    model = seeded(FaultSeg3D, width=8).cuda()
+    vol = random_volume((64, 64, 64), seed=5)
+    y = volarray.predict(model, vol, chunks=32, keep="4x", compute_dtype="float16")
+    first = y.compute(scheduler="sync")
+    with Casts() as mode, dask.config.set(scheduler="sync"):
+        again = y.compute()
+    np.testing.assert_array_equal(first, again)
+    assert mode.casts <= 3 * task_count(y)
+    assert np.abs(again - on_gpu(model, vol)).max() < 0.05
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_host_arrays_cross_pinned_and_integers_are_cast_on_the_gpu():
+    from volarray.devices import check_finite, to_device
+    a = np.random.default_rng(0).integers(-500, 500, (2, 16, 8, 4)).astype(np.int16)
+    t = to_device(a, "cuda:0")
+    assert t.device.type == "cuda" and t.dtype == torch.int16
+    assert t.is_contiguous(memory_format=torch.channels_last_3d)
+    np.testing.assert_array_equal(t[0].cpu().numpy(), a)
+    f = to_device(a.astype(np.float32), "cuda:0")
+    f[0, 1, 3, 2, 1] = float("inf")
+    with pytest.raises(volarray.InputError, match=r"Inf at channel 1, .* = \(3, 2, 1\)"):
+        check_finite(f)
+    ints = np.random.default_rng(1).integers(0, 255, (32, 32, 32)).astype(np.uint8)
+    model = seeded(FaultSeg3D, width=4).cuda()
+    got = volarray.predict(model, ints, chunks=16).compute()
+    want = volarray.predict(model, ints.astype(np.float32), chunks=16).compute()
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------ 10. CuPy in and out
+def test_cupy_chunks_in_and_out():
+    cupy = pytest.importorskip("cupy")
+    import dask.array as da
+    model = seeded(FaultSeg3D, width=8).cuda()
+    vol = random_volume((64, 48, 40), seed=6)
+    ref = volarray.predict(model, vol, chunks=(32, 24, 40)).compute()
+    gpu_in = da.from_array(vol, chunks=(32, 24, 20)).map_blocks(cupy.asarray)
+    got = volarray.predict(model, gpu_in, chunks=(32, 24, 40)).compute()
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, ref)
+    out = volarray.predict(model, gpu_in, chunks=(32, 24, 40), output_array="cupy")
+    assert isinstance(out._meta, cupy.ndarray)
+    chunk = out.blocks[0, 0, 0, 0].compute()
+    assert isinstance(chunk, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(out.compute()), ref)

@@ -6,6 +6,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError
+from .devices import check_output_array, cupy_module
 from .io import as_dask_volume, map_volume
 from .options import WINDOW_DEFAULTS, PredictOptions
 from .planner import Plan
@@ -35,7 +36,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
             sigma_scale: float | None = None, tta: str | None = None, merge: str | None = None,
             output: str = "probabilities", threshold: float | None = None,
             ensemble: int | None = None, seed: int = 0, coords: bool = False, normalize=None,
-            select=None, output_dtype: str | None = None, channels=None, strategy=None):
+            select=None, output_dtype: str | None = None, channels=None, strategy=None,
+            output_array: str = "numpy"):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -56,7 +58,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     keeps the input's bytes, on disk past 256 MB), ``pad="reflect"|"zeros"`` (a volume
     whose sides are not multiples of the network's downsampling is padded at the far end
     of each axis to the next multiple, and the prediction cropped back) and
-    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (autocast; TF32 is off otherwise),
+    ``compute_dtype="float16"|"bfloat16"|"tf32"`` (model cast once; else TF32 is off),
     ``strategy="slab"|"whole"`` (a CPU's cache-sized slabs, a GPU's whole tiles).
 
     ``method="window"``: classic sliding-window inference, equal to MONAI's
@@ -99,15 +101,13 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     the whole volume is ever stored. In exact mode active dropout draws its masks from a
     hash of the seed and the voxel's global position.
 
+    ``output_array="cupy"``: CuPy chunks on the run's GPU (needs CuPy and a CUDA device).
+    A dask array of CuPy chunks is read through DLPack, never copied to the host.
+
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
-    options = PredictOptions(
-        method=method, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
-        pad=pad, compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
-        blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, merge=merge, output=output,
-        threshold=threshold, ensemble=ensemble, seed=seed, coords=coords, normalize=normalize,
-        select=select, output_dtype=output_dtype, channels=channels, strategy=strategy)
+    options = PredictOptions(**{k: v for k, v in locals().items() if k not in ("model", "volume")})
     return prediction(model, volume, options)[0]
 
 
@@ -116,6 +116,7 @@ def prediction(model, volume, options: PredictOptions, scratch=None):
     resolved (for the attributes that record it). ``scratch``: the ScratchSpace of
     `predict_to_zarr`, which holds exact mode's kept tensors on disk."""
     predictor = make_predictor(model, options, scratch)  # refusals before any statistics
+    check_output_array(options.output_array, getattr(predictor, "device", None) or "cpu")
     arr, options = prepared(volume, options)
     return predicted(predictor, arr, options), options
 
@@ -124,7 +125,9 @@ def prepared(volume, options: PredictOptions, integers: bool = False):
     """The volume as a (C, Z, Y, X) dask array, once per call (integers kept when
     ``integers`` or when normalized: statistics of the values as they are), and the
     options with ``normalize=`` resolved to its whole-volume statistics, once."""
-    arr = as_dask_volume(volume, integers=integers or options.normalize is not None)
+    # exact mode's tasks move integers to the device as they are and cast them there
+    keep = options.normalize is not None or (options.method == "exact" and not options.coords)
+    arr = as_dask_volume(volume, integers=integers or keep)
     if options.normalize is None:
         return arr, options
     from .normalize import resolve
@@ -139,7 +142,18 @@ def predicted(predictor, arr: da.Array, options: PredictOptions):
         arr = with_coordinates(arr)
     y = compose(predictor, arr, tta=options.tta, merge=options.merge, output=options.output,
                 threshold=options.threshold, ensemble=options.ensemble, seed=options.seed)
-    return cast_output(select_channels(y, options), options.output_dtype)
+    y = cast_output(select_channels(y, options), options.output_dtype)
+    return y if options.output_array == "numpy" else cupy_chunks(y)
+
+
+def cupy_chunks(y):
+    """``y`` (a dask array, or a tuple of them) with CuPy chunks: each chunk copied to
+    the current GPU as it is computed."""
+    if isinstance(y, tuple):
+        return type(y)(*(cupy_chunks(a) for a in y))
+    cupy = cupy_module()
+    return y.map_blocks(cupy.asarray, dtype=y.dtype,
+                        meta=cupy.empty((0,) * y.ndim, dtype=y.dtype))
 
 
 def make_predictor(model, options: PredictOptions, scratch=None):

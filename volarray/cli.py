@@ -122,7 +122,7 @@ def check_preview_path(path: str | None) -> None:
 
 
 # predict's options without a flag, and the flags stored under another name
-NO_FLAG = ("strategy",)
+NO_FLAG = ("strategy", "output_array")  # the API's only (a CLI run writes zarr)
 FLAG_DEST = {"output": "output_kind"}
 
 

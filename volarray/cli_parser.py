@@ -151,7 +151,7 @@ def _predict_args(p):
     o.add_argument("--seed", type=int, default=0, help="seed of the ensemble's samples")
     o.add_argument("--coords", action="store_true", help="append global z, y, x channels")
     o.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
-                   help="exact mode: run tiles under torch.autocast in this type")
+                   help="exact mode: run tiles in this type (the model cast once)")
     o.add_argument("--channels", type=_channel_list,
                    help="store only these output channels, e.g. 1 or 0,2")
     o.add_argument("--output-dtype", choices=["float32", "float16", "uint8"],

@@ -53,6 +53,7 @@ class PredictOptions:
     output_dtype: str | None = None
     channels: Any = None
     strategy: Any = _only("exact", "how a tile task runs its stage")
+    output_array: str = "numpy"  # 'cupy': the result's chunks on the GPU (predict only)
 
     def __post_init__(self):
         check_method(self.method)
@@ -63,6 +64,8 @@ class PredictOptions:
         object.__setattr__(self, "output_dtype", canonical_output_dtype(self.output_dtype,
                                                                         self))
         check_method_options(self)
+        from .devices import check_output_array
+        check_output_array(self.output_array)
 
     @classmethod
     def given(cls, options: dict, caller: str) -> PredictOptions:
@@ -72,6 +75,10 @@ class PredictOptions:
         if unknown:
             raise InputError(f"{caller} got unknown option(s) {unknown}; it takes "
                              f"predict's options {list(OPTION_NAMES)}")
+        if options.get("output_array", "numpy") != "numpy":
+            raise InputError(f"{caller} got output_array={options['output_array']!r}; it "
+                             "writes its result, so only volarray.predict returns CuPy "
+                             "chunks", parameter="output_array")
         return cls(**options)
 
     def as_dict(self) -> dict:

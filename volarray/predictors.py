@@ -198,26 +198,26 @@ class Exact:
     def __call__(self, volume, seed: int = 0) -> da.Array:
         """The scores of ``volume`` (C, Z, Y, X) or (Z, Y, X)."""
         check_model(self.model)
-        arr, crop = self.padded(canonical(volume))
+        arr, crop = self.padded(canonical(volume, integers=True))
         return crop(self.scores(arr, seed))
 
     def sample(self, volume, seed: int) -> da.Array:
         """One sample of a stochastic model (dropout left active), seeded by ``seed``
         and each voxel's global position."""
         check_model(self.model, stochastic=True)
-        arr, crop = self.padded(canonical(volume))
+        arr, crop = self.padded(canonical(volume, integers=True))
         return crop(self.scores(arr, seed))
 
     def plan(self, volume, *, argmax: bool = False) -> Plan:
         """The plan of a run over ``volume`` (only its shape matters); with ``argmax``,
         of labels with the classifier fused where the head allows."""
-        return self.plan_for(self.padded(canonical(volume))[0], argmax)
+        return self.plan_for(self.padded(canonical(volume, integers=True))[0], argmax)
 
     def argmax(self, volume) -> da.Array:
         """Labels (Z', Y', X'): the classifier conv fused with the argmax and computed in
         blocks of classes, where the head allows; else the argmax of the scores."""
         check_model(self.model)
-        arr, crop = self.padded(canonical(volume))
+        arr, crop = self.padded(canonical(volume, integers=True))
         p = self.plan_for(arr, argmax=True)
         head = p.graph.nodes[p.graph.output].op
         if not isinstance(head, ArgmaxConv):
@@ -287,7 +287,7 @@ class Exact:
         """Mean and std over ``n`` samples, seeded from ``seed``; a model that draws
         nothing (no dropout left active) is refused: its samples would all be equal."""
         check_model(self.model, stochastic=True)
-        arr, crop = self.padded(canonical(volume))  # once, not once per sample
+        arr, crop = self.padded(canonical(volume, integers=True))  # once, not once per sample
         graph = self.plan_for(arr).graph
         if not any(isinstance(node.op, PositionalDropout) for node in graph.nodes.values()):
             raise InputError(f"ensemble={n} samples a stochastic model, but no dropout of "
@@ -368,7 +368,7 @@ def flips(predictor, volume) -> da.Array:
     flipped back (nnU-Net's test-time mirroring); one trace and plan serve all 8. A
     padding predictor pads once and mirrors the padded volume."""
     check_model(predictor.model)
-    arr, crop = predictor.padded(canonical(volume))
+    arr, crop = predictor.padded(canonical(volume, integers=True))
     total = None
     for flipped in itertools.product((False, True), repeat=3):
         axes = tuple(1 + i for i, f in enumerate(flipped) if f)

@@ -89,9 +89,31 @@ class TileProgram:
                            and n != output and len(readers.get(n, ())) == 1
                            and nodes[readers[n][0]].op.is_relu}
         self.passed_on = {readers[n][0] for n in self.relu_fused}
+        self._memo = {}
+
+    # Geometry is computed once per program: a task's requirements are composed from
+    # those of its intervals along each axis, and tasks share them (a grid of n^3
+    # tasks has n intervals per axis); a sweep's rows depend on its z intervals only.
+    # The results are shared: read them, never change them.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_memo"] = {}  # filled where the tasks run
+        return state
+
+    def _memoized(self, key, compute):
+        memo = self.__dict__.setdefault("_memo", {})
+        got = memo.get(key)
+        if got is None:
+            got = memo.setdefault(key, compute())
+        return got
 
     # ------------------------------------------------------------ geometry
     def requirements_1d(self, axis: int, out: Interval) -> tuple[dict, dict]:
+        """Per node the interval it computes along ``axis`` for output ``out``, and per
+        edge the interval it reads (memoized)."""
+        return self._memoized(("1d", axis, out), lambda: self._requirements_1d(axis, out))
+
+    def _requirements_1d(self, axis: int, out: Interval) -> tuple[dict, dict]:
         node_iv = {self.output: out}
         edge_iv = {}
         for name in reversed(self.order):
@@ -118,6 +140,11 @@ class TileProgram:
 
     # ------------------------------------------------------------ execution
     def sweep_rows(self, slabs: list[Interval]) -> list[dict[str, Interval]]:
+        """`_sweep_rows`, memoized per sequence of slabs."""
+        slabs = tuple(slabs)
+        return self._memoized(("rows", slabs), lambda: self._sweep_rows(slabs))
+
+    def _sweep_rows(self, slabs) -> list[dict[str, Interval]]:
         """Per slab (its output rows along z, in order): the rows of each node the slab
         reads. A node's consumers hold the rows they computed in earlier slabs, so a
         node is read only where its consumers' new rows read it (the bounding box of

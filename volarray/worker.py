@@ -17,11 +17,10 @@ import torch
 import torch.fx as fx
 
 from .errors import TraceError
-from .devices import model_on
+from .devices import array_module, check_finite, model_on, storage_dtype, to_device
 from .geometry import Box, Interval
 from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
-from .io import check_finite
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .packed import PackedChunk, region
@@ -34,6 +33,7 @@ class OnDevice:
     device copy, lock and caches are left out when pickled."""
 
     _transient = ("_lock", "_on_device")
+    cast_to = None  # the dtype the device copy's weights are cast to (half precision)
 
     def _init_cache(self):
         self._lock = threading.Lock()
@@ -53,7 +53,7 @@ class OnDevice:
         if self._on_device is None:
             with self._lock:
                 if self._on_device is None:  # a copy: .to() would move the caller's model
-                    self._on_device = model_on(module, self.device)
+                    self._on_device = model_on(module, self.device, self.cast_to)
         return self._on_device
 
 
@@ -71,7 +71,14 @@ class ModelRunner(OnDevice):
 
     def __init__(self, plan: Plan, device: str, seed: int = 0, autocast=None):
         self.seed = seed  # the sample drawn by stochastic layers (PositionalDropout)
-        self.autocast = autocast  # torch.float16 / bfloat16: run tiles under autocast
+        # a half-precision plan (compute_dtype float16 / bfloat16, which ``autocast``
+        # names too) runs in that dtype throughout: the model's weights cast once per
+        # device (`OnDevice.on_device`), tiles and kept tensors in it; no per-op casts
+        self.dtype = storage_dtype(plan.compute_dtype, plan.graph.dtype)
+        if autocast is not None and autocast != self.dtype:
+            raise ValueError(f"volarray internal error: autocast={autocast} for a plan "
+                             f"computing in {plan.compute_dtype}")
+        self.cast_to = self.dtype if self.dtype != plan.graph.dtype else None
         self._gm, self.gm_bytes = plan.graph.gm, None
         self.node_names = [n.name for n in self._gm.graph.nodes]
         self.programs = [s.program for s in plan.stages]
@@ -83,7 +90,6 @@ class ModelRunner(OnDevice):
         self.kept_dtype = plan.kept_dtype  # kept tensors between stages, as stored
         self.globals = plan.graph.globals or {}
         self.device = device
-        self.dtype = plan.graph.dtype
         self.input_name = plan.graph.input
         self.huge_pages = worth_huge_pages(plan.planned_macs)  # a short run keeps them off
         self._init_cache()
@@ -153,19 +159,24 @@ class ModelRunner(OnDevice):
         self._values[path] = v
         return v
 
-    def sweep(self, prog, out_box: Box, rows, sources, global_values):
+    def sweep(self, prog, out_box: Box, rows, sources, global_values, origins=None):
         """Yield (slab, output tile) over ``out_box`` swept in slabs of ``rows`` along z
         (one slab when None), as tensors on the device."""
         ctx = TaskContext(self, global_values)
         # a program that only reads its output (a barrier on a kept tensor) is one slab
         slabs = slab_boxes(out_box, rows if prog.order else None)
         full = prog.requirements(out_box)
-        tensors = {n: _to_tensor(a, self.dtype, self.device) for n, a in sources.items()}
-        if self.autocast is None:
-            yield from prog.sweep(ctx, tensors, full, slabs)
-            return
-        with torch.autocast(self.device.split(":")[0], dtype=self.autocast):
-            yield from prog.sweep(ctx, tensors, full, slabs)
+        tensors = {n: self.on_device_input(n, a, origins) for n, a in sources.items()}
+        yield from prog.sweep(ctx, tensors, full, slabs)
+
+    def on_device_input(self, name: str, a, origins=None) -> torch.Tensor:
+        """A source region on the task's device: moved in its own dtype (an int16
+        volume crosses as int16), the volume's checked for NaN and Inf there (before a
+        half cast could make a large value Inf), then cast to the compute dtype."""
+        t = to_device(a, self.device)
+        if name == self.input_name:
+            check_finite(t, (origins or {}).get(name, (0, 0, 0)))
+        return t.to(self.dtype)
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
             global_values: dict | None = None, origins: dict | None = None) -> np.ndarray:
@@ -175,11 +186,11 @@ class ModelRunner(OnDevice):
         NCDHW; kept intermediates stay in that layout between stages, and only the
         model's output is returned C-contiguous.
         """
-        self.check_input(sources, origins)
         prog, gv = self.programs[stage], global_values or {}
         y = None
         with torch.inference_mode():
-            for slab, t in self.sweep(prog, out_box, self.slabs[stage], sources, gv):
+            for slab, t in self.sweep(prog, out_box, self.slabs[stage], sources, gv,
+                                      origins):
                 if slab == out_box:
                     y = t
                     break
@@ -188,24 +199,18 @@ class ModelRunner(OnDevice):
                                     device=t.device, memory_format=torch.channels_last_3d)
                 y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
             last = stage == len(self.programs) - 1  # the result is float32; kept tensors
-            y = y[0].detach().to("cpu", stored_dtype(last, self.kept_dtype)).numpy()
+            # cast on the device, then one copy to the host per task
+            y = y[0].detach().to(stored_dtype(last, self.kept_dtype)).cpu().numpy()
         return np.ascontiguousarray(y) if last else y
-
-    def check_input(self, sources, origins=None):
-        """Non-finite input would spread through every layer: refuse it, naming the voxel."""
-        a = sources.get(self.input_name)
-        if a is not None:
-            check_finite(a, (origins or {}).get(self.input_name, (0, 0, 0)))
 
     def stats(self, barrier: int, out_box: Box, sources, global_values,
               origins=None) -> np.ndarray:
         """Partial statistics of a barrier's tensor over one chunk's own region."""
         prog = self.barriers[barrier]
-        self.check_input(sources, origins)
         g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
         with torch.inference_mode():
             return stats_combine([stats_chunk(t.float(), g.groups) for _, t in self.sweep(
-                prog, out_box, self.barrier_slabs[barrier], sources, global_values)])
+                prog, out_box, self.barrier_slabs[barrier], sources, global_values, origins)])
 
     def evaluate(self, name: str, global_values: dict):
         """A whole-volume value computed from others (an SE block's MLP)."""
@@ -248,19 +253,6 @@ class TaskContext:
         return v
 
 
-def _to_tensor(a: np.ndarray, dtype, device) -> torch.Tensor:
-    """(C, z, y, x) numpy -> (1, C, z, y, x) channels-last tensor, copying only if the
-    array is not already laid out channels-last (kept tensors are)."""
-    last = a.transpose(1, 2, 3, 0)
-    if not (last.flags.c_contiguous and last.flags.writeable):
-        last = np.ascontiguousarray(last)
-        if not last.flags.writeable:
-            last = last.copy()
-    # from the (z, y, x, C) view, so that the batch stride is a true channels-last one
-    t = torch.from_numpy(last)[None].permute(0, 4, 1, 2, 3)
-    return t.to(device=device, dtype=dtype)
-
-
 def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
     """The region ``box`` of a chunked array from the chunks that overlap it (arrays
     or `PackedChunk`s); where no chunk covers it (outside the volume), ``fill``."""
@@ -270,7 +262,8 @@ def assemble(box_bounds, channels: int, parts, fill=None) -> np.ndarray:
         return region(arr, box.slices(lo))
     # channels-last, the layout tiles run in, so the tensor needs no second copy
     shape, dtype = box.shape + (channels,), parts[0][1].dtype
-    out = (np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)).transpose(
+    xp = array_module(parts[0][1])  # CuPy chunks are assembled on their GPU
+    out = (xp.empty(shape, dtype) if fill is None else xp.full(shape, fill, dtype)).transpose(
         3, 0, 1, 2)
     for (lo, hi), arr in parts:
         inter = box.intersect(Box.from_bounds(lo, hi))

@@ -52,6 +52,8 @@ class Conv(LocalOp):
         return self.convolve(inputs[0], w, b, padding, relu)
 
     def convolve(self, x, w, b, padding, relu=False):
+        if x.dtype != w.dtype:  # the model's own cast (x.float()) in a half-precision run
+            x = x.to(w.dtype)
         if use_onednn(x):
             # F.conv3d sends inputs with N*C*D*H <= 20480 (small tiles of thin layers)
             # to a naive kernel ~10x slower than oneDNN; call oneDNN directly.
