@@ -243,7 +243,8 @@ class Exact:
                 g = fuse_argmax_head(graph) or graph
             return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
                              self.device, keep=self.keep, spill=self.spill,
-                             strategy=self.strategy, compute_dtype=self.compute_dtype)
+                             strategy=self.strategy, compute_dtype=self.compute_dtype,
+                             scratch_at=getattr(self.scratch, "out", None))
         return self.traced.get(("plan", tuple(arr.shape), argmax,
                                 weights_version(self.model)), planned)
 
