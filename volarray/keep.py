@@ -263,12 +263,13 @@ def storage_fix(graph: Graph, need: int, spill: bool, keep) -> str:
     return f"pass keep='{format_bytes(need)}'{lazy}"
 
 
-def shortfall(planner: Planner, grid: Grid, budget: float, candidates, spill: bool, keep,
-              with_limit) -> Shortfall | None:
-    """Where the plan of ``grid`` computes more than SLOW_NOTE times one forward: the
-    best of a plan keeping every tensor worth keeping and of a plan with a larger
-    memory limit (``with_limit(bytes)``: a planner for it), if that computes
-    SLOW_NOTE times less."""
+def shortfall(planner: Planner, kept: list[str], grid: Grid, budget: float, candidates,
+              spill: bool, keep, with_limit) -> Shortfall | None:
+    """Where the plan of ``kept`` on ``grid`` computes more than SLOW_NOTE times one
+    forward: the better of every tensor worth keeping (more storage) and of the same
+    kept tensors with a larger memory limit (``with_limit(bytes)``: a planner for it),
+    if that computes more than SLOW_NOTE times less. Each is one layout, not a search:
+    a bound on what more of a budget gives, cheap enough for every plan."""
     from .budget import default_memory_limit
     from .costing import model_macs
     g = planner.graph
@@ -277,15 +278,14 @@ def shortfall(planner: Planner, grid: Grid, budget: float, candidates, spill: bo
     if ratio <= SLOW_NOTE:
         return None
     options = []
-    worth = sum(tensor_bytes(g, c) for c in keep_candidates(g))
-    if worth > budget:
-        kept, more = choose_kept(planner, worth, candidates)
-        need = sum(tensor_bytes(g, n) for n in kept if n != g.output)
+    every = every_worth_keeping(g)
+    need = sum(tensor_bytes(g, n) for n in every if n != g.output)
+    if need > budget:
+        more = planner.grid(every, candidates)
         if not more.too_big:
             options.append((more.layout.macs / forward, "keep", storage_fix(g, need, spill, keep)))
     limit = max(default_memory_limit(), 4 * planner.limit)
-    roomy = with_limit(limit)
-    _, more = choose_kept(roomy, budget, candidates)
+    more = with_limit(limit).grid(kept, candidates)
     if not more.too_big:
         options.append((more.layout.macs / forward, "memory_limit",
                         f"pass memory_limit='{format_bytes(limit)}'"))

@@ -303,7 +303,7 @@ def choose_plan(planner: Planner, budget: int, given, keep, spill: bool, planner
     kept, grid = choose_kept(planner, budget, candidates)
     kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
     short = None if grid.too_big or given is not None else shortfall(
-        planner, grid, budget, candidates, spill, keep, planner_for)
+        planner, kept, grid, budget, candidates, spill, keep, planner_for)
     return kept, grid, notes, short
 
 

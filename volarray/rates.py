@@ -145,7 +145,7 @@ def _median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_macs(device: str = "cpu", side: int = 48, channels: int = 16) -> float:
+def measure_macs(device: str = "cpu", side: int = 48, channels: int = 32) -> float:
     """MAC/s of a 3x3x3 conv3d (``channels`` in and out, ``side``^3, padding 1), the
     layer most dense 3D networks spend their time in."""
     import torch
