@@ -6,6 +6,11 @@ import torch
 
 from volarray.models import seeded
 
+# Plans are costed at these rates (this 2-core CPU's, measured by `volarray calibrate`):
+# no default test calibrates (seconds) or reads the user's cache; command-line
+# subprocesses inherit them. tests/test_cost.py sets its own.
+os.environ.setdefault("VOLARRAY_RATES", "macs=2e10,bytes=1e9,task=0.0002")
+
 
 def whole_volume(model, volume: np.ndarray) -> np.ndarray:
     """The reference: one whole-volume forward, ``model(volume[None])[0]``."""

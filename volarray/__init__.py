@@ -9,7 +9,8 @@ request_huge_pages()  # before torch's first allocation, if it comes first (vola
 
 from . import accessor  # noqa: F401  (registers Dataset.volinfer / DataArray.volinfer)
 from .api import normalization, plan, predict
-from .errors import (InputError, MemoryBudgetError, OutputBusyError, TaskCountWarning,
+from .errors import (InputError, MemoryBudgetError, OutputBusyError, SlowPlanWarning,
+                     TaskCountWarning,
                      TraceError, UnsupportedOpError, VolarrayError, VolarrayWarning)
 from .formats import open_dataarray
 from .normalize import Normalization
@@ -23,4 +24,5 @@ __all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "fli
            "open_dataarray",
            "VolarrayError", "InputError", "UnsupportedOpError", "TraceError",
            "MemoryBudgetError", "OutputBusyError", "VolarrayWarning", "TaskCountWarning",
+           "SlowPlanWarning",
            "__version__"]

@@ -426,7 +426,17 @@ def cmd_demo(args) -> int:
     return 0 if diff <= 1e-5 else 1
 
 
-COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo}
+def cmd_calibrate(args) -> int:
+    """Measure the rates again and cache them (`volarray.rates`)."""
+    from volarray import rates
+    measured = rates.calibrate(args.device, args.scratch_dir)
+    path = rates.save(args.device, measured)
+    print(f"{rates.machine_key(args.device)}: {measured.text()}; cached in {path}")
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv=None) -> int:

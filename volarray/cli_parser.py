@@ -214,7 +214,13 @@ def parser() -> argparse.ArgumentParser:
                    help="in-process dask scheduler (default threads)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-check", action="store_true", help="skip the plain-torch comparison")
-    for command in (p, d, sub.choices["predict"]):  # also after the command's name
+    c = sub.add_parser("calibrate", help="measure this machine's rates for the plans' "
+                                         "projected time (MAC/s, storage bytes/s, task "
+                                         "overhead) and cache them")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    c.add_argument("--scratch-dir", help="folder whose storage is measured (default: the "
+                                         "temporary directory)")
+    for command in (p, d, c, sub.choices["predict"]):  # also after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=DEBUG_HELP)
     ap.commands = sub.choices  # name -> its parser

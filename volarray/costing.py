@@ -54,6 +54,7 @@ class Stage(OnGrid):
     # keeping the rows the next slab reads; None: the whole region as one tile
     slab: int | None = None
     io_bytes: int = 0  # a task's sources and output region (held while it runs)
+    moved_bytes: int = 0  # every task's sources read and output written, whole volume
 
     @property
     def output(self) -> str:
@@ -76,6 +77,7 @@ class Barrier(OnGrid):
     macs: float = 0.0
     slab: int | None = None  # as Stage.slab
     peak_bytes: int = 0  # projected per task, as Stage.peak_bytes
+    moved_bytes: int = 0  # every task's sources read, whole volume
 
     @property
     def recomputed(self) -> bool:
@@ -155,10 +157,13 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
                 halo[axis] = max(halo[axis], math.ceil(ext))
     shapes = {n: tuple(m) for n, m in maxs.items()}
     held = set(prog.sources) | ({prog.output} if holds_output else set())
+    moved = sum(graph.nodes[n].channels * graph.value_bytes * math.prod(
+        graph.nodes[n].shape if n == prog.output else sums[n]) for n in held)
     costed = replace(
         stage, macs=sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order),
         peak_bytes=prog.peak_bytes(shapes), halo=tuple(halo), slab=None,
-        io_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(maxs[n]) for n in held))
+        io_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(maxs[n]) for n in held),
+        moved_bytes=moved)
     return costed, shapes
 
 
@@ -242,3 +247,30 @@ def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: i
             break
         rows, peak = rows * 2, thicker
     return replace(stage, slab=rows, peak_bytes=peak)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A plan's projected time and its three parts, in seconds: its MACs at the
+    device's rate, the bytes its tasks read and write at the storage's rate, and a
+    per-task overhead times its tasks."""
+
+    compute_s: float = 0.0
+    io_s: float = 0.0
+    overhead_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.compute_s + self.io_s + self.overhead_s
+
+
+def project(parts, rates) -> Projection:
+    """The projected time of stages and barriers ``parts`` at ``rates`` (a
+    `volarray.rates.Rates`; None: MACs only, at one MAC a second, as plans were
+    chosen before rates)."""
+    macs = sum(p.macs for p in parts)
+    if rates is None:
+        return Projection(compute_s=macs)
+    return Projection(macs / rates.macs_per_s,
+                      sum(p.moved_bytes for p in parts) / rates.bytes_per_s,
+                      sum(p.n_tasks for p in parts) * rates.task_s)

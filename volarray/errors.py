@@ -49,6 +49,11 @@ class VolarrayWarning(UserWarning):
     """Base class of the warnings volarray issues: it runs, but likely not as meant."""
 
 
+class SlowPlanWarning(VolarrayWarning):
+    """A plan whose budgets (keep, memory_limit) force it to compute several times what
+    a plan with more storage or memory would; its message names that budget."""
+
+
 class TaskCountWarning(VolarrayWarning):
     """A run of so many tasks (tiny chunks, tiny windows) that planning and scheduling
     alone take minutes and gigabytes."""

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from . import costing
 from .budget import default_memory_limit, parse_bytes
-from .costing import Barrier, MIN_TILE_SIDE, Stage, cost_stage, program_for, reductions, \
-    stage_bounds
+from .costing import Barrier, MIN_TILE_SIDE, Projection, Stage, cost_stage, program_for, \
+    project, reductions, stage_bounds
 from .geometry import SPATIAL
 from .graph import Graph, alignment
 from .program import TileProgram
@@ -66,6 +66,10 @@ class Layout:
     def macs(self) -> float:
         return sum(s.macs for s in self.stages) + sum(b.macs for b in self.barriers)
 
+    def projected(self, rates) -> Projection:
+        """Its projected time at ``rates`` (`costing.project`)."""
+        return project(self.stages + self.barriers, rates)
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -90,14 +94,20 @@ class Planner:
     align: tuple[int, ...]
     strategy: str = "slab"  # 'whole': a task runs each layer over its whole region
     fixed_output: tuple[bool, ...] = (False,) * SPATIAL  # output chunk sides the user gave
+    rates: object = None  # `volarray.rates.Rates` the layouts' times are projected at
 
     @classmethod
     def for_device(cls, graph: Graph, memory_limit, device: str,
-                   strategy: str = "slab") -> "Planner":
+                   strategy: str = "slab", rates=None) -> "Planner":
         limit = parse_bytes(memory_limit) or default_memory_limit()
         on_cpu = device == "cpu"
         return cls(graph, limit, min(limit, CPU_TARGET_TILE_BYTES) if on_cpu else limit,
-                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph), strategy)
+                   min(limit, TASK_IO_BYTES) if on_cpu else limit, alignment(graph), strategy,
+                   rates=rates)
+
+    def seconds(self, layout: Layout) -> float:
+        """``layout``'s projected time at the planner's rates."""
+        return layout.projected(self.rates).seconds
 
     def stage(self, index: int, prog: TileProgram, base, min_side: int,
               holds_output: bool = True) -> Stage:
@@ -132,7 +142,8 @@ class Planner:
         for g in reductions(self.graph):
             probe = self.statistics_tasks(program_for(self.graph, g.source, avail), base)
             out.append(Barrier(g.name, probe.program, probe.bounds, macs=probe.macs,
-                               slab=probe.slab, peak_bytes=probe.peak_bytes))
+                               slab=probe.slab, peak_bytes=probe.peak_bytes,
+                               moved_bytes=probe.moved_bytes))
         return tuple(out)
 
     def statistics_tasks(self, prog: TileProgram, base) -> Stage:

@@ -8,6 +8,7 @@ receptive field's halo), and lays each candidate set out on its own grid.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from .budget import format_bytes, parse_bytes, run_memory
 from .costing import Stage, cost_stage, program_for, reductions, stage_bounds
@@ -90,9 +91,11 @@ def keep_order(graph: Graph, budget: float, compute: "Compute") -> list[str]:
     return order
 
 
-def budget_ladder(budget: float, input_bytes: int) -> list[float]:
+def budget_ladder(budget: float, input_bytes: int, worth: float = math.inf) -> list[float]:
     """``budget`` and the powers of two times the input's bytes below it (from an
-    eighth): the budgets whose greedy kept sets `choose_kept` compares."""
+    eighth): the budgets whose greedy kept sets `choose_kept` compares. Past ``worth``
+    (the bytes of every tensor worth keeping) a budget keeps no more."""
+    budget = min(budget, worth)
     ladder, b = [budget], input_bytes / 8
     while b < budget:
         ladder.append(b)
@@ -100,20 +103,31 @@ def budget_ladder(budget: float, input_bytes: int) -> list[float]:
     return ladder
 
 
+def better(planner: "Planner", grid: "Grid", best: "Grid") -> bool:
+    """``grid`` fits where ``best`` does not, or fits as well and is projected faster
+    (by more than 0.1%: fewer kept tensors win a tie)."""
+    if best.too_big != grid.too_big:
+        return best.too_big
+    return planner.seconds(grid.layout) < (1 - 1e-3) * planner.seconds(best.layout)
+
+
 def choose_kept(planner: "Planner", budget: float, candidates) -> tuple[list[str], "Grid"]:
-    """The output plus the kept tensors that cost the least compute, with their grid.
+    """The output plus the kept tensors whose plan is projected fastest, with their
+    grid (MACs at the device's rate, bytes read and written at the storage's, and
+    each task's overhead: `Planner.seconds`).
     Kept tensors cut the network into stages; the others are recomputed, halo
     included, by every stage and barrier that reads them. The greedy order is costed
     on one grid, but a kept tensor's stage may need smaller tasks (its sources and
     output must fit a task's I/O bytes), and smaller tasks recompute more halo: so each
     prefix of the greedy orders of ``budget`` and of the smaller budgets of
-    `budget_ladder` is laid out on its own grid and the cheapest set whose tasks fit is
-    chosen (so that 4x the input never costs more compute than 1x or 2x)."""
+    `budget_ladder` is laid out on its own grid and the fastest set whose tasks fit is
+    chosen (so that 4x the input never costs more than 1x or 2x)."""
     graph = planner.graph
     nothing = planner.grid([graph.output], candidates)
     compute = Compute(graph, nothing.base)
     sets = set()
-    for b in budget_ladder(budget, tensor_bytes(graph, graph.input)):
+    worth = sum(tensor_bytes(graph, c) for c in keep_candidates(graph))
+    for b in budget_ladder(budget, tensor_bytes(graph, graph.input), worth):
         order = keep_order(graph, b, compute)
         sets.update(frozenset(order[:k]) for k in range(1, len(order) + 1))
     # fewer kept tensors first, replaced only to fit or to save
@@ -121,9 +135,7 @@ def choose_kept(planner: "Planner", budget: float, candidates) -> tuple[list[str
     for chosen in sorted(sets, key=lambda c: (len(c), sorted(c))):
         kept = [n for n in graph.nodes if n in chosen or n == graph.output]
         grid = planner.grid(kept, candidates)
-        if (best[1].too_big and not grid.too_big) or (
-                grid.too_big == best[1].too_big
-                and grid.layout.macs < (1 - 1e-3) * best[1].layout.macs):
+        if better(planner, grid, best[1]):
             best = (kept, grid)
     return best
 
@@ -150,13 +162,53 @@ def parse_keep(keep, default: int, input_bytes: int) -> int:
                          "the input ('2x') or 0", parameter='keep') from None
 
 
-def default_keep(graph: Graph, spill: bool) -> int:
-    """The input's own bytes. A lazy result (``spill=False``) has nowhere to put kept
-    tensors but memory, and dask may hold every chunk of one until its last reader ran
-    (a barrier always does, until the statistics are known), so it keeps at most an
-    eighth of the memory it will run in and recomputes the rest."""
+# Kept tensors of a run that writes zarr (`predict_to_zarr`, the CLI) may take this
+# share of the free disk space where its scratch lives.
+SCRATCH_SHARE = 0.5
+
+
+def free_disk(where=None) -> int | None:
+    """Free bytes on the file system of ``where`` (a local folder or a
+    `volarray.location.Location`; the current folder by default, or the nearest
+    existing folder above it); None where it is remote (an object store)."""
+    import os
+    import shutil
+    if where is not None and not isinstance(where, (str, os.PathLike)):
+        if not where.is_local:
+            return None
+        where = where.path
+    path = os.path.abspath(where or os.getcwd())
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def default_keep(graph: Graph, spill: bool, where=None) -> int:
+    """A run that may spill (``spill=True``: `predict_to_zarr`, the CLI) keeps at most
+    half the free disk space where its scratch lives (``where``, a local folder; the
+    current folder by default; on an object store, the input's bytes). A lazy result (``spill=False``) has nowhere to put
+    kept tensors but memory, and dask may hold every chunk of one until its last reader
+    ran (a barrier always does, until the statistics are known), so it keeps at most
+    the input's bytes and an eighth of the memory it will run in, and recomputes the
+    rest."""
     n = tensor_bytes(graph, graph.input)
-    return n if spill else int(min(n, run_memory() / 8))
+    if spill:
+        free = free_disk(where)
+        return n if free is None else int(SCRATCH_SHARE * free)  # a store: the input's
+    return int(min(n, run_memory() / 8))
+
+
+def storage_budget(graph: Graph, keep, spill: bool, where=None) -> int:
+    """The keep budget: the storage's (`default_keep`), never more than ``keep=``
+    (`parse_keep`), which stays a hard cap."""
+    default = default_keep(graph, spill, where)
+    if keep is None:
+        return default
+    cap = parse_keep(keep, default, tensor_bytes(graph, graph.input))
+    return min(cap, default) if spill else cap
 
 
 def every_worth_keeping(graph: Graph) -> list[str]:
@@ -178,3 +230,68 @@ def keep_more_to_fit(planner: Planner, kept: list[str], grid: Grid, candidates,
         return kept, grid, []
     return every, trial, [f"keeps every tensor worth keeping, past the default keep budget, "
                           f"so that tasks fit memory_limit={format_bytes(planner.limit)}"]
+
+
+# A plan computing more than this many times what a plan with more storage or memory
+# would is noted (and `Plan.validate` warns); more than SLOW_REFUSED times is refused.
+SLOW_NOTE = 3.0
+SLOW_REFUSED = 20.0
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """What the budgets cost a plan: it computes ``factor`` times the ``best`` (times
+    one forward) of a plan with more of the budget ``parameter``; ``fix`` says how."""
+
+    factor: float
+    best: float
+    parameter: str  # 'keep' or 'memory_limit'
+    fix: str
+
+    def text(self, ratio: float) -> str:
+        return (f"compute {ratio:.2f}x is {self.factor:.1f}x the {self.best:.2f}x of a plan "
+                f"with more {'storage' if self.parameter == 'keep' else 'memory'}: {self.fix}")
+
+
+def storage_fix(graph: Graph, need: int, spill: bool, keep) -> str:
+    """How to give the kept tensors ``need`` bytes: keep= (a hard cap), or free disk."""
+    if spill and keep is None:
+        return (f"it needs {format_bytes(need)} of scratch, above {SCRATCH_SHARE:.0%} of the "
+                "free disk space where scratch lives (beside the output): free disk space "
+                "there")
+    lazy = "" if spill else " (kept in memory; predict_to_zarr and the CLI keep them on disk)"
+    return f"pass keep='{format_bytes(need)}'{lazy}"
+
+
+def shortfall(planner: Planner, kept: list[str], grid: Grid, budget: float, candidates,
+              spill: bool, keep, with_limit) -> Shortfall | None:
+    """Where the plan of ``kept`` on ``grid`` computes more than SLOW_NOTE times one
+    forward: the better of every tensor worth keeping (more storage) and of the same
+    kept tensors with a larger memory limit (``with_limit(bytes)``: a planner for it),
+    if that computes more than SLOW_NOTE times less. Each is one layout, not a search:
+    a bound on what more of a budget gives, cheap enough for every plan."""
+    from .budget import default_memory_limit
+    from .costing import model_macs
+    g = planner.graph
+    forward = max(model_macs(g), 1)
+    ratio = grid.layout.macs / forward
+    if ratio <= SLOW_NOTE:
+        return None
+    options = []
+    every = every_worth_keeping(g)
+    need = sum(tensor_bytes(g, n) for n in every if n != g.output)
+    if need > budget:
+        more = planner.grid(every, candidates)
+        if not more.too_big:
+            options.append((more.layout.macs / forward, "keep", storage_fix(g, need, spill, keep)))
+    limit = max(default_memory_limit(), 4 * planner.limit)
+    more = with_limit(limit).grid(kept, candidates)
+    if not more.too_big:
+        options.append((more.layout.macs / forward, "memory_limit",
+                        f"pass memory_limit='{format_bytes(limit)}'"))
+    if not options:
+        return None
+    best, parameter, fix = min(options)
+    if ratio <= SLOW_NOTE * best:
+        return None
+    return Shortfall(ratio / best, best, parameter, fix)

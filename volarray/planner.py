@@ -10,18 +10,21 @@ keep the same size at every volume size, so memory does not grow with the volume
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .budget import format_bytes, parse_bytes
-from .costing import Barrier, Stage, fixed_side, model_macs
+from .costing import Barrier, Projection, Stage, fixed_side, model_macs, project
 from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
-from .errors import MemoryBudgetError
+from .errors import MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
-from .keep import choose_kept, default_keep, keep_more_to_fit, parse_keep
+from .keep import (SLOW_REFUSED, Shortfall, choose_kept, keep_more_to_fit, shortfall,
+                   storage_budget)
+from .rates import Rates, rates_for
 from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
 
 
@@ -52,6 +55,28 @@ class Plan:
     strategy: str = "slab"  # how a task runs a stage: 'slab' sweep or 'whole' tile
     compute_dtype: str = "float32"  # 'float32', 'tf32', 'float16' or 'bfloat16'
     budget_from: str = ""  # how a device's default memory_limit was chosen
+    rates: Rates | None = None  # what the projected time is costed at
+    storage: str = "memory"  # where kept tensors go: 'memory' or 'scratch' (disk)
+    shortfall: Shortfall | None = None  # the budgets force much more compute than needed
+
+    @property
+    def projection(self) -> Projection:
+        """Projected time in its three parts (`costing.project` at ``rates``)."""
+        return project(self.stages + self.barriers, self.rates)
+
+    @property
+    def projected_seconds(self) -> float:
+        return self.projection.seconds if self.rates is not None else float("nan")
+
+    @property
+    def moved_bytes(self) -> int:
+        """The bytes every task together reads and writes (input, kept, output)."""
+        return sum(p.moved_bytes for p in self.stages + self.barriers)
+
+    @property
+    def storage_bytes(self) -> int:
+        """The storage the plan needs for its kept tensors (``storage``: where)."""
+        return self.kept_bytes
 
     @property
     def kept_dtype(self) -> str:
@@ -121,7 +146,32 @@ class Plan:
                 f"{self.label(worst)} needs {format_bytes(worst.peak_bytes)} per task with "
                 f"chunks={self.output_chunks}, above memory_limit={format_bytes(limit)}; "
                 f"{self._budget_fix(worst.peak_bytes)}", parameter='memory_limit')
+        self.check_shortfall()
         return self
+
+    def check_shortfall(self) -> None:
+        """Refuse (MemoryBudgetError) a plan whose budgets force more than SLOW_REFUSED
+        times the compute of a plan with more storage or memory; warn
+        (SlowPlanWarning) past SLOW_NOTE times. Both name the budget to raise."""
+        short = self.shortfall
+        if short is None:
+            return
+        if short.factor > SLOW_REFUSED:
+            raise MemoryBudgetError(f"the plan is refused: {short.text(self.compute_ratio)}",
+                                    parameter=short.parameter)
+        warnings.warn(f"slow plan: {short.text(self.compute_ratio)}", SlowPlanWarning,
+                      stacklevel=3)
+
+    def time_line(self) -> str:
+        """``projected time ...: compute ..., I/O ..., overhead ...``."""
+        if self.rates is None:
+            return "projected time unknown (no rates)"
+        t, r = self.projection, self.rates
+        return (f"projected time {t.seconds:.3g} s: compute {t.compute_s:.3g} s "
+                f"({self.planned_macs / 1e9:.1f} GMAC at {r.macs_per_s / 1e9:.3g} GMAC/s), "
+                f"I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
+                f"{format_bytes(r.bytes_per_s)}/s), overhead {t.overhead_s:.3g} s "
+                f"({self.n_tasks} tasks at {r.task_s * 1e3:.3g} ms; rates: {r.source})")
 
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:
@@ -157,8 +207,10 @@ class Plan:
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
             f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
             f"{format_bytes(self.kept_bytes)} ({self.kept_bytes / max(self.input_bytes, 1):.2f}x "
-            f"the input) of a keep budget of {format_bytes(self.keep_budget)}; the rest is "
-            "recomputed"]
+            f"the input) in {self.storage}, of a keep budget of "
+            f"{format_bytes(self.keep_budget)}; the rest is recomputed",
+            self.time_line()] + ([f"slow plan: {self.shortfall.text(self.compute_ratio)}"]
+                                 if self.shortfall else [])
 
     def _scale(self, name: str) -> str:
         scale = self.graph.nodes[name].scale
@@ -242,32 +294,49 @@ def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
     return tuple(sides), notes
 
 
+def choose_plan(planner: Planner, budget: int, given, keep, spill: bool, planner_for):
+    """The kept tensors and the grid of the fastest plan within the budgets, its notes,
+    and its `Shortfall` where the budgets cost it much compute (only where the planner
+    chose the chunks: chunks the user gave are theirs)."""
+    shape = planner.graph.nodes[planner.graph.input].shape
+    candidates = candidate_chunks(shape, planner.align, given)
+    kept, grid = choose_kept(planner, budget, candidates)
+    kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
+    short = None if grid.too_big or given is not None else shortfall(
+        planner, kept, grid, budget, candidates, spill, keep, planner_for)
+    return kept, grid, notes, short
+
+
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
-              keep=None, spill: bool = False, strategy=None, compute_dtype=None) -> Plan:
+              keep=None, spill: bool = False, strategy=None, compute_dtype=None,
+              rates=None, scratch_at=None) -> Plan:
     """The plan of an exact run. ``chunks``: the output's chunks, as `coerce_chunks`
-    takes them (None on an axis: the planner's choice); ``keep``: the budget of kept tensors
-    (see `parse_keep`; by default `default_keep`); ``spill``: they may go to scratch;
+    takes them (None on an axis: the planner's choice); ``keep``: a hard cap on the
+    kept tensors (see `parse_keep`; the storage's budget is `default_keep`'s: half the
+    free disk at ``scratch_at`` where they may ``spill`` to scratch, else memory);
     ``strategy``: 'slab' or 'whole' (by default the device's, `resolve_strategy`); on a
-    GPU the default memory_limit is the device's (`volarray.devices.task_budget`)."""
+    GPU the default memory_limit is the device's (`volarray.devices.task_budget`);
+    ``rates``: a `volarray.rates.Rates` (by default `rates_for` the device's)."""
     strategy = resolve_strategy(strategy, device)
     compute = compute_name(graph.dtype if compute_dtype is None else compute_dtype)
     parse_bytes(memory_limit)  # refused before a device is asked
     limit, budget_from = task_budget(memory_limit, device, graph.gm)
-    planner = Planner.for_device(graph, memory_limit if limit is None else limit, device,
-                                 strategy)
+    rates = rates_for(device, rates)
     shape = graph.nodes[graph.input].shape
     given, chunk_notes = input_chunks(graph,
                                       coerce_chunks(chunks, graph.nodes[graph.output].shape))
-    if given is not None:
-        planner = replace(planner, fixed_output=tuple(c is not None for c in given))
+
+    def planner_for(lim) -> Planner:
+        p = Planner.for_device(graph, lim, device, strategy, rates)
+        return p if given is None else replace(p, fixed_output=tuple(c is not None
+                                                                     for c in given))
+    planner = planner_for(memory_limit if limit is None else limit)
     step = max(max(planner.align), 8)  # the smallest chunk side worth suggesting
     estimate = warn_of_tiny_chunks(shape, given, step)
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
-    budget = parse_keep(keep, default_keep(graph, spill), tensor_bytes(graph, graph.input))
-    candidates = candidate_chunks(shape, planner.align, given)
-    kept, grid = choose_kept(planner, budget, candidates)
-    kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
+    budget = storage_budget(graph, keep, spill, scratch_at)
+    kept, grid, notes, short = choose_plan(planner, budget, given, keep, spill, planner_for)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     notes = chunk_notes + notes
@@ -280,7 +349,8 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                 notes=tuple(notes), barriers=grid.layout.barriers,
                 smallest_chunks_exceed_limit=grid.too_big and bool(planned),
                 keep_budget=budget, planned_axes=planned, device=device,
-                strategy=strategy, compute_dtype=compute, budget_from=budget_from)
+                strategy=strategy, compute_dtype=compute, budget_from=budget_from,
+                rates=rates, storage="scratch" if spill else "memory", shortfall=short)
     if estimate <= TASK_WARNING < plan.n_tasks:  # not foreseen: stages and barriers
         warn_of_many_tasks(plan.n_tasks, f"the plan of chunks={plan.chunks} has "
                            f"{plan.n_tasks:,} tasks", fewer_chunks(shape, step))

@@ -267,7 +267,8 @@ class Exact:
             with phase("planning", f"{type(self.model).__name__} over {tuple(arr.shape)}"):
                 return make_plan(g, self.chunks, self.memory_limit,  # the output's chunks
                                  self.device, keep=self.keep, spill=self.spill,
-                                 strategy=self.strategy, compute_dtype=self.compute_dtype)
+                                 strategy=self.strategy, compute_dtype=self.compute_dtype,
+                                 scratch_at=getattr(self.scratch, "out", None))
         return self.traced.get(("plan", tuple(arr.shape), argmax,
                                 weights_version(self.model)), planned)
 

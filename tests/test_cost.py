@@ -1,0 +1,163 @@
+"""The cost model (issue 27): rates (given, cached, calibrated), a plan's projected
+time and its three parts, keep-or-recompute by time within the storage budget, and
+plans the budgets make pathological (noted, warned, refused)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import volarray
+from volarray import rates as R
+from volarray.costing import project
+from volarray.models import FaultSeg3D, seeded
+
+FAST = "macs=2e10,bytes=1e9,task=0.0002"
+VOL64 = np.zeros((64,) * 3, np.float32)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty rates cache in tmp_path, no rates in the environment, and a
+    calibration that takes no time (and counts its calls)."""
+    monkeypatch.setenv("VOLARRAY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VOLARRAY_RATES", raising=False)
+    calls = []
+
+    def fake(device="cpu", where=None):
+        calls.append(device)
+        return R.Rates(3e10, 2e9, 1e-3, "calibrated")
+    monkeypatch.setattr(R, "calibrate", fake)
+    return calls
+
+
+def test_rates_from_the_environment_and_refused_when_malformed(monkeypatch):
+    monkeypatch.setenv("VOLARRAY_RATES", "macs=1e10, bytes=5e8, task=0.01")
+    r = R.rates_for("cpu")
+    assert (r.macs_per_s, r.bytes_per_s, r.task_s, r.source) == (1e10, 5e8, 0.01,
+                                                                 "VOLARRAY_RATES")
+    for bad in ("macs=1e10,bytes=5e8", "macs=fast,bytes=1,task=1", "macs=0,bytes=1,task=1",
+                "flops=1,bytes=1,task=1"):
+        monkeypatch.setenv("VOLARRAY_RATES", bad)
+        with pytest.raises(volarray.InputError, match="VOLARRAY_RATES"):
+            R.rates_for("cpu")
+
+
+def test_calibrated_once_then_read_from_the_cache(cache, tmp_path):
+    first = R.rates_for("cpu")
+    assert cache == ["cpu"] and first.source == "calibrated"
+    again = R.rates_for("cpu")  # from the JSON file: no second calibration
+    assert cache == ["cpu"] and again.source.startswith("cache ")
+    assert (again.macs_per_s, again.bytes_per_s, again.task_s) == (3e10, 2e9, 1e-3)
+    data = json.loads((tmp_path / "rates.json").read_text())
+    assert list(data) == [R.machine_key("cpu")] and "measured" in data[R.machine_key("cpu")]
+    (tmp_path / "rates.json").write_text("{ damaged")
+    R.rates_for("cpu")  # a damaged cache is measured again, not an error
+    assert cache == ["cpu", "cpu"]
+
+
+def test_calibrate_command_measures_and_caches(cache, tmp_path, capsys):
+    from volarray.cli import main
+    assert main(["calibrate"]) == 0
+    assert cache == ["cpu"] and "GMAC/s" in capsys.readouterr().out
+    assert R.cached("cpu").macs_per_s == 3e10
+
+
+@pytest.mark.slow
+def test_calibrate_command_in_a_subprocess(tmp_path):
+    """The real calibration (a few seconds), as a user runs it."""
+    env = {**os.environ, "VOLARRAY_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    env.pop("VOLARRAY_RATES", None)
+    run = subprocess.run([sys.executable, "-m", "volarray.cli", "calibrate"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rates = R.Rates(**{k: v for k, v in json.loads((tmp_path / "rates.json").read_text())
+                       [R.machine_key("cpu")].items() if k != "measured"})
+    assert rates.macs_per_s > 1e8 and rates.bytes_per_s > 1e6 and rates.task_s < 0.1
+
+
+def test_plan_shows_its_projected_time_in_three_parts(monkeypatch):
+    monkeypatch.setenv("VOLARRAY_RATES", FAST)
+    plan = volarray.plan(seeded(FaultSeg3D), VOL64, chunks=32)
+    t = plan.projection
+    assert t.compute_s == pytest.approx(plan.planned_macs / 2e10)
+    assert t.io_s == pytest.approx(plan.moved_bytes / 1e9)
+    assert t.overhead_s == pytest.approx(plan.n_tasks * 2e-4)
+    assert plan.projected_seconds == pytest.approx(t.compute_s + t.io_s + t.overhead_s)
+    # at least the input read and the output written
+    assert plan.moved_bytes >= 2 * VOL64.nbytes
+    assert plan.storage == "memory" and plan.storage_bytes == plan.kept_bytes
+    text = str(plan)
+    assert f"projected time {t.seconds:.3g} s: compute {t.compute_s:.3g} s" in text
+    assert "overhead" in text and "rates: VOLARRAY_RATES" in text
+    assert volarray.plan(seeded(FaultSeg3D), VOL64, scratch=True).storage == "scratch"
+
+
+def test_scratch_runs_keep_within_half_the_free_disk_and_keep_caps_it(monkeypatch):
+    monkeypatch.setenv("VOLARRAY_RATES", FAST)
+    monkeypatch.setattr("volarray.keep.free_disk", lambda where=None: 10 ** 9)
+    model = seeded(FaultSeg3D)
+    assert volarray.plan(model, VOL64, scratch=True).keep_budget == 5 * 10 ** 8
+    assert volarray.plan(model, VOL64, scratch=True, keep="2x").keep_budget == 2 * VOL64.nbytes
+    assert volarray.plan(model, VOL64, scratch=True, keep="8GB").keep_budget == 5 * 10 ** 8
+    assert volarray.plan(model, VOL64).keep_budget == VOL64.nbytes  # lazy: memory, as before
+
+
+def test_what_is_kept_follows_the_storage_rate(monkeypatch):
+    """The same budgets: with fast storage the planner keeps more tensors on scratch and
+    computes less; with slow storage writing them costs more than recomputing them."""
+    model = seeded(FaultSeg3D)
+    plans = {}
+    for rate in (1e9, 1e5):
+        monkeypatch.setenv("VOLARRAY_RATES", f"macs=2e10,bytes={rate},task=0.0002")
+        plans[rate] = volarray.plan(model, VOL64, memory_limit="16MB", scratch=True)
+    fast, slow = plans[1e9], plans[1e5]
+    assert fast.kept_bytes > slow.kept_bytes and fast.compute_ratio < slow.compute_ratio
+    assert fast.moved_bytes > slow.moved_bytes
+    for p, other in ((fast, slow), (slow, fast)):  # each the faster at its own rates
+        assert p.projected_seconds < project(other.stages + other.barriers, p.rates).seconds
+
+
+def test_budget_that_forces_much_compute_is_named(monkeypatch):
+    """keep='1x' in tasks of 45 MB: 3.5x one forward where keeping 27.5 MB computes
+    1.07x: the plan says so and validate warns, naming keep=; with tasks that fit only
+    8^3 chunks it is 90x, refused before anything runs."""
+    monkeypatch.setenv("VOLARRAY_RATES", FAST)
+    model = seeded(FaultSeg3D)
+    plan = volarray.plan(model, VOL64, memory_limit="45MB", keep="1x")
+    assert plan.shortfall is not None and plan.shortfall.parameter == "keep"
+    assert "slow plan: compute 3.71x is 3.5x the 1.07x of a plan with more storage: pass " \
+           "keep='27.5 MB'" in str(plan)
+    with pytest.warns(volarray.SlowPlanWarning, match="keep='27.5 MB'"):
+        plan.validate()
+    with pytest.warns(volarray.SlowPlanWarning, match="keep="):
+        volarray.predict(model, VOL64, memory_limit="45MB", keep="1x")
+    tight = volarray.plan(model, VOL64, memory_limit="8MB", keep="1x").peak_bytes
+    worse = volarray.plan(model, VOL64, memory_limit=tight, keep="1x")
+    assert worse.compute_ratio > 20 * worse.shortfall.best
+    with pytest.raises(volarray.MemoryBudgetError, match="refused: .* pass keep=") as e:
+        worse.validate()
+    assert e.value.parameter == "keep"
+    assert volarray.plan(model, VOL64, memory_limit="45MB", keep="2GB").shortfall is None
+
+
+@pytest.mark.slow
+def test_issue_case_160_at_60MB_keeps_on_scratch(tmp_path, monkeypatch):
+    """FaultSeg3D 160^3 with --memory-limit 60MB through the CLI: 16,000 tasks of 8^3 and
+    146.8x one forward before; with scratch for the full-resolution tensors at most
+    1.5x. The lazy predict, whose kept tensors stay in memory, is refused naming keep=."""
+    monkeypatch.setenv("VOLARRAY_RATES", FAST)
+    x = np.zeros((160,) * 3, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run([sys.executable, "-m", "volarray.cli", "plan", str(tmp_path / "x.npy"),
+                          "--model", "volarray.models:FaultSeg3D", "--memory-limit", "60MB"],
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    ratio = float(run.stdout.split("\n  compute ")[1].split("x")[0])
+    assert ratio <= 1.5 and "slow plan" not in run.stdout, run.stdout
+    lazy = volarray.plan(seeded(FaultSeg3D), x, memory_limit="60MB")
+    with pytest.raises(volarray.MemoryBudgetError, match="pass keep="):
+        lazy.validate()

@@ -1,0 +1,194 @@
+"""The rates a plan's projected time is costed at: MACs per second on the device, bytes
+per second on the storage that holds scratch, and seconds of overhead per task.
+
+They come, in this order, from the environment variable ``VOLARRAY_RATES``
+(``"macs=2e10,bytes=1.5e9,task=0.003"``: every one of the three), from a small JSON
+cache per machine and device (under the user cache dir, or ``VOLARRAY_CACHE_DIR``), or
+from a calibration of a few seconds on first use, which is cached (``volarray
+calibrate`` runs it again): a small conv3d for MAC/s, a write and read of a temporary
+file where scratch lives for bytes/s, and trivial dask tasks for the overhead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+ENV_RATES = "VOLARRAY_RATES"
+ENV_CACHE = "VOLARRAY_CACHE_DIR"
+FIELDS = {"macs": "macs_per_s", "bytes": "bytes_per_s", "task": "task_s"}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast this machine computes, moves bytes, and schedules a task."""
+
+    macs_per_s: float
+    bytes_per_s: float
+    task_s: float
+    source: str = "given"  # 'given', 'VOLARRAY_RATES', 'cache <path>' or 'calibrated'
+
+    def __post_init__(self):
+        for name in ("macs_per_s", "bytes_per_s", "task_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value == value and value > 0
+                    and value != float("inf")):
+                raise InputError(f"rates: {name}={value!r} is not a positive number; "
+                                 f"pass e.g. {ENV_RATES}='macs=2e10,bytes=1e9,task=0.003'",
+                                 parameter=ENV_RATES)
+
+    def text(self) -> str:
+        return (f"{self.macs_per_s / 1e9:.3g} GMAC/s, {self.bytes_per_s / 1e9:.3g} GB/s, "
+                f"{self.task_s * 1e3:.3g} ms/task ({self.source})")
+
+
+def parse_rates(text: str) -> Rates:
+    """``"macs=2e10,bytes=1.5e9,task=0.003"`` as `Rates`; anything else is refused."""
+    values = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        try:
+            values[FIELDS[key.strip()]] = float(value)
+        except (KeyError, ValueError):
+            raise InputError(f"{ENV_RATES}={text!r}: {part.strip()!r} is not one of "
+                             "macs=, bytes=, task= with a number; pass e.g. "
+                             f"{ENV_RATES}='macs=2e10,bytes=1e9,task=0.003'",
+                             parameter=ENV_RATES) from None
+    if len(values) != len(FIELDS):
+        raise InputError(f"{ENV_RATES}={text!r} lacks one of macs=, bytes=, task=; pass all "
+                         f"three, e.g. {ENV_RATES}='macs=2e10,bytes=1e9,task=0.003'",
+                         parameter=ENV_RATES)
+    return Rates(**values, source=ENV_RATES)
+
+
+def cache_dir() -> Path:
+    """``VOLARRAY_CACHE_DIR``, else the user cache dir (platformdirs), else
+    ~/.cache/volarray."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    try:
+        import platformdirs
+        return Path(platformdirs.user_cache_dir("volarray"))
+    except ImportError:
+        return Path.home() / ".cache" / "volarray"
+
+
+def cache_file() -> Path:
+    return cache_dir() / "rates.json"
+
+
+def machine_key(device: str) -> str:
+    """The cache's key: this machine, the device kind and torch's CPU threads."""
+    import torch
+    kind = "cpu" if device == "cpu" else "cuda"
+    if kind == "cuda" and torch.cuda.is_available():
+        kind += ":" + torch.cuda.get_device_name(0)
+    return f"{platform.node()}|{kind}|threads={torch.get_num_threads()}"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(device: str) -> Rates | None:
+    entry = _read_cache().get(machine_key(device))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return Rates(**{k: float(entry[k]) for k in FIELDS.values()},
+                     source=f"cache {cache_file()}")
+    except (KeyError, TypeError, ValueError, InputError):
+        return None  # a damaged entry is measured again
+
+
+def save(device: str, rates: Rates) -> Path:
+    data = _read_cache()
+    data[machine_key(device)] = {**{k: v for k, v in asdict(rates).items() if k != "source"},
+                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # whole or not at all, if two processes calibrate at once
+    return path
+
+
+def rates_for(device: str = "cpu", given: Rates | None = None) -> Rates:
+    """The rates of ``device``: ``given``, else ``VOLARRAY_RATES``, else the cache, else a
+    calibration (cached)."""
+    if given is not None:
+        return given
+    if os.environ.get(ENV_RATES):
+        return parse_rates(os.environ[ENV_RATES])
+    found = cached(device)
+    if found is None:
+        found = calibrate(device)
+        save(device, found)
+    return found
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_macs(device: str = "cpu", side: int = 48, channels: int = 32) -> float:
+    """MAC/s of a 3x3x3 conv3d (``channels`` in and out, ``side``^3, padding 1), the
+    layer most dense 3D networks spend their time in."""
+    import torch
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    if dev == "cuda":
+        side, channels = side * 4, channels * 2
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev).eval()
+    x = torch.randn(1, channels, side, side, side, device=dev)
+
+    def run():
+        with torch.inference_mode():
+            conv(x)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    run()  # warm-up: kernels chosen, memory allocated
+    return channels * channels * 27 * side ** 3 / _median_time(run, 5)
+
+
+def measure_bytes(where: str | None = None, size: int = 64 * 2**20) -> float:
+    """Bytes/s of writing and reading back a temporary file of ``size`` bytes in
+    ``where`` (by default the temporary directory), as scratch is written and read."""
+    import numpy as np
+    data = np.ones(size // 4, np.float32)
+    with tempfile.TemporaryDirectory(dir=where, prefix="volarray-rates-") as d:
+        path = os.path.join(d, "probe.bin")
+
+        def write_read():
+            data.tofile(path)
+            np.fromfile(path, np.float32)
+        write_read()
+        return 2 * size / _median_time(write_read, 3)
+
+
+def measure_task(n: int = 400) -> float:
+    """Seconds per trivial task on dask's threaded scheduler."""
+    import dask
+    import dask.threaded
+    graph = {("t", i): (abs, i) for i in range(n)}
+    keys = list(graph)
+    dask.get(graph, keys[:1])
+    return _median_time(lambda: dask.threaded.get(graph, keys), 3) / n
+
+
+def calibrate(device: str = "cpu", where: str | None = None) -> Rates:
+    """Measure the three rates (a few seconds)."""
+    return Rates(measure_macs(device), measure_bytes(where), measure_task(), "calibrated")
