@@ -6,26 +6,55 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError
-from .io import as_dask_volume, map_volume
+from .io import as_dask_volume, canonical, map_volume
+from .masking import Mask, masked, resolve_mask, tasks_run
 from .options import WINDOW_DEFAULTS, PredictOptions
 from .planner import Plan
 from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, flips, labels
 
 def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=None,
          pad: str | None = None, select=None, output: str = "probabilities",
-         scratch: bool = False, compute_dtype=None, strategy=None) -> Plan:
+         scratch: bool = False, compute_dtype=None, strategy=None, mask="auto",
+         mask_fill=None) -> Plan:
     """What exact mode will run over ``volume``: stages, halos, chunks, tasks and
     projected memory, as a frozen `Plan` (``print(plan)`` for the table). The arguments
     are `predict`'s; ``output="argmax"`` plans the labels (the classifier fused with the
     argmax where the head allows). ``scratch=True``: what `predict_to_zarr` runs (and
     the CLI), whose kept tensors may go to a scratch store, so that its default keep
     budget is the input's bytes (a lazy `predict` keeps at most an eighth of the memory
-    it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``."""
-    PredictOptions(output=output)
+    it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``. With ``mask=``
+    (as `predict` takes it; 'auto' for a survey's footprint), the plan counts the tasks
+    the mask skips (``plan.skipped_tasks``, and a note per stage)."""
+    options = PredictOptions(output=output, mask=mask, mask_fill=mask_fill)
     exact = Exact(model, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
                   pad=pad, select=select, spill=scratch, compute_dtype=compute_dtype,
                   strategy=strategy)
-    return exact.plan(volume, argmax=output == "argmax")
+    p = exact.plan(volume, argmax=output == "argmax")
+    if mask is None or mask is False:
+        return p
+    arr = canonical(volume)
+    found = resolve_mask(mask, volume, arr)
+    return p if found is None else masked_plan(exact, p, arr, found, output == "argmax")
+
+
+def masked_plan(exact: Exact, p: Plan, arr, mask: Mask, argmax: bool) -> Plan:
+    """``p`` with the tile tasks ``mask`` skips counted: the graph built, masked and
+    culled as dask culls it before running (nothing runs)."""
+    from dataclasses import replace
+    y = exact.argmax(arr) if argmax else exact(arr)
+    y = masked(y, mask, 0)
+    run = tasks_run(y)
+    edges = [np.cumsum((0,) + c) for c in y.chunks[-3:]]
+    dead, total = mask.liveness(edges).count(edges)
+    per = {f"stage {s.index}": s.n_tasks for s in p.stages}
+    per.update({f"stats {i}": b.n_tasks for i, b in enumerate(p.barriers)})
+    skipped = {k: n - run.get(k, 0) for k, n in per.items()}
+    listed = ", ".join(f"{k}: {n} of {per[k]}" for k, n in skipped.items() if n)
+    note = (f"mask ({mask.kind}): {dead} of {total} output chunks lie wholly outside it and "
+            f"hold the fill value; {sum(skipped.values())} of {p.n_tasks} tile tasks are "
+            f"skipped" + (f" ({listed})" if listed else "")
+            + "; a barrier's statistics read every chunk")
+    return replace(p, skipped_tasks=sum(skipped.values()), notes=p.notes + (note,))
 
 
 def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
@@ -34,7 +63,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
             sigma_scale: float | None = None, tta: str | None = None,
             output: str = "probabilities", threshold: float | None = None,
             ensemble: int | None = None, seed: int = 0, coords: bool = False, normalize=None,
-            select=None, output_dtype: str | None = None, channels=None, strategy=None):
+            select=None, output_dtype: str | None = None, channels=None, strategy=None,
+            mask="auto", mask_fill=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -98,6 +128,17 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     the whole volume is ever stored. In exact mode active dropout draws its masks from a
     hash of the seed and the voxel's global position.
 
+    ``mask``: compute only where the mask is: a boolean (Z, Y, X) array (numpy, dask,
+    zarr, or a zarr or .npy path), "nonzero" (voxels where any input channel is not 0),
+    "footprint" (a SEG-Y or MDIO survey's live traces), or None / False for none. The
+    default "auto" is the survey's footprint for a SEG-Y or MDIO input with dead or
+    missing traces, else no mask. Output chunks wholly outside the mask are never
+    computed (no model call, no input read) and hold ``mask_fill`` (0 by default: zero
+    probability, the background label); chunks that touch it are computed as without a
+    mask, then their voxels outside it set to ``mask_fill``. Inside the mask the result
+    is bitwise the unmasked one (a barrier's statistics still cover the whole volume).
+    The per-chunk states are one small dask reduction of the mask, run here.
+
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
@@ -106,7 +147,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
         pad=pad, compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
         blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
         threshold=threshold, ensemble=ensemble, seed=seed, coords=coords, normalize=normalize,
-        select=select, output_dtype=output_dtype, channels=channels, strategy=strategy)
+        select=select, output_dtype=output_dtype, channels=channels, strategy=strategy,
+        mask=mask, mask_fill=mask_fill)
     return prediction(model, volume, options)[0]
 
 
@@ -124,6 +166,7 @@ def prepared(volume, options: PredictOptions, integers: bool = False):
     ``integers`` or when normalized: statistics of the values as they are), and the
     options with ``normalize=`` resolved to its whole-volume statistics, once."""
     arr = as_dask_volume(volume, integers=integers or options.normalize is not None)
+    options = options.with_mask(resolve_mask(options.mask, volume, arr))
     if options.normalize is None:
         return arr, options
     from .normalize import resolve
@@ -136,9 +179,18 @@ def predicted(predictor, arr: da.Array, options: PredictOptions):
         arr = map_volume(arr, options.normalize)
     if options.coords:
         arr = with_coordinates(arr)
+    mask = options.mask if isinstance(options.mask, Mask) else None
+    if mask is not None and isinstance(predictor, Window) and options.tta is None:
+        from dataclasses import replace
+        predictor = replace(predictor, mask=mask)  # windows wholly outside it are skipped
     y = compose(predictor, arr, tta=options.tta, output=options.output,
                 threshold=options.threshold, ensemble=options.ensemble, seed=options.seed)
-    return cast_output(select_channels(y, options), options.output_dtype)
+    y = select_channels(y, options)
+    if mask is not None:
+        fill = options.mask_fill or 0
+        y = MeanStd(masked(y.mean, mask, fill), masked(y.std, mask, 0)) \
+            if isinstance(y, tuple) else masked(y, mask, fill)
+    return cast_output(y, options.output_dtype)
 
 
 def make_predictor(model, options: PredictOptions, scratch=None):

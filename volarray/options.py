@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .masking import check_mask
 from .predictors import check_samples
 
 METHODS = ("exact", "window")
@@ -51,6 +52,8 @@ class PredictOptions:
     output_dtype: str | None = None
     channels: Any = None
     strategy: Any = _only("exact", "how a tile task runs its stage")
+    mask: Any = "auto"
+    mask_fill: Any = None
 
     def __post_init__(self):
         check_method(self.method)
@@ -60,6 +63,7 @@ class PredictOptions:
         object.__setattr__(self, "output_dtype", canonical_output_dtype(self.output_dtype,
                                                                         self))
         check_method_options(self)
+        check_mask(self.mask, self.mask_fill, self.makes_labels)
 
     @classmethod
     def given(cls, options: dict, caller: str) -> PredictOptions:
@@ -87,6 +91,10 @@ class PredictOptions:
 
     def with_normalization(self, resolved) -> PredictOptions:
         return replace(self, normalize=resolved)
+
+    def with_mask(self, resolved) -> PredictOptions:
+        """The options with ``mask=`` resolved to a `volarray.masking.Mask` or None."""
+        return replace(self, mask=resolved)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(PredictOptions))

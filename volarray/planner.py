@@ -52,6 +52,7 @@ class Plan:
     strategy: str = "slab"  # how a task runs a stage: 'slab' sweep or 'whole' tile
     compute_dtype: str = "float32"  # 'float32', 'tf32', 'float16' or 'bfloat16'
     budget_from: str = ""  # how a device's default memory_limit was chosen
+    skipped_tasks: int = 0  # tile tasks a mask= skips (`volarray.plan` counts them)
 
     @property
     def kept_dtype(self) -> str:
@@ -148,7 +149,8 @@ class Plan:
         inp, out = g.nodes[g.input], g.nodes[g.output]
         return [
             f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
-            f"{_plural(self.n_tasks, 'task')}",
+            f"{_plural(self.n_tasks, 'task')}"
+            + (f" ({self.skipped_tasks} skipped by the mask)" if self.skipped_tasks else ""),
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
             f"device {self.device}   strategy {self.strategy}   compute {self.compute_dtype}"
             + (f"   memory limit {self.budget_from}" if self.budget_from else ""),
