@@ -128,27 +128,13 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     the whole volume is ever stored. In exact mode active dropout draws its masks from a
     hash of the seed and the voxel's global position.
 
-    ``mask``: compute only where the mask is: a boolean (Z, Y, X) array (numpy, dask,
-    zarr, or a zarr or .npy path), "nonzero" (voxels where any input channel is not 0),
-    "footprint" (a SEG-Y or MDIO survey's live traces), or None / False for none. The
-    default "auto" is the survey's footprint for a SEG-Y or MDIO input with dead or
-    missing traces, else no mask. Output chunks wholly outside the mask are never
-    computed (no model call, no input read) and hold ``mask_fill`` (0 by default: zero
-    probability, the background label); chunks that touch it are computed as without a
-    mask, then their voxels outside it set to ``mask_fill``. Inside the mask the result
-    is bitwise the unmasked one (a barrier's statistics still cover the whole volume).
-    The per-chunk states are one small dask reduction of the mask, run here.
+    ``mask``, ``mask_fill``: compute only inside a mask (see `volarray.masking`).
 
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
-    options = PredictOptions(
-        method=method, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
-        pad=pad, compute_dtype=compute_dtype, roi_size=roi_size, overlap=overlap,
-        blend_mode=blend_mode, sigma_scale=sigma_scale, tta=tta, output=output,
-        threshold=threshold, ensemble=ensemble, seed=seed, coords=coords, normalize=normalize,
-        select=select, output_dtype=output_dtype, channels=channels, strategy=strategy,
-        mask=mask, mask_fill=mask_fill)
+    given = dict(locals())  # predict's options: every argument but the model and volume
+    options = PredictOptions(**{k: v for k, v in given.items() if k not in ("model", "volume")})
     return prediction(model, volume, options)[0]
 
 

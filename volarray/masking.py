@@ -1,5 +1,15 @@
 """Masks: skip the dead parts of a volume (a survey's dead traces, the air around a scan).
 
+``predict(..., mask=...)`` (and `predict_to_zarr`, the accessor, ``--mask``) takes a
+boolean (Z, Y, X) array (numpy, dask, zarr, or a zarr or .npy path; in a Dataset's
+accessor, a variable's name), "nonzero" (voxels where any input channel is not 0),
+"footprint" (a SEG-Y or MDIO survey's live traces: its ``trace_mask``), or None /
+False for none. The default, "auto", is the footprint of a SEG-Y or MDIO input that
+has dead or missing traces, else no mask. Output chunks wholly outside the mask are
+never computed (no model call, no input read) and hold ``mask_fill`` (0 by default:
+zero probability, the background label); chunks that touch it are computed as
+without a mask, then their voxels outside it set to ``mask_fill``.
+
 ``mask=`` of `predict` becomes, once per call, a `Mask`: a lazy boolean (Z, Y, X) dask
 array over the volume's spatial shape (`resolve_mask`). Before the result's graph is
 built, the mask is reduced with dask to one state per cell of a grid (`Liveness`: dead,
@@ -192,9 +202,11 @@ def footprint(volume, arr: da.Array) -> da.Array | None:
             missing = next(i for i, d in enumerate(dims) if d not in fp.dims)
             return broadcast_lateral(data, missing, spatial)
     reader = source_of(arr)
-    while reader is not None and not hasattr(reader, "footprint"):
+    for _ in range(4):  # a VolumeSource's data, through a normalization's, to the reader
+        if reader is None or hasattr(reader, "footprint"):
+            break
         reader = getattr(reader, "data", None)
-    if reader is None or tuple(reader.shape) != spatial:
+    if not hasattr(reader, "footprint") or tuple(reader.shape) != spatial:
         return None
     return broadcast_lateral(da.from_delayed(dask.delayed(reader.footprint)(),
                                              shape=spatial[:2], dtype=bool), 2, spatial)
