@@ -53,7 +53,7 @@ def masked_plan(exact: Exact, p: Plan, arr, mask: Mask, argmax: bool) -> Plan:
     note = (f"mask ({mask.kind}): {dead} of {total} output chunks lie wholly outside it and "
             f"hold the fill value; {sum(skipped.values())} of {p.n_tasks} tile tasks are "
             f"skipped" + (f" ({listed})" if listed else "")
-            + "; a barrier's statistics read every chunk")
+            + ("; a barrier's statistics read every chunk" if p.barriers else ""))
     return replace(p, skipped_tasks=sum(skipped.values()), notes=p.notes + (note,))
 
 
