@@ -209,3 +209,20 @@ def test_cli_mask(tmp_path, capsys):
     finally:
         sys.path.remove(str(tmp_path))
     assert "skipped by the mask" in capsys.readouterr().out
+
+
+def test_mdio_trace_mask_is_the_default_mask(tmp_path):
+    """An MDIO store's own trace_mask (here with traces marked dead) masks by default."""
+    import os
+    import shutil
+    import zarr
+    store = tmp_path / "survey.mdio"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "survey.mdio"), store)
+    live = irregular_mask((1, 24, 16))[0]
+    zarr.open_array(str(store / "trace_mask"), mode="r+")[...] = live
+    amp = volarray.formats.open_dataarray(store)
+    assert np.array_equal(amp.trace_mask.values, live)
+    model = tiny()
+    got = amp.volinfer.predict(model, chunks=8).values
+    full = amp.volinfer.predict(model, chunks=8, mask=None).values
+    assert np.array_equal(got[live], full[live]) and (got[~live] == 0).all()
