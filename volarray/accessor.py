@@ -33,8 +33,11 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         raise InputError(f"DataArray {arr.name!r} has dims {arr.dims}: besides the spatial "
                          f"{dims}, only one channel dim may remain, not {rest}")
     arr = arr.transpose(*(rest + list(dims)))
+    mask = kwargs.get("mask")
+    if type(mask).__name__ == "DataArray":  # in the volume's dims order
+        kwargs["mask"] = mask.transpose(*dims) if set(mask.dims) == set(dims) else mask
     options = PredictOptions(**kwargs)  # once: the run's and the attributes'
-    y, options = prediction(model, arr.data, options)  # normalization resolved once
+    y, options = prediction(model, arr, options)  # normalization resolved once
     attrs = dict(arr.attrs, **output_attrs(model, options, prefix="volarray_"))
 
     def wrap(a, suffix=""):
@@ -72,7 +75,8 @@ class DatasetAccessor:
     def predict(self, model, *, var: str | None = None, name: str = "prediction",
                 **kwargs) -> xr.Dataset:
         """The Dataset with a new lazy variable ``name``: the prediction of ``var``
-        (two variables ``<name>_mean`` and ``<name>_std`` with ``ensemble=``)."""
+        (two variables ``<name>_mean`` and ``<name>_std`` with ``ensemble=``).
+        ``mask=`` may name a boolean variable of the Dataset."""
         if var is None:
             volumes = [n for n, v in self._obj.data_vars.items() if v.ndim in (3, 4)]
             raise InputError(f"Dataset.volinfer.predict needs var=, the name of the variable "
@@ -83,6 +87,9 @@ class DatasetAccessor:
             raise InputError(f"var={var!r} is not a variable of the Dataset; it has "
                              f"{list(self._obj.data_vars)}")
         kwargs.setdefault("channel_dim", f"{name}_class")
+        mask = kwargs.get("mask")
+        if isinstance(mask, str) and mask in self._obj.data_vars:  # a variable's name
+            kwargs["mask"] = self._obj[mask]
         taken = [n for n in (name, f"{name}_mean", f"{name}_std") if n in self._obj.variables]
         if taken:
             raise InputError(f"name={name!r}: the Dataset already has {taken}; pass a new name "

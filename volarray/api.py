@@ -7,27 +7,57 @@ import numpy as np
 
 from .errors import InputError
 from .devices import check_output_array, cupy_module
-from .io import as_dask_volume, map_volume
+from .io import as_dask_volume, canonical, map_volume
+from .masking import Mask, masked, resolve_mask, tasks_run
 from .options import WINDOW_DEFAULTS, PredictOptions
 from .planner import Plan
 from .predictors import Exact, MeanStd, Window, ensemble as ensemble_of, labels
 from .tta import augmented
 
+
 def plan(model, volume, *, chunks=None, device=None, memory_limit=None, keep=None,
          pad: str | None = None, select=None, output: str = "probabilities",
-         scratch: bool = False, compute_dtype=None, strategy=None) -> Plan:
+         scratch: bool = False, compute_dtype=None, strategy=None, mask="auto",
+         mask_fill=None) -> Plan:
     """What exact mode will run over ``volume``: stages, halos, chunks, tasks and
     projected memory, as a frozen `Plan` (``print(plan)`` for the table). The arguments
     are `predict`'s; ``output="argmax"`` plans the labels (the classifier fused with the
     argmax where the head allows). ``scratch=True``: what `predict_to_zarr` runs (and
     the CLI), whose kept tensors may go to a scratch store, so that its default keep
     budget is the input's bytes (a lazy `predict` keeps at most an eighth of the memory
-    it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``."""
-    PredictOptions(output=output)
+    it runs in). Equal to ``volarray.Exact(model, ...).plan(volume)``. With ``mask=``
+    (as `predict` takes it; 'auto' for a survey's footprint), the plan counts the tasks
+    the mask skips (``plan.skipped_tasks``, and a note per stage)."""
+    PredictOptions(output=output, mask=mask, mask_fill=mask_fill)  # refuses bad values
     exact = Exact(model, chunks=chunks, device=device, memory_limit=memory_limit, keep=keep,
                   pad=pad, select=select, spill=scratch, compute_dtype=compute_dtype,
                   strategy=strategy)
-    return exact.plan(volume, argmax=output == "argmax")
+    p = exact.plan(volume, argmax=output == "argmax")
+    if mask is None or mask is False:
+        return p
+    arr = canonical(volume)
+    found = resolve_mask(mask, volume, arr)
+    return p if found is None else masked_plan(exact, p, arr, found, output == "argmax")
+
+
+def masked_plan(exact: Exact, p: Plan, arr, mask: Mask, argmax: bool) -> Plan:
+    """``p`` with the tile tasks ``mask`` skips counted: the graph built, masked and
+    culled as dask culls it before running (nothing runs)."""
+    from dataclasses import replace
+    y = exact.argmax(arr) if argmax else exact(arr)
+    y = masked(y, mask, 0)
+    run = tasks_run(y)
+    edges = [np.cumsum((0,) + c) for c in y.chunks[-3:]]
+    dead, total = mask.liveness(edges).count(edges)
+    per = {f"stage {s.index}": s.n_tasks for s in p.stages}
+    per.update({f"stats {i}": b.n_tasks for i, b in enumerate(p.barriers)})
+    skipped = {k: n - run.get(k, 0) for k, n in per.items()}
+    listed = ", ".join(f"{k}: {n} of {per[k]}" for k, n in skipped.items() if n)
+    note = (f"mask ({mask.kind}): {dead} of {total} output chunks lie wholly outside it and "
+            f"hold the fill value; {sum(skipped.values())} of {p.n_tasks} tile tasks are "
+            f"skipped" + (f" ({listed})" if listed else "")
+            + ("; a barrier's statistics read every chunk" if p.barriers else ""))
+    return replace(p, skipped_tasks=sum(skipped.values()), notes=p.notes + (note,))
 
 
 def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
@@ -37,7 +67,7 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
             output: str = "probabilities", threshold: float | None = None,
             ensemble: int | None = None, seed: int = 0, coords: bool = False, normalize=None,
             select=None, output_dtype: str | None = None, channels=None, strategy=None,
-            output_array: str = "numpy"):
+            output_array: str = "numpy", mask="auto", mask_fill=None):
     """Lazy ``model(volume[None])[0]`` as a dask array of shape (C_out, Z', Y', X').
 
     ``volume`` is a numpy, dask, zarr or torch array shaped (Z, Y, X) or (C, Z, Y, X).
@@ -103,11 +133,13 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
 
     ``output_array="cupy"``: CuPy chunks on the run's GPU (needs CuPy and a CUDA device).
     A dask array of CuPy chunks is read through DLPack, never copied to the host.
+    ``mask``, ``mask_fill``: compute only inside a mask (see `volarray.masking`).
 
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
     """
-    options = PredictOptions(**{k: v for k, v in locals().items() if k not in ("model", "volume")})
+    given = dict(locals())  # predict's options: every argument but the model and volume
+    options = PredictOptions(**{k: v for k, v in given.items() if k not in ("model", "volume")})
     return prediction(model, volume, options)[0]
 
 
@@ -128,6 +160,7 @@ def prepared(volume, options: PredictOptions, integers: bool = False):
     # exact mode's tasks move integers to the device as they are and cast them there
     keep = options.normalize is not None or (options.method == "exact" and not options.coords)
     arr = as_dask_volume(volume, integers=integers or keep)
+    options = options.with_mask(resolve_mask(options.mask, volume, arr))
     if options.normalize is None:
         return arr, options
     from .normalize import resolve
@@ -140,9 +173,18 @@ def predicted(predictor, arr: da.Array, options: PredictOptions):
         arr = map_volume(arr, options.normalize)
     if options.coords:
         arr = with_coordinates(arr)
+    mask = options.mask if isinstance(options.mask, Mask) else None
+    if mask is not None and isinstance(predictor, Window) and options.tta is None:
+        from dataclasses import replace
+        predictor = replace(predictor, mask=mask)  # windows wholly outside it are skipped
     y = compose(predictor, arr, tta=options.tta, merge=options.merge, output=options.output,
                 threshold=options.threshold, ensemble=options.ensemble, seed=options.seed)
-    y = cast_output(select_channels(y, options), options.output_dtype)
+    y = select_channels(y, options)
+    if mask is not None:
+        fill = options.mask_fill or 0
+        y = MeanStd(masked(y.mean, mask, fill), masked(y.std, mask, 0)) \
+            if isinstance(y, tuple) else masked(y, mask, fill)
+    y = cast_output(y, options.output_dtype)
     return y if options.output_array == "numpy" else cupy_chunks(y)
 
 

@@ -382,7 +382,8 @@ def cmd_plan(args) -> int:
     model = load_model(args.model, args.weights)
     plan = volarray.plan(model, open_volume(args.input, args.var, args.storage_options),
                          chunks=args.chunks, memory_limit=args.memory_limit, pad=args.pad,
-                         select=args.select, keep=args.keep, scratch=True)
+                         select=args.select, keep=args.keep, scratch=True, mask=args.mask,
+                         mask_fill=args.mask_fill)
     print(plan)
     plan.validate()
     return 0

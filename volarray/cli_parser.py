@@ -13,7 +13,7 @@ DEBUG_HELP = ("on a failure, show the full traceback (also VOLARRAY_DEBUG=1); by
 NOT_NNUNET = ("weights", "method", "memory_limit", "keep", "pad", "select", "roi_size",
               "overlap", "blend_mode", "sigma_scale", "threshold", "tta", "merge", "ensemble",
               "seed", "coords", "compute_dtype",
-              "scratch", "output_dtype", "channels", "normalize")
+              "scratch", "output_dtype", "channels", "normalize", "mask", "mask_fill")
 NNUNET_ONLY = ("folds", "configuration", "checkpoint", "step", "no_mirror", "no_normalize",
                "no_crop", "trust_checkpoint")
 
@@ -89,6 +89,14 @@ def _model_args(p, nnunet: bool = False):
                                   "(default: 1x)")
     p.add_argument("--pad", choices=["reflect", "zeros"],
                    help="exact mode: pad sides to the network's multiple, crop back")
+    p.add_argument("--mask", type=_mask, default="auto",
+                   help="compute only where the mask is: a zarr array or .npy of booleans "
+                        "(Z, Y, X), nonzero (voxels where the input is not 0), footprint (a "
+                        "SEG-Y or MDIO survey's live traces), or none; default auto: the "
+                        "survey's footprint where it has dead or missing traces")
+    p.add_argument("--mask-fill", type=float,
+                   help="value of the voxels outside the mask (default 0: zero probability, "
+                        "the background label)")
     p.add_argument("--select", type=_index_or_key,
                    help="of several model outputs, which is the prediction: an index (default "
                         "0, nnU-Net's full-resolution head) or a dict key")
@@ -122,6 +130,11 @@ def _normalize(text: str):
         return {"mean": values[0], "std": values[1], "clip": tuple(values[2:])}
     raise argparse.ArgumentTypeError(f"{text!r} is not zscore, percentile, percentile:LO,HI, "
                                      "MEAN,STD or MEAN,STD,CLIP_LO,CLIP_HI")
+
+
+def _mask(text: str):
+    """--mask: auto | none | nonzero | footprint | a path."""
+    return None if text.lower() in ("none", "off", "false") else text
 
 
 def _index_or_key(text: str):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .masking import check_mask
 from .predictors import check_samples
 from .tta import canonical_tta, check_merge
 
@@ -54,6 +55,8 @@ class PredictOptions:
     channels: Any = None
     strategy: Any = _only("exact", "how a tile task runs its stage")
     output_array: str = "numpy"  # 'cupy': the result's chunks on the GPU (predict only)
+    mask: Any = "auto"
+    mask_fill: Any = None
 
     def __post_init__(self):
         check_method(self.method)
@@ -66,6 +69,7 @@ class PredictOptions:
         check_method_options(self)
         from .devices import check_output_array
         check_output_array(self.output_array)
+        check_mask(self.mask, self.mask_fill, self.makes_labels)
 
     @classmethod
     def given(cls, options: dict, caller: str) -> PredictOptions:
@@ -97,6 +101,10 @@ class PredictOptions:
 
     def with_normalization(self, resolved) -> PredictOptions:
         return replace(self, normalize=resolved)
+
+    def with_mask(self, resolved) -> PredictOptions:
+        """The options with ``mask=`` resolved to a `volarray.masking.Mask` or None."""
+        return replace(self, mask=resolved)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(PredictOptions))

@@ -77,6 +77,7 @@ class Plan:
     def storage_bytes(self) -> int:
         """The storage the plan needs for its kept tensors (``storage``: where)."""
         return self.kept_bytes
+    skipped_tasks: int = 0  # tile tasks a mask= skips (`volarray.plan` counts them)
 
     @property
     def kept_dtype(self) -> str:
@@ -198,7 +199,8 @@ class Plan:
         inp, out = g.nodes[g.input], g.nodes[g.output]
         return [
             f"volarray plan: exact mode, {_plural(len(self.stages), 'stage')}, "
-            f"{_plural(self.n_tasks, 'task')}",
+            f"{_plural(self.n_tasks, 'task')}"
+            + (f" ({self.skipped_tasks} skipped by the mask)" if self.skipped_tasks else ""),
             f"input  {inp.channels} x {inp.shape}   output {out.channels} x {out.shape}",
             f"device {self.device}   strategy {self.strategy}   compute {self.compute_dtype}"
             + (f"   memory limit {self.budget_from}" if self.budget_from else ""),

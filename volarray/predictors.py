@@ -314,6 +314,7 @@ class Window:
     chunks: Any = None
     device: Any = None
     select: Any = None
+    mask: Any = field(default=None, repr=False)  # a masking.Mask: windows outside skipped
     tokens: Cache = field(default_factory=lambda: Cache(1), init=False, repr=False,
                           compare=False)
 
@@ -353,7 +354,7 @@ class Window:
                               blend_mode=self.blend_mode, sigma_scale=self.sigma_scale,
                               chunks=coerce_chunks(self.chunks, arr.shape[1:]),
                               device=self.device, select=self.select, ensemble=samples,
-                              seed=seed, model_token=self.weights_token())
+                              seed=seed, model_token=self.weights_token(), mask=self.mask)
 
     def weights_token(self) -> str:
         """The model's weights hashed once while they stay the same."""

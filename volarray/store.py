@@ -276,6 +276,8 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: PredictOpti
     given = options.as_dict()  # an option passed at its default is the same run
     ignored = {"memory_limit", "device", "chunks"} | ({"seed"} if given["ensemble"] is None
                                                      else set())  # seeds draw ensembles only
+    if given["mask"] is None:  # no mask: the same run as before masks existed
+        ignored |= {"mask", "mask_fill"}
     changes = sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in given.items()
                      if k not in ignored)
     return {"model weights": tokenize(weights_token(model)), "input": tokenize(source),

@@ -172,6 +172,12 @@ def blend_chunk(weights, lo, hi, windows):
             count = np.zeros(box.shape, dtype=np.float32)
         out[dst] += pred[src]
         count[inter.slices(box.lo)] += weights[inter.slices(wlo)]
+    if out is None:
+        raise InputError(f"window mode: output chunk {box} has no window (it lies wholly "
+                         "outside the mask, and is never computed)")
+    uncovered = count == 0  # voxels only windows skipped by a mask cover: outside the
+    if uncovered.any():  # mask, 0 here, the fill value in the masked result
+        count[uncovered] = 1
     out /= count
     if out.ndim == 5:  # ensemble: mean and std over the samples of this chunk only
         return np.stack([out.mean(axis=0), out.std(axis=0)])
@@ -180,11 +186,14 @@ def blend_chunk(weights, lo, hi, windows):
 
 def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="gaussian",
                    sigma_scale=0.125, chunks=None, device="cpu", select=None,
-                   ensemble: int = 0, seed: int = 0, placement="monai", model_token=None):
+                   ensemble: int = 0, seed: int = 0, placement="monai", model_token=None,
+                   mask=None):
     """Sliding-window prediction of ``arr`` (C, Z, Y, X) as a lazy dask array; with
     ``ensemble=N``, the (mean, std) over N seeded samples. ``placement``: "monai", or a
     callable (size, window) -> starts along one axis (see `window_starts`).
-    ``model_token``: the model's `weights_token`, when the caller has it already."""
+    ``model_token``: the model's `weights_token`, when the caller has it already.
+    ``mask``: a `volarray.masking.Mask`: windows wholly outside it are not run, and
+    output chunks wholly outside it are left out (the masked result fills them)."""
     shape = tuple(arr.shape[1:])
     roi = check_window(roi_size, overlap, blend_mode)
     image = tuple(max(s, r) for s, r in zip(shape, roi))
@@ -204,9 +213,13 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
     wname, oname = f"volarray-window-{token}", f"volarray-blend-{token}"
     dsk = {model_key: runner}
     windows = []  # (lo, hi) in volume coordinates (may reach outside when padded)
+    live = None if mask is None else window_liveness(mask, starts, pad, roi, out_bounds)
     for idx, start in enumerate(itertools.product(*starts)):  # MONAI's scan order
         lo = tuple(s - p for s, p in zip(start, pad))
         hi = tuple(a + r for a, r in zip(lo, roi))
+        if live is not None and live.state(lo, hi) == 0:
+            windows.append(None)  # wholly outside the mask: never run
+            continue
         box = Box.from_bounds(lo, hi).intersect(Box.from_bounds((0, 0, 0), shape))
         parts = []
         ranges = [chunk_range(b, iv) for b, iv in zip(in_bounds, box.axes)]
@@ -217,8 +230,10 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
         dsk[(wname, idx)] = (run_window, model_key, lo, hi, parts, ensemble, seed)
         windows.append((lo, hi))
     for idx, box in grid_boxes(out_bounds):
-        hits = [[(lo, hi), (wname, n)] for n, (lo, hi) in enumerate(windows)
-                if not box.intersect(Box.from_bounds(lo, hi)).empty]
+        hits = [[w, (wname, n)] for n, w in enumerate(windows)
+                if w is not None and not box.intersect(Box.from_bounds(*w)).empty]
+        if not hits:  # wholly outside the mask: the masked result fills it
+            continue
         lead = (0, 0) if ensemble else (0,)  # ensemble blocks: (mean|std, C, z, y, x)
         dsk[(oname,) + lead + idx] = (blend_chunk, weights, box.lo, box.hi, hits)
     c_out = _out_channels(model, arr.shape[0], roi, device, select)
@@ -230,6 +245,18 @@ def predict_window(model, arr: da.Array, *, roi_size, overlap=0.25, blend_mode="
         return both[0], both[1]
     return da.Array(graph, oname, chunks=((c_out,),) + spatial,
                     meta=np.empty((0,) * 4, np.float32))
+
+
+def window_liveness(mask, starts, pad, roi, out_bounds):
+    """The mask's states on the grid of every window's and output chunk's edges."""
+    edges = []
+    for axis, (axis_starts, p, r, b) in enumerate(zip(starts, pad, roi, out_bounds)):
+        n = int(b[-1])
+        cut = {0, n} | {int(v) for v in b}
+        for s in axis_starts:
+            cut |= {min(max(s - p, 0), n), min(max(s - p + r, 0), n)}
+        edges.append(sorted(cut))
+    return mask.liveness(edges)
 
 
 def warn_of_many_windows(shape, roi, overlap, chunks, starts) -> None:

@@ -79,6 +79,8 @@ def open_mdio(path, *, var: str | None = None, chunks=None):
         raise InputError(f"{path!r}: pass var= one of its 3-D variables {names}",
                          parameter="var")
     arr = ds[var]
+    if "trace_mask" in ds and ds["trace_mask"].dims == arr.dims[:2]:  # the live traces,
+        arr = arr.assign_coords(trace_mask=ds["trace_mask"])  # predict's default mask
     if not hasattr(arr.data, "dask"):  # never the whole survey in memory
         arr = arr.chunk({})
     if chunks is not None:

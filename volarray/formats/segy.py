@@ -25,6 +25,7 @@ class SegyCube:
     def __init__(self, path, iline: int = 189, xline: int = 193):
         segyio = require("segyio", "seismic")
         self.path, self.iline, self.xline = os.fspath(path), iline, xline
+        self.trace_of = None  # (slow, fast) -> trace number, -1 where missing
         try:
             with segyio.open(self.path, iline=iline, xline=xline) as f:
                 if f.unstructured:
@@ -42,6 +43,8 @@ class SegyCube:
                 self.format = int(f.format) if f.format is not None else 0
         except RuntimeError as e:  # segyio's error for files it cannot read
             raise InputError(f"{self.path!r} is not a readable SEG-Y file ({e})") from None
+        except ValueError:  # traces missing from the grid: segyio infers no geometry
+            inline_sorted = self._irregular_geometry(segyio)
         slow, fast = (self.ilines, self.xlines) if inline_sorted else (self.xlines, self.ilines)
         self.dims = ("inline", "crossline", "sample") if inline_sorted else \
             ("crossline", "inline", "sample")
@@ -49,6 +52,42 @@ class SegyCube:
         self.shape = (len(slow), len(fast), len(self.samples))
         self.dtype, self.ndim = np.dtype(np.float32), 3
         self.traces_read = 0  # for tests: the file is read region by region
+
+    def _irregular_geometry(self, segyio) -> bool:
+        """The grid of a sorted survey with missing traces, from every trace's inline
+        and crossline header (``trace_of``); whether it is inline-sorted."""
+        with segyio.open(self.path, ignore_geometry=True) as f:
+            il = np.asarray(f.attributes(self.iline)[:], np.int64)
+            xl = np.asarray(f.attributes(self.xline)[:], np.int64)
+            self.samples = np.array(f.samples, dtype=np.float64)
+            self.interval_us = float(segyio.tools.dt(f))
+            self.format = int(f.format) if f.format is not None else 0
+        self.ilines, self.xlines = np.unique(il), np.unique(xl)
+        i, x = np.searchsorted(self.ilines, il), np.searchsorted(self.xlines, xl)
+        inline_sorted = bool(np.all(np.diff(i * len(self.xlines) + x) > 0))
+        slow, fast = (i, x) if inline_sorted else (x, i)
+        n_fast = len(self.xlines) if inline_sorted else len(self.ilines)
+        if not np.all(np.diff(slow * n_fast + fast) > 0):
+            raise InputError(f"{self.path!r} is not a sorted 3-D post-stack survey: its "
+                             f"traces' inline/crossline numbers (header bytes {self.iline}/"
+                             f"{self.xline}) are not in inline or crossline order, or repeat; "
+                             "pass iline=/xline= the header bytes that hold them")
+        grid = (len(self.ilines), len(self.xlines))
+        self.trace_of = np.full(grid if inline_sorted else grid[::-1], -1, np.int64)
+        self.trace_of[slow, fast] = np.arange(len(il))
+        return inline_sorted
+
+    def footprint(self) -> np.ndarray:
+        """The live traces, (slow line, fast line) booleans: present in the file and not
+        flagged dead (trace identification code 2, bytes 29-30)."""
+        segyio = require("segyio", "seismic")
+        with segyio.open(self.path, ignore_geometry=True) as f:
+            codes = np.asarray(f.attributes(segyio.TraceField.TraceIdentificationCode)[:])
+        if self.trace_of is None:
+            return (codes != 2).reshape(self.shape[:2])
+        live = self.trace_of >= 0
+        live[live] = codes[self.trace_of[live]] != 2
+        return live
 
     def __getitem__(self, index):
         segyio = require("segyio", "seismic")
@@ -59,11 +98,27 @@ class SegyCube:
         out = np.empty((len(rows), len(cols), len(range(*s.indices(self.shape[2])))),
                        np.float32)
         with segyio.open(self.path, ignore_geometry=True) as f:
+            if self.trace_of is not None:
+                return self._read_irregular(f, rows, cols, s, out)
             for i, row in enumerate(rows):
                 first = row * self.shape[1]
                 traces = f.trace.raw[first + cols.start:first + cols.stop]
                 out[i] = np.asarray(traces).reshape(len(cols), -1)[:, s]
                 self.traces_read += len(cols)
+        return out
+
+    def _read_irregular(self, f, rows, cols, s, out):
+        """Rows of a survey with missing traces: each row's present traces (consecutive
+        in a sorted file) in one read, zeros where a trace is missing."""
+        out[...] = 0
+        for i, row in enumerate(rows):
+            where = self.trace_of[row, cols.start:cols.stop]
+            live = where >= 0
+            if live.any():
+                lo, hi = int(where[live].min()), int(where[live].max()) + 1
+                traces = np.asarray(f.trace.raw[lo:hi]).reshape(hi - lo, -1)
+                out[i, live] = traces[where[live] - lo][:, s]
+                self.traces_read += int(live.sum())
         return out
 
 
@@ -72,9 +127,14 @@ def open_segy(path, *, iline: int = 189, xline: int = 193, chunks=None):
     ``amplitude``: dims in the file's order (``inline``, ``crossline``, ``sample`` for
     an inline-sorted file), inline and crossline numbers from the trace headers
     (``iline``/``xline`` header bytes, 189/193 by default), samples in ms (or m) from
-    the binary header. Nothing is read until a region is computed."""
+    the binary header. Nothing is read until a region is computed. A survey with missing
+    traces (an irregular outline) reads zeros there; its ``trace_mask`` coordinate (the
+    live traces, over the two lateral dims, as MDIO names it) is what `predict` masks
+    by default (``mask="auto"``)."""
     cube = SegyCube(path, iline, xline)
     coords = dict(cube.coords, sample=cube.samples)
+    if cube.trace_of is not None:
+        coords["trace_mask"] = (cube.dims[:2], cube.footprint())
     attrs = {"source": cube.path, "format": "segy", "sample_interval_us": cube.interval_us,
              "segy_sample_format": cube.format, "iline_byte": iline, "xline_byte": xline}
     return lazy_dataarray(cube, cube.dims, coords, attrs, "amplitude", chunks)
