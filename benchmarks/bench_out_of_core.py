@@ -5,7 +5,8 @@ beside `volarray.predict(model, numpy_volume).compute()` for the same volume.
 
 FaultSeg3D (seeded weights, eval()), default options, threaded scheduler, both paths
 side by side in one process after a 48^3 warm-up of each; the median of ``--repeat``
-runs. Peak RSS is sampled during each run (the process's resident set, so it includes
+runs. CPU seconds (the process's, all threads) are printed beside the wall time: on a
+shared machine they tell the work done apart from the waiting. Peak RSS is sampled during each run (the process's resident set, so it includes
 what earlier runs left allocated). Checks that both outputs are bitwise equal. Prints
 a markdown table: size, in-memory s, zarr-to-zarr s, ratio, peak RSS of each.
 """
@@ -52,11 +53,12 @@ class PeakRSS:
 
 
 def timed(fn):
+    """(wall s, CPU s of the process, peak RSS, result)."""
     with PeakRSS() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        seconds = time.perf_counter() - t0
-    return seconds, rss.peak, result
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, cpu, rss.peak, result
 
 
 def run_size(model, n: int, repeat: int, tmp: Path) -> dict:
@@ -65,11 +67,11 @@ def run_size(model, n: int, repeat: int, tmp: Path) -> dict:
     numpy_volume = zarr.open_array(str(vol), mode="r")[...]
     mem, z2z = [], []
     for r in range(repeat):
-        s, peak_mem, y = timed(lambda: volarray.predict(model, numpy_volume).compute())
-        mem.append((s, peak_mem))
+        *m, y = timed(lambda: volarray.predict(model, numpy_volume).compute())
+        mem.append(m)
         out = tmp / f"out{n}-{r}.zarr"
-        s, peak_z, _ = timed(lambda: volarray.predict_to_zarr(model, str(vol), str(out)))
-        z2z.append((s, peak_z))
+        *z, _ = timed(lambda: volarray.predict_to_zarr(model, str(vol), str(out)))
+        z2z.append(z)
         if r == 0:
             written = zarr.open_group(str(out), mode="r")["prediction"][...]
             if not np.array_equal(written, y):
@@ -77,10 +79,12 @@ def run_size(model, n: int, repeat: int, tmp: Path) -> dict:
                                  f"{np.abs(written - y).max()}")
         print(f"  {n}^3 run {r}: in memory {mem[-1][0]:.2f} s, zarr to zarr {z2z[-1][0]:.2f} s",
               flush=True)
-    t_mem = statistics.median(s for s, _ in mem)
-    t_z2z = statistics.median(s for s, _ in z2z)
+    t_mem = statistics.median(s for s, _, _ in mem)
+    t_z2z = statistics.median(s for s, _, _ in z2z)
     return {"size": n, "mem": t_mem, "z2z": t_z2z, "ratio": t_z2z / t_mem,
-            "rss_mem": max(p for _, p in mem), "rss_z2z": max(p for _, p in z2z)}
+            "cpu_mem": statistics.median(c for _, c, _ in mem),
+            "cpu_z2z": statistics.median(c for _, c, _ in z2z),
+            "rss_mem": max(p for _, _, p in mem), "rss_z2z": max(p for _, _, p in z2z)}
 
 
 def main(argv=None):
@@ -102,11 +106,12 @@ def main(argv=None):
             rows.append(run_size(model, n, a.repeat, tmp))
     gb = 2 ** 30
     print(f"\nFaultSeg3D, median of {a.repeat}, threaded scheduler, {psutil.cpu_count()} cores\n")
-    print("| size | in-memory s | zarr-to-zarr s | ratio | peak RSS in memory | "
-          "peak RSS zarr-to-zarr |")
-    print("|---|---|---|---|---|---|")
+    print("| size | in-memory s | zarr-to-zarr s | ratio | CPU s in memory | CPU s "
+          "zarr-to-zarr | CPU ratio | peak RSS in memory | peak RSS zarr-to-zarr |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']}^3 | {r['mem']:.2f} | {r['z2z']:.2f} | {r['ratio']:.2f} | "
+              f"{r['cpu_mem']:.1f} | {r['cpu_z2z']:.1f} | {r['cpu_z2z'] / r['cpu_mem']:.2f} | "
               f"{r['rss_mem'] / gb:.2f} GB | {r['rss_z2z'] / gb:.2f} GB |")
 
 
