@@ -1,7 +1,8 @@
 """What a resumed run checks of its input: a digest of every input chunk.
 
-A run records, before it writes any chunk, a 16-byte blake2b digest of each chunk of its
-input (the (C, Z, Y, X) dask array it reads, chunk by chunk) in the output's array
+A run records, before it marks any chunk finished, a 16-byte blake2b digest of each chunk
+of its input (the (C, Z, Y, X) dask array it reads, chunk by chunk; tasks of the run's own
+graph, which run beside the model's, not a pass before it) in the output's array
 ``volarray_input_hashes``, shaped (*the input's numblocks, 2) uint64. Every completion
 mark of the output was made from that input. A resumed run with unfinished chunks
 computes the digests again and refuses an input whose chunk changed, naming the chunk's
@@ -33,12 +34,28 @@ def _digest(block: np.ndarray) -> np.ndarray:
     return np.frombuffer(digest, np.uint64).reshape((1,) * block.ndim + (2,))
 
 
-def input_hashes(source: da.Array, scheduler=None) -> np.ndarray:
-    """(*source.numblocks, 2) uint64: the digest of each chunk of ``source``."""
-    digests = source.map_blocks(
+def digests_of(source: da.Array) -> da.Array:
+    """The lazy (*source.numblocks, 2) uint64 digests, one task per chunk of ``source``."""
+    return source.map_blocks(
         _digest, dtype=np.uint64, new_axis=source.ndim,
         chunks=tuple((1,) * n for n in source.numblocks) + ((2,),),
         name="volarray-input-digest-" + tokenize(source.name))
+
+
+def record_task(out: Location, grid: tuple, digests: list) -> int:
+    """A task of the run's own graph: the input's digests (one (…, 2) block per input
+    chunk, in C order of ``grid``) recorded in the output ``out`` before any completion
+    mark is (the write tasks wait for it), so the input is hashed in the same pass that
+    computes, never in a pass of its own before it."""
+    hashes = np.concatenate([np.asarray(d).reshape(-1, 2) for d in digests]).reshape(
+        tuple(grid) + (2,))
+    record_hashes(out.open_group("r+"), hashes)
+    return 0
+
+
+def input_hashes(source: da.Array, scheduler=None) -> np.ndarray:
+    """(*source.numblocks, 2) uint64: the digest of each chunk of ``source``."""
+    digests = digests_of(source)
     from .cluster import client_of
     client = client_of(scheduler)
     if client is not None:

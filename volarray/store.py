@@ -14,6 +14,7 @@ import re
 import dask
 import numpy as np
 from dask.base import tokenize
+from dask.core import flatten
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
@@ -21,8 +22,7 @@ from . import outputs
 from .cluster import client_of, with_scheduler_file
 from .api import make_predictor, predicted, prepared
 from .claim import claimed
-from .digest import (BAD_VOXEL, check_input_unchanged, forget_input_chunk, input_hashes,
-                     record_hashes)
+from .digest import BAD_VOXEL, check_input_unchanged, digests_of, forget_input_chunk, record_task
 from .errors import InputError, VolarrayError
 from .io import open_volume
 from .location import Location
@@ -176,16 +176,17 @@ class _Run:
         self.predictor, self.scheduler = predictor, scheduler
         self.arrays, self.axes, self.run_id = {}, {}, {}
 
-    def _creator(self, where: Location, hashes: np.ndarray):
+    def _creator(self, where: Location):
         def create(made: list):
             return _create_output(where, self.run_id, self.arrays, self.model, self.options,
-                                  self.predictor, self.axes, hashes=hashes, made=made)
+                                  self.predictor, self.axes, made=made)
         return create
 
     def create(self):
-        hashes = input_hashes(self.source, self.scheduler)  # before anything is written
+        # the input's digests: tasks of the same graph, recorded before any mark
         self._forgetting_bad_voxels(lambda: _write(
-            self.out, None, self.arrays, self.scheduler, self._creator(self.out, hashes)))
+            self.out, None, self.arrays, self.scheduler, self._creator(self.out),
+            digests=self.source))
 
     def resume(self):
         group = _open_for_resume(self.out, self.run_id, self.arrays)
@@ -198,10 +199,9 @@ class _Run:
         """The old output stays whole until the new one is complete."""
         outputs.check_replaceable(self.out, list(self.arrays) + [
             d for d, v in self.axes.items() if v is not None])
-        hashes = input_hashes(self.source, self.scheduler)
         staging = outputs.make_staging(self.out)
-        _write(staging, None, self.arrays, self.scheduler, self._creator(staging, hashes),
-               replacing=self.out)
+        _write(staging, None, self.arrays, self.scheduler, self._creator(staging),
+               replacing=self.out, digests=self.source)
         outputs.swap_in(staging, self.out)
 
     def _forgetting_bad_voxels(self, write):
@@ -288,10 +288,10 @@ def _run_id(model, volume, var, source_array, arrays: dict, options: PredictOpti
 
 
 def _create_output(out: Location, run_id: dict, arrays: dict, model, options: PredictOptions,
-                   predictor=None, axes=None, hashes=None, made: list | None = None):
+                   predictor=None, axes=None, made: list | None = None):
     """A new output group; its volarray mark comes first, so that a run stopped while
     creating it leaves a store volarray recognises (and may remove). ``made`` gets True
-    once the group is this run's; ``hashes``: the input's, recorded with the marks."""
+    once the group is this run's (the input's digests are recorded by the run's graph)."""
     group = out.open_group("w-")
     if made is not None:
         made.append(True)
@@ -303,8 +303,6 @@ def _create_output(out: Location, run_id: dict, arrays: dict, model, options: Pr
     first = next(iter(arrays.values()))
     group.create_array(DONE, shape=first.numblocks[-3:], chunks=(1, 1, 1), dtype="u1",
                        fill_value=0, dimension_names=("z_chunk", "y_chunk", "x_chunk"))
-    if hashes is not None:
-        record_hashes(group, hashes)
     for n, a in arrays.items():
         spatial_dims = tuple(axes) if axes else ("z", "y", "x")
         group.create_array(n, shape=a.shape, chunks=tuple(c[0] for c in a.chunks),
@@ -368,8 +366,9 @@ def _what_differs(group, arrays: dict) -> str:
 
 
 def _write(out: Location, group, arrays: dict, scheduler, create=None,
-           replacing: Location | None = None):
-    """Create the output (``create()``, for a new one) and write every unmarked chunk.
+           replacing: Location | None = None, digests=None):
+    """Create the output (``create()``, for a new one) and write every unmarked chunk,
+    recording the digests of the input ``digests`` (a dask array) first when given.
     However the run stops, finished chunks stay, except in a store that replaces
     another (``replacing``): that one is removed and the old output left as it was."""
     made = []  # only a store this run created may be removed by it
@@ -379,7 +378,7 @@ def _write(out: Location, group, arrays: dict, scheduler, create=None,
                 group = create(made)
             done = group[DONE][...]
             todo = [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
-            written = compute_stoppable(_write_graph(out, arrays, todo), scheduler)
+            written = compute_stoppable(_write_graph(out, arrays, todo, digests), scheduler)
         if written != len(todo):
             raise RuntimeError(f"volarray wrote {written} of {len(todo)} chunks")
     except BaseException as e:
@@ -408,19 +407,37 @@ def _after_stop(out: Location, fresh: bool, replacing: Location | None) -> str:
             "with resume=True (--resume) to compute the rest")
 
 
-def _write_graph(out: Location, arrays: dict, todo) -> Delayed:
-    """One task per unmarked chunk, writing it in every output array, then its mark."""
+def _write_graph(out: Location, arrays: dict, todo, digests=None) -> Delayed:
+    """One task per unmarked chunk, writing it in every output array, then its mark;
+    with ``digests`` (the input, a dask array), one task per input chunk hashing it and
+    one recording the hashes, which every write waits for (it is done long before the
+    first chunk is computed), so that no mark exists without them. The reads, the
+    model's tasks and the writes are separate tasks of this one graph: the scheduler
+    overlaps them."""
     names = list(arrays)
     first = arrays[names[0]]
     # every array is written in the same spatial chunks
     ys = [a.rechunk(a.chunks[:-3] + first.chunks[-3:]) for a in arrays.values()]
     wname = f"volarray-write-{tokenize(out.url, [y.name for y in ys])}"
     lead = [(0,) * (y.ndim - 3) for y in ys]
-    dsk = {(wname, i): (write_block, out, names, idx) +
-           tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
-           for i, idx in enumerate(todo)}
+    dsk, deps = {}, list(ys)
+    if digests is not None:
+        hashed = digests_of(digests)
+        record = f"volarray-record-hashes-{tokenize(out.url, hashed.name)}"
+        dsk[record] = (record_task, out, digests.numblocks,
+                       list(flatten(hashed.__dask_keys__())))
+        deps.append(hashed)
+    dsk.update({(wname, i): (write_block, out, names,
+                             idx if digests is None else (_after, idx, record)) +
+                tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
+                for i, idx in enumerate(todo)})
     dsk[wname] = (_count,) + tuple((wname, i) for i in range(len(todo)))
-    return Delayed(wname, HighLevelGraph.from_collections(wname, dsk, dependencies=ys))
+    return Delayed(wname, HighLevelGraph.from_collections(wname, dsk, dependencies=deps))
+
+
+def _after(value, *_):
+    """``value``, once the tasks given after it have run (a dependency, not an input)."""
+    return value
 
 
 def compute_stoppable(collection, scheduler):

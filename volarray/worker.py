@@ -413,9 +413,10 @@ def run_task(runner, spec: TaskSpec, parts, values):
     box = spec.box
     use_mapped_tensors()
     try:
+        sources = spec.sources(parts)  # read before taking a device slot: I/O overlaps compute
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
-            y = runner.run(spec.index, box, spec.sources(parts),
-                           dict(zip(spec.values, values)), spec.origins())
+            y = runner.run(spec.index, box, sources, dict(zip(spec.values, values)),
+                           spec.origins())
     finally:
         release_freed_memory()  # the task's intermediates, before the next task
     if spec.write_to is None:  # kept tensors wait for their readers compressed
@@ -428,8 +429,9 @@ def stats_task(runner, spec: TaskSpec, parts, values):
     """Partial statistics of barrier ``spec.index`` over ``spec.bounds``."""
     use_mapped_tensors()
     try:
+        sources = spec.sources(parts)  # outside the device slot, as in run_task
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
-            return runner.stats(spec.index, spec.box, spec.sources(parts),
+            return runner.stats(spec.index, spec.box, sources,
                                 dict(zip(spec.values, values)), spec.origins())
     finally:
         release_freed_memory()
