@@ -131,9 +131,8 @@ def predict(model, volume, *, method: str = "exact", chunks=None, device=None,
     the whole volume is ever stored. In exact mode active dropout draws its masks from a
     hash of the seed and the voxel's global position.
 
-    ``output_array="cupy"``: CuPy chunks on the run's GPU (needs CuPy and a CUDA device).
-    A dask array of CuPy chunks is read through DLPack, never copied to the host.
-    ``mask``, ``mask_fill``: compute only inside a mask (see `volarray.masking`).
+    ``output_array="cupy"``: CuPy chunks on the run's GPU (CuPy chunks in are read through
+    DLPack). ``mask``, ``mask_fill``: compute only inside a mask (see `volarray.masking`).
 
     The pieces composed here are public: `volarray.Exact`, `volarray.Window` (their
     ``predictor(volume)`` gives scores), `flips`, `ensemble` and `labels`.
