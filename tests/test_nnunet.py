@@ -125,18 +125,8 @@ def nnunet_logits(predictor, data: np.ndarray, float32: bool) -> np.ndarray:
     """nnU-Net's logits of a preprocessed (C, Z, Y, X) array; ``float32``: with the
     accumulator it allocates in float16 (torch.zeros(..., dtype=torch.half) in
     _internal_predict_sliding_window_return_logits) allocated in float32."""
-    zeros = torch.zeros
-
-    def zeros32(*a, **k):
-        if k.get("dtype") is torch.half:
-            k["dtype"] = torch.float32
-        return zeros(*a, **k)
-
-    torch.zeros = zeros32 if float32 else zeros
-    try:
+    with float32_accumulator(float32):
         y = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
-    finally:
-        torch.zeros = zeros
     assert y.dtype == (torch.float32 if float32 else torch.float16)
     return y.float().numpy()
 
@@ -389,7 +379,8 @@ def raw_scan_volume() -> np.ndarray:
 
 @contextlib.contextmanager
 def float32_accumulator(on: bool = True):
-    """nnU-Net's logits accumulated in float32 instead of float16 (as nnunet_logits)."""
+    """nnU-Net's logits accumulated in float32 instead of float16 (the torch.zeros(...,
+    dtype=torch.half) of its sliding window made float32)."""
     zeros = torch.zeros
 
     def zeros32(*a, **k):
