@@ -118,9 +118,30 @@ def weights_version(model: torch.nn.Module) -> tuple:
     through ``p.data.mul_()`` moves none of them: the new weights reach results built
     after `Exact` or `Window` is made anew.)"""
     with TRACE_LOCK:
-        return (tuple((id(m), m.training) for m in model.modules()),
+        return (tuple((id(m), m.training, module_state(m)) for m in model.modules()),
                 tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
                       for t in itertools.chain(model.parameters(), model.buffers())))
+
+
+PLAIN = (bool, int, float, str, type(None))
+
+
+def module_state(m: torch.nn.Module) -> tuple:
+    """What else of a module its forward may read: plain attributes (numbers, strings,
+    tuples of them: a conv's padding, a temperature, a flag), tensors that are neither
+    parameters nor buffers, and its hooks. A change re-traces (a trace cached on the
+    weights alone ran a model whose ``m.scale`` had been reassigned with the old one)."""
+    state = []
+    for name, value in vars(m).items():
+        if isinstance(value, torch.Tensor):  # an inference tensor has no version counter
+            version = None if value.is_inference() else value._version
+            state.append((name, id(value), version, value.data_ptr()))
+        elif isinstance(value, PLAIN) or (isinstance(value, tuple) and
+                                          all(isinstance(v, PLAIN) for v in value)):
+            state.append((name, value))
+        elif name.endswith("hooks") and isinstance(value, dict):
+            state.append((name, tuple(value)))
+    return tuple(state)
 
 
 SHAPES_KEPT = 4  # traced shapes a predictor keeps (flips and ensembles use one)

@@ -374,6 +374,8 @@ def fast_trace(model, input_shape, select, dtype) -> Graph | None:
     probe as every capture is; None where any step fails or the check refuses the graph,
     and `trace` captures with torch.export as before. An fx graph holds for every input
     shape (fx refuses a branch on a size), so the probe checks it once for all shapes."""
+    if has_submodule_hooks(model):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fx's advice; the export path says what fails
@@ -387,6 +389,19 @@ def fast_trace(model, input_shape, select, dtype) -> Graph | None:
     except Exception:  # noqa: BLE001 - whatever fails here, torch.export decides
         return None
     return graph
+
+
+def has_submodule_hooks(model: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook may change what a submodule returns: one on a
+    submodule of ``model``, or a global one. torch.fx records a leaf module's call, and
+    the tile op made from it runs its function alone: the hook would be lost, while the
+    probe check, running the fx graph through the module itself, would see it run. Such
+    a model goes to torch.export, which traces the hooks as part of the forward."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks
+               for m in model.modules() if m is not model)
 
 
 def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
