@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -236,3 +237,25 @@ def test_a_changed_attribute_or_new_hook_traces_anew():
         change(model)
         np.testing.assert_allclose(volarray.predict(model, x, chunks=8).compute(),
                                    _whole(model, x), atol=1e-5)
+
+
+def test_a_reassigned_tensor_attribute_changes_the_results_keys():
+    """Two results of one model whose plain tensor attribute changed between them hold
+    different values, so their dask keys differ (computed together, equal keys would
+    give one of them the other's chunks)."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = _small_net(), torch.tensor(1.0)
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    x = np.random.default_rng(2).standard_normal((16, 16, 16), dtype=np.float32)
+    model = Scaled().eval()
+    a = volarray.predict(model, x, chunks=8)
+    model.scale = torch.tensor(2.0)
+    b = volarray.predict(model, x, chunks=8)
+    assert a.name != b.name
+    ya, yb = dask.compute(a, b)
+    np.testing.assert_allclose(yb, 2 * ya, rtol=1e-5, atol=1e-6)

@@ -199,6 +199,11 @@ def build_graph(plan: Plan, volume: da.Array, device: str, scratch=None,
 
 
 def weights_token(gm) -> str:
-    """Deterministic token of the weights and code."""
+    """Deterministic token of the weights and code, and of the tensors the graph holds
+    as constants (a model's plain tensor attribute, not in its state_dict)."""
+    import torch
     from .devices import token_array
-    return tokenize(gm.code, [(k, token_array(v)) for k, v in gm.state_dict().items()])
+    constants = [(name, k, token_array(v)) for name, m in gm.named_modules()
+                 for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    return tokenize(gm.code, [(k, token_array(v)) for k, v in gm.state_dict().items()],
+                    constants)
