@@ -127,3 +127,14 @@ def test_errors_are_volarray_errors():
     for cls in (volarray.InputError, volarray.UnsupportedOpError, volarray.TraceError,
                 volarray.MemoryBudgetError):
         assert issubclass(cls, volarray.VolarrayError)
+
+
+def test_a_float64_model_is_refused_naming_its_dtype():
+    """A double model: the message names the model's dtype and model.float(), not a
+    compute_dtype= the user never passed."""
+    import torch
+    model = torch.nn.Conv3d(1, 1, 3, padding=1).double().eval()
+    with pytest.raises(volarray.InputError, match=r"weights are torch.float64.*model.float\(\)") \
+            as e:
+        volarray.predict(model, np.zeros((8, 8, 8), np.float32))
+    assert e.value.parameter == "model"

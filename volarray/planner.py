@@ -14,11 +14,12 @@ import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from .budget import format_bytes, parse_bytes
 from .costing import Barrier, Projection, Stage, fixed_side, model_macs, project
 from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
-from .errors import MemoryBudgetError, SlowPlanWarning
+from .errors import InputError, MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
@@ -320,6 +321,11 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     GPU the default memory_limit is the device's (`volarray.devices.task_budget`);
     ``rates``: a `volarray.rates.Rates` (by default `rates_for` the device's)."""
     strategy = resolve_strategy(strategy, device)
+    if compute_dtype is None and graph.dtype not in (torch.float32, torch.float16,
+                                                      torch.bfloat16):
+        raise InputError(f"the model's weights are {graph.dtype}; exact mode computes in "
+                         "float32, float16 or bfloat16: pass model.float()",
+                         parameter="model")
     compute = compute_name(graph.dtype if compute_dtype is None else compute_dtype)
     parse_bytes(memory_limit)  # refused before a device is asked
     limit, budget_from = task_budget(memory_limit, device, graph.gm)
