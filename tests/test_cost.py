@@ -58,6 +58,16 @@ def test_calibrated_once_then_read_from_the_cache(cache, tmp_path):
     assert cache == ["cpu", "cpu"]
 
 
+def test_an_unwritable_cache_does_not_stop_a_run(cache, tmp_path, monkeypatch):
+    """A read-only home (an HPC node): the rates are measured and used, not saved."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "rates.json"))
+    monkeypatch.setattr(R, "save", refuse)
+    assert R.rates_for("cpu").source == "calibrated" and cache == ["cpu"]
+    assert volarray.plan(seeded(FaultSeg3D, width=4), np.zeros((16,) * 3, np.float32)) \
+        .rates.source == "calibrated"
+
+
 def test_calibrate_command_measures_and_caches(cache, tmp_path, capsys):
     from volarray.cli import main
     assert main(["calibrate"]) == 0

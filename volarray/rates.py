@@ -132,7 +132,10 @@ def rates_for(device: str = "cpu", given: Rates | None = None) -> Rates:
     found = cached(device)
     if found is None:
         found = calibrate(device)
-        save(device, found)
+        try:
+            save(device, found)
+        except OSError:  # a read-only home (an HPC node): measured again next time
+            pass
     return found
 
 
