@@ -15,7 +15,8 @@ from .errors import (InputError, MemoryBudgetError, OutputBusyError, SlowPlanWar
 from .formats import open_dataarray
 from .normalize import Normalization
 from .planner import Plan
-from .predictors import Exact, MeanStd, Window, ensemble, flips, labels
+from .predictors import Exact, MeanStd, Window, ensemble, labels
+from .tta import flips
 from .store import predict_to_zarr
 from .version import __version__
 

@@ -386,21 +386,6 @@ class Window:
         return self.tokens.get(weights_version(self.model), hashed)
 
 
-def flips(predictor, volume) -> da.Array:
-    """The mean of ``predictor`` over the 8 mirrorings of the three spatial axes, each
-    flipped back (nnU-Net's test-time mirroring); one trace and plan serve all 8. A
-    padding predictor pads once and mirrors the padded volume."""
-    check_model(predictor.model)
-    arr, crop = predictor.padded(canonical(volume, integers=True))
-    total = None
-    for flipped in itertools.product((False, True), repeat=3):
-        axes = tuple(1 + i for i, f in enumerate(flipped) if f)
-        y = predictor.scores(da.flip(arr, axes) if axes else arr)
-        y = da.flip(y, axes) if axes else y
-        total = y if total is None else total + y.rechunk(total.chunks)
-    return crop(total / 8)
-
-
 def ensemble(predictor, volume, n: int, seed: int = 0) -> MeanStd:
     """Per-voxel ``(mean, std)`` over ``n`` seeded samples of a stochastic model (dropout
     left active; in window mode noise drawn in ``forward`` too), the same for any

@@ -135,6 +135,13 @@ def augmented(predictor, volume, tta: str, merge: str | None = None) -> da.Array
     return total if merge == "max" else total / len(runs)
 
 
+def flips(predictor, volume) -> da.Array:
+    """The mean of ``predictor`` over the 8 mirrorings of the three spatial axes, each
+    flipped back (nnU-Net's test-time mirroring): ``tta="flips"``; one trace and plan
+    serve all 8, and a padding predictor pads once."""
+    return augmented(predictor, volume, "flips")
+
+
 def linear_weights(size_in: int, size_out: int):
     """For each output index of a linear resampling from ``size_in`` to ``size_out``
     points, as ``F.interpolate(..., size=size_out, align_corners=False)`` computes it
