@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .geometry import SPATIAL, Interval, chunk_bounds, intervals
+from .geometry import EMPTY, SPATIAL, Interval, chunk_bounds, intervals
 from .graph import Graph
 from .program import TileProgram
 
@@ -165,6 +165,46 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
         io_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(maxs[n]) for n in held),
         moved_bytes=moved)
     return costed, shapes
+
+
+def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> float:
+    """The MACs of the stage computing ``name`` from ``sources`` on a grid of ``bounds``
+    (the output node's, per axis), estimated from one interior task per axis: each
+    of the other k - 1 task boundaries along an axis recomputes a node's halo there
+    (what that task reads beyond its own share, both sides), and no task computes
+    more than the whole axis. One pass per axis instead of `cost_stage`'s one per
+    interval, and no `TileProgram`: ranking kept sets (`volarray.keep.keep_sequence`)
+    costs thousands of stages on a norm-heavy network. ``index``: graph order."""
+    nodes = graph.nodes
+    sources = set(sources)
+    wanted, stack = set(), [name]
+    while stack:
+        n = stack.pop()
+        if n not in wanted:
+            wanted.add(n)
+            if n not in sources:
+                stack.extend(nodes[n].inputs)
+    order = sorted(wanted - sources, key=index.__getitem__)
+    out_scale = [float(v) for v in nodes[name].scale]
+    sums = {n: 1.0 for n in order}
+    for axis, b in enumerate(bounds):
+        k = len(b) - 1
+        i = k // 2
+        out = Interval(b[i], b[i + 1])
+        need = {name: out}
+        for n in reversed(order):
+            iv = need.get(n)
+            if iv is None or iv.empty:
+                continue
+            node = nodes[n]
+            for p, want in zip(node.inputs, node.op.need(axis, iv)):
+                need[p] = need[p].union(want) if p in need else want
+        for n in order:
+            size = nodes[n].shape[axis]
+            share = len(out) * float(nodes[n].scale[axis]) / out_scale[axis]
+            extra = max(0.0, len(need.get(n, EMPTY)) - share)
+            sums[n] *= min(k * size, size + (k - 1) * extra)
+    return sum(nodes[n].op.macs * sums[n] for n in order)
 
 
 def sweep_bytes(graph: Graph, stage: Stage, shapes: dict, rows: int) -> tuple[int, int]:

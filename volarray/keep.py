@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass
 
 from .budget import format_bytes, parse_bytes, run_memory
-from .costing import Stage, cost_stage, program_for, reductions, stage_bounds
+from .costing import estimated_macs, reductions, stage_bounds
 from .errors import InputError
 from .graph import Graph, tensor_bytes
 from .grids import Grid, Planner
-from .program import TileProgram
 
 
 def keep_candidates(graph: Graph) -> list[str]:
@@ -36,40 +35,139 @@ def keep_candidates(graph: Graph) -> list[str]:
 
 
 class Compute:
-    """The MACs a kept set costs on one task grid: every stage (each kept tensor
-    computed from its nearest kept ancestors, halos included) and every barrier's
-    statistics pass. Programs already costed are remembered, so trying one more
-    kept tensor costs only the stages it changes."""
+    """The MACs of kept sets on one task grid: every stage (each kept tensor computed
+    from its nearest kept ancestors, halos included) and every barrier's statistics
+    pass. A stage is costed once per output and sources, so trying a change to a kept
+    set costs only the stages it changes."""
 
     def __init__(self, graph: Graph, base):
-        self.graph, self.base, self.memo, self.programs = graph, base, {}, {}
+        self.graph, self.base, self.memo = graph, base, {}
+        self.index = {n: i for i, n in enumerate(graph.nodes)}
 
-    def program(self, name: str, avail: frozenset) -> TileProgram:
-        key = (name, avail)
-        if key not in self.programs:
-            self.programs[key] = program_for(self.graph, name, set(avail))
-        return self.programs[key]
+    def sources(self, name: str, avail) -> frozenset:
+        """The nearest ancestors of ``name`` in ``avail`` (itself, if it is there)."""
+        if name in avail:
+            return frozenset((name,))
+        nodes = self.graph.nodes
+        found, stack, seen = set(), list(nodes[name].inputs), set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in avail:
+                found.add(n)
+            else:
+                stack.extend(nodes[n].inputs)
+        return frozenset(found)
 
-    def macs_of(self, prog: TileProgram) -> float:
-        key = (prog.output, prog.sources)
+    def macs(self, name: str, sources: frozenset) -> float:
+        """The MACs of the stage computing ``name`` from ``sources`` (0: it reads it),
+        estimated (`estimated_macs`: within 7% of `cost_stage`'s on the reference
+        models, at a fraction of its time)."""
+        if name in sources:
+            return 0.0
+        key = (name, sources)
         if key not in self.memo:
-            node = self.graph.nodes[prog.output]
-            probe = Stage(-1, prog, stage_bounds(self.base, node.shape, node.scale))
-            self.memo[key] = cost_stage(self.graph, probe)[0].macs
+            node = self.graph.nodes[name]
+            self.memo[key] = estimated_macs(self.graph, name, sources, stage_bounds(
+                self.base, node.shape, node.scale), self.index)
         return self.memo[key]
 
-    def __call__(self, kept: set[str]) -> float:
+    def __call__(self, kept) -> float:
         g = self.graph
-        avail = frozenset(kept | {g.input})
-        total = sum(self.macs_of(self.program(n, avail - {n})) for n in kept)
-        return total + sum(self.macs_of(self.program(r.source, avail)) for r in reductions(g))
+        avail = frozenset(set(kept) | {g.output, g.input})
+        total = sum(self.macs(n, self.sources(n, avail - {n})) for n in avail - {g.input})
+        return total + sum(self.macs(r.source, self.sources(r.source, avail))
+                           for r in reductions(g))
+
+
+@dataclass(frozen=True)
+class KeptSet:
+    """One kept set of a `keep_sequence`: its tensors (the output left out), their
+    whole-volume bytes and its MACs on the sequence's grid."""
+
+    names: frozenset
+    bytes: int
+    macs: float
+
+
+def keep_sequence(graph: Graph, compute: Compute):
+    """Nested kept sets, from every tensor worth keeping down to the output alone
+    (yielded one by one, as they are needed): each drops the kept tensor whose
+    recomputation costs the fewest MACs per byte it frees (keep or recompute decided
+    by cost, not by rule, in the spirit of Checkmate's; greedy, from the top, so that a
+    change re-costs only the stages that read the tensor dropped). The sequence stops
+    where a set computes more than `SLOW_REFUSED` times the least seen: such plans are
+    refused, and the stages of norm-heavy networks grow quadratically there (FaultSSL's
+    274 statistics barriers, each recomputing the network above it).
+
+    Each stage and barrier is a target: a (node, sources) pair; dropping ``c`` merges
+    c's sources into those of every target that read ``c``."""
+    g = compute.graph
+    sizes = {c: tensor_bytes(g, c) for c in keep_candidates(g)}
+    avail = frozenset(sizes) | {g.output, g.input}
+    targets = {("stage", n): (n, compute.sources(n, avail - {n})) for n in avail - {g.input}}
+    targets.update({("barrier", r.name): (r.source, compute.sources(r.source, avail))
+                    for r in reductions(g)})
+    current = sum(compute.macs(n, s) for n, s in targets.values())
+    kept = set(sizes)
+    last = KeptSet(frozenset(kept), sum(sizes.values()), current)
+    yield last
+    least = current
+
+    def readers(c):
+        return [k for k, (_, s) in targets.items() if c in s]
+
+    def drop_cost(c) -> float:
+        own = targets[("stage", c)][1]
+        cost = -compute.macs(c, own)
+        for k in readers(c):
+            n, s = targets[k]
+            cost += compute.macs(n, (s - {c}) | own) - compute.macs(n, s)
+        return cost
+
+    # lazily: a drop cost made stale by a drop is recomputed only when it is the least
+    # (recomputing every one would cost the whole network's stages per drop); dropping
+    # a tensor makes its readers' stages larger, so a stale cost is rarely too high
+    costs = {c: drop_cost(c) for c in kept}
+    stale = set()
+    order = compute.index
+
+    def score(c):
+        return (costs[c] / max(sizes[c], 1), order[c])
+    while kept:
+        while True:
+            c = min(kept, key=score)
+            if c not in stale:
+                break
+            costs[c] = drop_cost(c)
+            stale.discard(c)
+        own = targets.pop(("stage", c))[1]
+        changed = readers(c)
+        for k in changed:
+            n, s = targets[k]
+            targets[k] = (n, (s - {c}) | own)
+        kept.discard(c)
+        current += costs.pop(c)
+        least = min(least, current)
+        last = KeptSet(frozenset(kept), last.bytes - sizes[c], current)
+        yield last
+        if current > SLOW_REFUSED * least:
+            return
+        # the drop costs that read a changed target: its sources', and its own
+        stale |= {x for k in changed for x in targets[k][1]} | {
+            targets[k][0] for k in changed if k[0] == "stage"}
+        stale &= kept
 
 
 def keep_order(graph: Graph, budget: float, compute: "Compute") -> list[str]:
-    """The tensors worth keeping, in the order a greedy rematerialization adds them:
-    each time the one that saves the most compute per byte kept while the whole-volume
-    bytes of all fit ``budget`` (keep or recompute decided by cost, not by rule, in the
-    spirit of Checkmate's), costed by ``compute`` on its task grid."""
+    """The tensors worth keeping within ``budget``, in the order a greedy
+    rematerialization from the bottom adds them: each time the one that saves the most
+    compute per byte kept while the whole-volume bytes of all fit ``budget``. Where
+    the budget is tight, it finds the few small tensors that save much, which
+    `keep_sequence`, from the top, may drop on its way down; it tries every candidate
+    at every step, so only short sequences run it."""
     sizes = {c: tensor_bytes(graph, c) for c in keep_candidates(graph)}
     kept, order, spent = {graph.output}, [], 0
     current = compute(kept)
@@ -93,8 +191,8 @@ def keep_order(graph: Graph, budget: float, compute: "Compute") -> list[str]:
 
 def budget_ladder(budget: float, input_bytes: int, worth: float = math.inf) -> list[float]:
     """``budget`` and the powers of two times the input's bytes below it (from an
-    eighth): the budgets whose greedy kept sets `choose_kept` compares. Past ``worth``
-    (the bytes of every tensor worth keeping) a budget keeps no more."""
+    eighth): budgets whose kept sets `choose_kept` lays out. Past ``worth`` (the bytes
+    of every tensor worth keeping) a budget keeps no more."""
     budget = min(budget, worth)
     ladder, b = [budget], input_bytes / 8
     while b < budget:
@@ -103,38 +201,136 @@ def budget_ladder(budget: float, input_bytes: int, worth: float = math.inf) -> l
     return ladder
 
 
+# Kept sets of a long sequence laid out on their own grids per plan: about this many.
+LAID_OUT = 24
+# A kept set whose MACs are more than this many times those of the least-computing set
+# within the budget is not laid out: projected time is mostly compute, and its fewer
+# tasks would have to save more than a quarter of the compute.
+WORTH_LAYING_OUT = 1.25
+
+
+def thinned(sets: list[KeptSet], budget: float, input_bytes: int) -> list[KeptSet]:
+    """Every set of a short list (of a sequence, largest first); of a long one (a
+    norm-heavy network's hundreds of tensors), the first that fits each budget of
+    `budget_ladder` and those of 1, 2, 3, 4, 6, 9, ... tensors, so that planning stays a
+    few layouts."""
+    if len(sets) <= LAID_OUT:
+        return sets
+    chosen = {id(sets[0]): sets[0]}
+    for b in budget_ladder(budget, input_bytes, sets[0].bytes):
+        first = next((s for s in sets if s.bytes <= b), None)
+        if first is not None:
+            chosen[id(first)] = first
+    counts, k = set(), 1.0
+    while k <= len(sets[0].names):
+        counts.add(int(k))
+        k = max(k + 1, k * 1.5)
+    chosen.update({id(s): s for s in sets if len(s.names) in counts})
+    return list(chosen.values())
+
+
 def better(planner: "Planner", grid: "Grid", best: "Grid") -> bool:
     """``grid`` fits where ``best`` does not, or fits as well and is projected faster
     (by more than 0.1%: fewer kept tensors win a tie)."""
+    if best is None:
+        return True
     if best.too_big != grid.too_big:
         return best.too_big
     return planner.seconds(grid.layout) < (1 - 1e-3) * planner.seconds(best.layout)
 
 
-def choose_kept(planner: "Planner", budget: float, candidates) -> tuple[list[str], "Grid"]:
+class KeepSearch:
+    """The `keep_sequence` of one planner's graph over its candidate grids, followed as
+    far as the budgets tried need, and the layout of nothing kept: each made once for
+    every budget a plan tries."""
+
+    def __init__(self, planner: "Planner", candidates):
+        self.planner, self.candidates, self._nothing = planner, candidates, None
+        graph = planner.graph
+        # costed on the grid of nothing kept (the smallest tasks, the most halo), or
+        # on the user's chunks without laying that out
+        base = candidates[0] if len(candidates) == 1 else self.nothing.base
+        self.compute = Compute(graph, base)
+        self._steps = keep_sequence(graph, self.compute)
+        self.sequence = [next(self._steps)]
+
+    @property
+    def nothing(self) -> "Grid":
+        if self._nothing is None:
+            self._nothing = self.planner.grid([self.planner.graph.output], self.candidates)
+        return self._nothing
+
+    def seconds(self, kept: KeptSet) -> float:
+        """A kept set's time estimated before its layout: its MACs at the device's
+        rate, and its kept bytes written once and read once at the storage's."""
+        rates = self.planner.rates
+        if rates is None:
+            return kept.macs
+        return kept.macs / rates.macs_per_s + 2 * kept.bytes / rates.bytes_per_s
+
+    def within(self, budget: float) -> list[KeptSet]:
+        """The kept sets worth laying out within ``budget``: of a short sequence, every
+        set that fits and the prefixes of `keep_order` for each budget of
+        `budget_ladder`; of a long one, the `thinned` sets that fit and are estimated
+        within `WORTH_LAYING_OUT` times the fastest of them (the sequence followed
+        until one fits and they compute more)."""
+        if budget <= 0:
+            return [s for s in self.sequence if not s.names] or [
+                KeptSet(frozenset(), 0, math.inf)]
+        if len(self.sequence[0].names) <= LAID_OUT:  # a short sequence: all of it,
+            self.sequence.extend(self._steps)  # and the bottom-up greedy's sets
+            graph, out = self.planner.graph, [s for s in self.sequence if s.bytes <= budget]
+            sizes = {c: tensor_bytes(graph, c) for c in self.sequence[0].names}
+            for b in budget_ladder(budget, tensor_bytes(graph, graph.input),
+                                   self.sequence[0].bytes):
+                order = keep_order(graph, b, self.compute)
+                out += [KeptSet(frozenset(order[:k]), sum(sizes[c] for c in order[:k]), 0.0)
+                        for k in range(1, len(order) + 1)]
+            return list({s.names: s for s in out}.values())
+        while True:
+            fits = [s for s in self.sequence if s.bytes <= budget]
+            if fits and self.sequence[-1].macs > WORTH_LAYING_OUT * min(s.macs for s in fits) \
+                    and self.seconds(self.sequence[-1]) > WORTH_LAYING_OUT * min(
+                        self.seconds(s) for s in fits):
+                break
+            step = next(self._steps, None)
+            if step is None:
+                break
+            self.sequence.append(step)
+        least = min((self.seconds(s) for s in fits), default=math.inf)
+        return thinned([s for s in fits if self.seconds(s) <= WORTH_LAYING_OUT * least],
+                       budget, tensor_bytes(self.planner.graph, self.planner.graph.input))
+
+    def slow_within(self, budget: float) -> bool:
+        """Whether even keeping every tensor that fits ``budget`` on its own (more than
+        ``budget`` may hold) computes more than `SLOW_NOTE` times keeping every one: a
+        cheap test, before following the sequence down to ``budget``."""
+        g = self.planner.graph
+        alone = {c for c in keep_candidates(g) if tensor_bytes(g, c) <= budget}
+        return self.compute(alone) > SLOW_NOTE * self.sequence[0].macs
+
+
+def choose_kept(planner: "Planner", budget: float, candidates,
+                search: KeepSearch | None = None) -> tuple[list[str], "Grid"]:
     """The output plus the kept tensors whose plan is projected fastest, with their
     grid (MACs at the device's rate, bytes read and written at the storage's, and
     each task's overhead: `Planner.seconds`).
     Kept tensors cut the network into stages; the others are recomputed, halo
-    included, by every stage and barrier that reads them. The greedy order is costed
+    included, by every stage and barrier that reads them. The `keep_sequence` is costed
     on one grid, but a kept tensor's stage may need smaller tasks (its sources and
-    output must fit a task's I/O bytes), and smaller tasks recompute more halo: so each
-    prefix of the greedy orders of ``budget`` and of the smaller budgets of
-    `budget_ladder` is laid out on its own grid and the fastest set whose tasks fit is
-    chosen (so that 4x the input never costs more than 1x or 2x)."""
+    output must fit a task's I/O bytes), and smaller tasks recompute more halo: so the
+    sets `KeepSearch.within` ``budget`` are each laid out on their own grid and
+    the fastest set whose tasks fit is chosen (so that 4x the input never costs more
+    than 1x or 2x). The output alone is laid out only where the sequence reached it or
+    no set fits the budget (it is the costliest plan of a norm-heavy network)."""
     graph = planner.graph
-    nothing = planner.grid([graph.output], candidates)
-    compute = Compute(graph, nothing.base)
-    sets = set()
-    worth = sum(tensor_bytes(graph, c) for c in keep_candidates(graph))
-    for b in budget_ladder(budget, tensor_bytes(graph, graph.input), worth):
-        order = keep_order(graph, b, compute)
-        sets.update(frozenset(order[:k]) for k in range(1, len(order) + 1))
+    search = search or KeepSearch(planner, candidates)
+    sets = search.within(budget)
+    best = ([graph.output], search.nothing if not sets else None)
     # fewer kept tensors first, replaced only to fit or to save
-    best = ([graph.output], nothing)
-    for chosen in sorted(sets, key=lambda c: (len(c), sorted(c))):
-        kept = [n for n in graph.nodes if n in chosen or n == graph.output]
-        grid = planner.grid(kept, candidates)
+    for chosen in sorted(sets, key=lambda c: (len(c.names), sorted(c.names))):
+        kept = [n for n in graph.nodes if n in chosen.names or n == graph.output]
+        grid = search.nothing if not chosen.names else planner.grid(kept, candidates)
         if better(planner, grid, best[1]):
             best = (kept, grid)
     return best
@@ -187,18 +383,19 @@ def free_disk(where=None) -> int | None:
 
 
 def default_keep(graph: Graph, spill: bool, where=None) -> int:
-    """A run that may spill (``spill=True``: `predict_to_zarr`, the CLI) keeps at most
-    half the free disk space where its scratch lives (``where``, a local folder; the
-    current folder by default; on an object store, the input's bytes). A lazy result (``spill=False``) has nowhere to put
-    kept tensors but memory, and dask may hold every chunk of one until its last reader
-    ran (a barrier always does, until the statistics are known), so it keeps at most
-    the input's bytes and an eighth of the memory it will run in, and recomputes the
-    rest."""
+    """The storage kept tensors may take. A run that may spill (``spill=True``:
+    `predict_to_zarr`, the CLI) keeps at most half the free disk space where its scratch
+    lives (``where``, a local folder; the current folder by default; on an object store,
+    the input's bytes). A lazy result (``spill=False``) has nowhere to put kept tensors
+    but memory, and dask may hold every chunk of one until its last reader ran (a
+    barrier always does, until the statistics are known), so it keeps at most an eighth
+    of the memory it will run in. Either plans within the input's bytes first and takes
+    the rest only where that budget costs much compute (`volarray.planner.make_plan`)."""
     n = tensor_bytes(graph, graph.input)
     if spill:
         free = free_disk(where)
         return n if free is None else int(SCRATCH_SHARE * free)  # a store: the input's
-    return int(min(n, run_memory() / 8))
+    return int(run_memory() / 8)
 
 
 def storage_budget(graph: Graph, keep, spill: bool, where=None) -> int:

@@ -23,8 +23,8 @@ from .errors import InputError, MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
-from .keep import (SLOW_REFUSED, Shortfall, choose_kept, keep_more_to_fit, shortfall,
-                   storage_budget)
+from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, choose_kept, keep_more_to_fit,
+                   shortfall, storage_budget)
 from .rates import Rates, rates_for
 from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
 
@@ -297,15 +297,14 @@ def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
     return tuple(sides), notes
 
 
-def choose_plan(planner: Planner, budget: int, given, keep, spill: bool, planner_for):
+def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
+                search: KeepSearch):
     """The kept tensors and the grid of the fastest plan within the budgets, its notes,
-    and its `Shortfall` where the budgets cost it much compute (only where the planner
-    chose the chunks: chunks the user gave are theirs)."""
-    shape = planner.graph.nodes[planner.graph.input].shape
-    candidates = candidate_chunks(shape, planner.align, given)
-    kept, grid = choose_kept(planner, budget, candidates)
+    and its `Shortfall` where the budgets cost it much compute."""
+    candidates = search.candidates
+    kept, grid = choose_kept(planner, budget, candidates, search)
     kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
-    short = None if grid.too_big or given is not None else shortfall(
+    short = None if grid.too_big else shortfall(
         planner, kept, grid, budget, candidates, spill, keep, planner_for)
     return kept, grid, notes, short
 
@@ -344,19 +343,24 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
     budget = storage_budget(graph, keep, spill, scratch_at)
-    # A run that may spill first plans within the input's bytes, as a lazy result does
-    # within memory, and takes the disk's room only where that budget costs it much
-    # compute: the cost model undercounts small tasks, and FaultSeg3D 256^3 to zarr
-    # planned over the whole room (392 tasks, 1.8 GB kept) ran 2.0x slower (54 s
-    # against 27 s) than within the input's bytes (16 tasks) though projected faster.
-    first = min(budget, tensor_bytes(graph, graph.input)) if spill and keep is None \
-        else budget
-    kept, grid, notes, short = choose_plan(planner, first, given, keep, spill, planner_for)
+    # A run first plans within the input's bytes, and takes more of its storage (half
+    # the free disk where it may spill, an eighth of memory where not) only where that
+    # budget costs it much compute: the cost model undercounts small tasks, and
+    # FaultSeg3D 256^3 to zarr planned over the whole room (392 tasks, 1.8 GB kept) ran
+    # 2.0x slower (54 s against 27 s) than within the input's bytes (16 tasks) though
+    # projected faster.
+    first = min(budget, tensor_bytes(graph, graph.input)) if keep is None else budget
+    search = KeepSearch(planner, candidate_chunks(shape, planner.align, given))
+    if budget > first and search.slow_within(first):
+        first = budget  # no plan within the input's bytes computes within SLOW_NOTE
+    kept, grid, notes, short = choose_plan(planner, first, keep, spill, planner_for, search)
     if short is not None and budget > first:
-        kept, grid, notes, short = choose_plan(planner, budget, given, keep, spill,
-                                               planner_for)
+        kept, grid, notes, short = choose_plan(planner, budget, keep, spill, planner_for,
+                                               search)
     else:
         budget = first
+    if given is not None:
+        short = None  # chunks the user gave are theirs: nothing to suggest
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     notes = chunk_notes + notes
