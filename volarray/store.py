@@ -28,6 +28,7 @@ from .io import open_volume
 from .location import Location
 from .options import PredictOptions, output_attrs
 from .outputs import DONE, HASHES, RunInterrupted
+from .scratchfiles import task_files
 
 
 def _zarr():
@@ -71,8 +72,12 @@ class ScratchSpace:
         for stage in plan.stages[:-1]:
             node = plan.graph.nodes[stage.output]
             loc = self.dir.child(f"plan{self.count}").child(stage.output)
+            dtype = getattr(plan, "kept_dtype", "float32")  # the compute dtype's
+            if loc.is_local:  # a file per task (`volarray.scratchfiles`): fast halo reads
+                paths[stage.output] = task_files(loc.path, stage.bounds, node.channels, dtype)
+                continue
             zarr.create_array(**loc.zarr_kwargs(), shape=(node.channels,) + node.shape,
-                              dtype=getattr(plan, "kept_dtype", "float32"),  # compute dtype's
+                              dtype=dtype,
                               chunks=(node.channels,) + stage.chunk_shape,
                               compressors=None)
             paths[stage.output] = loc

@@ -328,7 +328,10 @@ SCRATCH_WRITER = ScratchWriter()
 
 
 def _write_region(where, region, y):
-    open_scratch(where)[region] = y
+    if hasattr(where, "write_region"):  # `volarray.scratchfiles.TaskFiles`
+        where.write_region(region, y)
+    else:
+        open_scratch(where)[region] = y
 
 
 def open_scratch(where):
@@ -353,8 +356,9 @@ class ChunkSource:
 
 @dataclass(frozen=True)
 class ScratchSource:
-    """A kept tensor's region read from its zarr scratch array (a `Location` or a
-    path); the fetched chunks are only completion tokens, waited for."""
+    """A kept tensor's region read from its scratch: files per task on a file system
+    (`volarray.scratchfiles.TaskFiles`), else a zarr array (a `Location` or a path); the
+    fetched chunks are only completion tokens, waited for."""
     node: str
     where: Any
 
@@ -364,6 +368,8 @@ class ScratchSource:
         for _, token in fetched:
             if isinstance(token, PendingWrite):
                 token.wait()
+        if hasattr(self.where, "read_box"):  # `volarray.scratchfiles.TaskFiles`
+            return self.where.read_box(box)
         return open_scratch(self.where)[(slice(None),) + box.slices()]
 
 

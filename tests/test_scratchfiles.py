@@ -1,0 +1,32 @@
+"""Kept tensors on a file system: one .npy file per task region, read back over any
+box (a task's region plus a halo) exactly as the whole tensor's slice."""
+import numpy as np
+
+from volarray.geometry import Box, Interval, grid_boxes
+from volarray.scratchfiles import task_files
+
+
+def test_any_box_reads_back_the_whole_tensors_slice(tmp_path):
+    rng = np.random.default_rng(0)
+    bounds = ((0, 7, 14, 19), (0, 10, 13), (0, 5, 10, 15, 17))  # uneven, odd sides
+    whole = rng.standard_normal((3, 19, 13, 17)).astype(np.float32)
+    files = task_files(str(tmp_path / "t"), bounds, 3, "float32")
+    for _, box in grid_boxes(bounds):
+        files.write_region((slice(None),) + box.slices(), whole[(slice(None),) + box.slices()])
+    assert not [p for p in (tmp_path / "t").iterdir() if ".part-" in p.name]
+    for _ in range(200):
+        lo = rng.integers(-3, [19, 13, 17])
+        hi = lo + rng.integers(0, 12, 3)
+        box = Box(tuple(Interval(int(a), int(b)) for a, b in zip(lo, hi)))
+        clipped = tuple(slice(max(0, a), max(max(0, a), min(b, n)))
+                        for a, b, n in zip(lo, hi, whole.shape[1:]))
+        np.testing.assert_array_equal(files.read_box(box), whole[(slice(None),) + clipped])
+
+
+def test_half_precision_is_stored_as_asked(tmp_path):
+    files = task_files(str(tmp_path / "h"), ((0, 4),) * 3, 2, "float16")
+    y = np.arange(2 * 64, dtype=np.float32).reshape(2, 4, 4, 4)
+    files.write_region((slice(None),) + Box.from_bounds((0, 0, 0), (4, 4, 4)).slices(), y)
+    got = files.read_box(Box.from_bounds((1, 0, 2), (3, 4, 4)))
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, y[:, 1:3, :, 2:4].astype(np.float16))
