@@ -115,16 +115,20 @@ def test_a_lazy_result_takes_more_memory_only_where_the_input_bytes_are_slow():
 
 @pytest.mark.slow
 def test_torchseis_faultssl_with_small_chunks_within_5x_torch(capsys):
-    """The issue's case: FaultSSL at 48x64x80, chunks (24, 40, 32): 274 barriers."""
+    """The issue's case: FaultSSL at 48x64x80, chunks (24, 40, 32): 274 barriers.
+    volarray's first call (capture, plan, run) against plain torch's warm forward."""
     ts = torchseis()
     from torchseis.models.fault.faultssl import FaultSSL
     torch.manual_seed(0)
     model = FaultSSL().eval()
     vol = np.random.default_rng(0).standard_normal((48, 64, 80)).astype(np.float32)
+    times = []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        want = model(torch.from_numpy(vol)[None, None])[0].numpy()
-        plain = time.perf_counter() - t0
+        for _ in range(2):  # plain torch warm: the best of two
+            t0 = time.perf_counter()
+            want = model(torch.from_numpy(vol)[None, None])[0].numpy()
+            times.append(time.perf_counter() - t0)
+    plain = min(times)
     t0 = time.perf_counter()
     got = volarray.predict(model, vol, chunks=(24, 40, 32)).compute()
     took = time.perf_counter() - t0

@@ -203,10 +203,11 @@ def budget_ladder(budget: float, input_bytes: int, worth: float = math.inf) -> l
 
 # Kept sets of a long sequence laid out on their own grids per plan: about this many.
 LAID_OUT = 24
-# A kept set whose MACs are more than this many times those of the least-computing set
+# A kept set of a long sequence estimated at more than this many times the fastest set
 # within the budget is not laid out: projected time is mostly compute, and its fewer
-# tasks would have to save more than a quarter of the compute.
-WORTH_LAYING_OUT = 1.25
+# tasks would have to save more than a tenth of it (FaultSSL: 1.00x-1.10x spans 438 to
+# about 265 kept tensors; following the sequence to 1.25x doubled its planning time).
+WORTH_LAYING_OUT = 1.1
 
 
 def thinned(sets: list[KeptSet], budget: float, input_bytes: int) -> list[KeptSet]:
