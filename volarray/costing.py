@@ -84,20 +84,26 @@ class Barrier(OnGrid):
         return self.program.output not in self.program.sources
 
 
-def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
-    """The ops computing ``name`` from its nearest kept ancestors (or read it, if kept)."""
+def nearest_kept(graph: Graph, name: str, kept) -> set[str]:
+    """The nearest ancestors of ``name`` in ``kept`` (itself, if it is kept)."""
     if name in kept:
-        return TileProgram(graph, name, (name,))
-    sources, stack, seen = [], list(graph.nodes[name].inputs), set()
+        return {name}
+    found, stack, seen = set(), list(graph.nodes[name].inputs), set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n in kept:
-            sources.append(n)
+            found.add(n)
         else:
             stack.extend(graph.nodes[n].inputs)
+    return found
+
+
+def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
+    """The ops computing ``name`` from its nearest kept ancestors (or read it, if kept)."""
+    sources = nearest_kept(graph, name, kept)
     order = list(graph.nodes)
     return TileProgram(graph, name, tuple(sorted(sources, key=order.index)))
 

@@ -1,9 +1,12 @@
 """What to keep between stages: rematerialization under a keep budget.
 
-The planner keeps some tensors between stages and recomputes the rest: it adds, while
-their bytes fit the keep budget, the tensors that save the most compute per byte (with
-nothing kept, a norm-free network runs depth-first, each task from the input with its
-receptive field's halo), and lays each candidate set out on its own grid.
+The planner keeps some tensors between stages and recomputes the rest. From keeping
+every candidate (about one forward's compute) it drops, one at a time, the tensor whose
+recomputation costs the fewest MACs per byte it frees, down to keeping nothing (a
+norm-free network then runs depth-first, each task from the input with its receptive
+field's halo); the sets of that sequence that fit the budget (and, for short sequences,
+those of the greedy from the bottom) are each laid out on their own grid, and the
+fastest that fits is kept.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .budget import format_bytes, parse_bytes, run_memory
-from .costing import estimated_macs, reductions, stage_bounds
+from .costing import estimated_macs, nearest_kept, reductions, stage_bounds
 from .errors import InputError
 from .graph import Graph, tensor_bytes
 from .grids import Grid, Planner
@@ -46,20 +49,7 @@ class Compute:
 
     def sources(self, name: str, avail) -> frozenset:
         """The nearest ancestors of ``name`` in ``avail`` (itself, if it is there)."""
-        if name in avail:
-            return frozenset((name,))
-        nodes = self.graph.nodes
-        found, stack, seen = set(), list(nodes[name].inputs), set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in avail:
-                found.add(n)
-            else:
-                stack.extend(nodes[n].inputs)
-        return frozenset(found)
+        return frozenset(nearest_kept(self.graph, name, avail))
 
     def macs(self, name: str, sources: frozenset) -> float:
         """The MACs of the stage computing ``name`` from ``sources`` (0: it reads it),
