@@ -58,7 +58,7 @@ def test_estimated_macs_follow_the_exact_costing():
     """The estimate (one interior task per axis) within 10% of `cost_stage` on every
     stage the sequence costs, on an odd grid."""
     graph = trace(seeded_deep(depth=4), (1, 1, 27, 21, 18))
-    compute = Compute(graph, (10, 8, 7))
+    compute = Compute(graph, (10, 8, 7), exact=False)
     list(keep_sequence(graph, compute))
     assert len(compute.memo) > 20
     for (name, sources), est in compute.memo.items():

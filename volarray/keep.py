@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 
 from .budget import format_bytes, parse_bytes, run_memory
-from .costing import estimated_macs, nearest_kept, reductions, stage_bounds
+from .costing import (Stage, cost_stage, estimated_macs, nearest_kept, reductions,
+                      stage_bounds)
 from .errors import InputError
 from .graph import Graph, tensor_bytes
 from .grids import Grid, Planner
+from .program import TileProgram
 
 
 def keep_candidates(graph: Graph) -> list[str]:
@@ -41,10 +43,13 @@ class Compute:
     """The MACs of kept sets on one task grid: every stage (each kept tensor computed
     from its nearest kept ancestors, halos included) and every barrier's statistics
     pass. A stage is costed once per output and sources, so trying a change to a kept
-    set costs only the stages it changes."""
+    set costs only the stages it changes: by `cost_stage` (``exact``), or estimated by
+    `estimated_macs` (within 7% of it on the reference models, at a fraction of its
+    time: for the thousands of stages of a norm-heavy network; FaultSeg3D's kept sets
+    differ by less than that, 1.35x against 1.37x at 256^3)."""
 
-    def __init__(self, graph: Graph, base):
-        self.graph, self.base, self.memo = graph, base, {}
+    def __init__(self, graph: Graph, base, exact: bool = True):
+        self.graph, self.base, self.exact, self.memo = graph, base, exact, {}
         self.index = {n: i for i, n in enumerate(graph.nodes)}
 
     def sources(self, name: str, avail) -> frozenset:
@@ -52,16 +57,18 @@ class Compute:
         return frozenset(nearest_kept(self.graph, name, avail))
 
     def macs(self, name: str, sources: frozenset) -> float:
-        """The MACs of the stage computing ``name`` from ``sources`` (0: it reads it),
-        estimated (`estimated_macs`: within 7% of `cost_stage`'s on the reference
-        models, at a fraction of its time)."""
+        """The MACs of the stage computing ``name`` from ``sources`` (0: it reads it)."""
         if name in sources:
             return 0.0
         key = (name, sources)
         if key not in self.memo:
             node = self.graph.nodes[name]
-            self.memo[key] = estimated_macs(self.graph, name, sources, stage_bounds(
-                self.base, node.shape, node.scale), self.index)
+            bounds = stage_bounds(self.base, node.shape, node.scale)
+            if self.exact:
+                prog = TileProgram(self.graph, name, tuple(sorted(sources, key=self.index.get)))
+                self.memo[key] = cost_stage(self.graph, Stage(-1, prog, bounds))[0].macs
+            else:
+                self.memo[key] = estimated_macs(self.graph, name, sources, bounds, self.index)
         return self.memo[key]
 
     def __call__(self, kept) -> float:
@@ -117,16 +124,22 @@ def keep_sequence(graph: Graph, compute: Compute):
             cost += compute.macs(n, (s - {c}) | own) - compute.macs(n, s)
         return cost
 
-    # lazily: a drop cost made stale by a drop is recomputed only when it is the least
-    # (recomputing every one would cost the whole network's stages per drop); dropping
-    # a tensor makes its readers' stages larger, so a stale cost is rarely too high
+    # A drop makes the costs of dropping its neighbours stale; they may fall as well as
+    # rise (FaultSeg3D: dropping the bottleneck makes dropping enc3 free). A short
+    # sequence recomputes them all before the next pick; a long one (hundreds of
+    # barriers, where that costs most of the planning) only the least, until the least
+    # is fresh: a stale cost that fell may then be picked later than it should be.
     costs = {c: drop_cost(c) for c in kept}
     stale = set()
     order = compute.index
+    eager = len(kept) <= LAID_OUT
 
     def score(c):
         return (costs[c] / max(sizes[c], 1), order[c])
     while kept:
+        if eager:
+            costs.update({x: drop_cost(x) for x in stale})
+            stale.clear()
         while True:
             c = min(kept, key=score)
             if c not in stale:
@@ -222,11 +235,14 @@ def thinned(sets: list[KeptSet], budget: float, input_bytes: int) -> list[KeptSe
 
 def better(planner: "Planner", grid: "Grid", best: "Grid") -> bool:
     """``grid`` fits where ``best`` does not, or fits as well and is projected faster
-    (by more than 0.1%: fewer kept tensors win a tie)."""
+    (by more than 0.1%: fewer kept tensors win a tie); where neither fits, ``grid``
+    comes closer (its refusal names the smallest memory limit that works)."""
     if best is None:
         return True
     if best.too_big != grid.too_big:
         return best.too_big
+    if grid.too_big:
+        return grid.layout.peak_bytes < best.layout.peak_bytes
     return planner.seconds(grid.layout) < (1 - 1e-3) * planner.seconds(best.layout)
 
 
@@ -241,7 +257,8 @@ class KeepSearch:
         # costed on the grid of nothing kept (the smallest tasks, the most halo), or
         # on the user's chunks without laying that out
         base = candidates[0] if len(candidates) == 1 else self.nothing.base
-        self.compute = Compute(graph, base)
+        # a short sequence is costed exactly; a long one (a norm-heavy network's) estimated
+        self.compute = Compute(graph, base, exact=len(keep_candidates(graph)) <= LAID_OUT)
         self._steps = keep_sequence(graph, self.compute)
         self.sequence = [next(self._steps)]
 
@@ -312,8 +329,9 @@ def choose_kept(planner: "Planner", budget: float, candidates,
     output must fit a task's I/O bytes), and smaller tasks recompute more halo: so the
     sets `KeepSearch.within` ``budget`` are each laid out on their own grid and
     the fastest set whose tasks fit is chosen (so that 4x the input never costs more
-    than 1x or 2x). The output alone is laid out only where the sequence reached it or
-    no set fits the budget (it is the costliest plan of a norm-heavy network)."""
+    than 1x or 2x). The output alone is laid out where it is among those sets, where
+    none fits the budget, or where no set's tasks fit and its might (it is the costliest
+    plan of a norm-heavy network)."""
     graph = planner.graph
     search = search or KeepSearch(planner, candidates)
     sets = search.within(budget)
@@ -324,6 +342,9 @@ def choose_kept(planner: "Planner", budget: float, candidates,
         grid = search.nothing if not chosen.names else planner.grid(kept, candidates)
         if better(planner, grid, best[1]):
             best = (kept, grid)
+    if best[1].too_big and best[1] is not search.nothing \
+            and better(planner, search.nothing, best[1]):
+        best = ([graph.output], search.nothing)  # wide kept tensors fill a task's I/O
     return best
 
 

@@ -23,8 +23,8 @@ from .errors import InputError, MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
-from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, choose_kept, keep_more_to_fit,
-                   shortfall, storage_budget)
+from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, better, choose_kept,
+                   keep_more_to_fit, shortfall, storage_budget)
 from .rates import Rates, rates_for
 from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
 
@@ -354,13 +354,14 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     if budget > first and search.slow_within(first):
         first = budget  # no plan within the input's bytes computes within SLOW_NOTE
     kept, grid, notes, short = choose_plan(planner, first, keep, spill, planner_for, search)
-    if short is not None and budget > first:
-        kept, grid, notes, short = choose_plan(planner, budget, keep, spill, planner_for,
-                                               search)
+    more = choose_plan(planner, budget, keep, spill, planner_for, search) \
+        if short is not None and budget > first else None
+    if more is not None and better(planner, more[1], grid):
+        kept, grid, notes, short = more
     else:
         budget = first
     if given is not None:
-        short = None  # chunks the user gave are theirs: nothing to suggest
+        short = None  # chunks the user gave are theirs (they may take more storage, above)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
     notes = chunk_notes + notes

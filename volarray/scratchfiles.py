@@ -12,6 +12,7 @@ its 16.3 s in those reads. Scratch on an object store stays zarr (`volarray.stor
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ class TaskFiles:
         spatial slices), written to a temporary name and renamed into place."""
         lo = [s.start for s in region[1:]]
         final = self.path(lo)
-        part = final[:-4] + f".part-{os.getpid()}-{id(y)}.npy"
+        part = final[:-4] + f".part-{uuid.uuid4().hex}.npy"  # one per write, any host
         np.save(part, np.ascontiguousarray(np.asarray(y), dtype=self.dtype))
         os.replace(part, final)
 
