@@ -72,11 +72,12 @@ class PackedChunk:
 def encode(block: np.ndarray) -> tuple[bytes, ...]:
     """(bitmap of nonzero bits, their values), or (raw bytes,) where that would not be
     at least a tenth smaller."""
-    bits = block.view(f"u{block.dtype.itemsize}") != 0
-    values = block[bits]
-    if values.size * block.dtype.itemsize + bits.size // 8 >= 0.9 * block.nbytes:
+    raw = block.view(f"u{block.dtype.itemsize}")
+    nonzero = np.count_nonzero(raw)  # counted first: a dense block needs no mask
+    if nonzero * block.dtype.itemsize + block.size // 8 >= 0.9 * block.nbytes:
         return (np.ascontiguousarray(block).tobytes(),)
-    return np.packbits(bits, axis=None).tobytes(), values.tobytes()
+    bits = raw != 0
+    return np.packbits(bits, axis=None).tobytes(), block[bits].tobytes()
 
 
 def decode(parts: tuple[bytes, ...], shape, dtype) -> np.ndarray:
