@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from .geometry import EMPTY, SPATIAL, Interval, chunk_bounds, intervals
 from .graph import Graph
-from .program import TileProgram
+from .program import TileProgram, stage_nodes
 
 MIN_TILE_SIDE = 16  # stages at coarse levels merge chunks below this side
 
@@ -183,14 +183,7 @@ def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> flo
     costs thousands of stages on a norm-heavy network. ``index``: graph order."""
     nodes = graph.nodes
     sources = set(sources)
-    wanted, stack = set(), [name]
-    while stack:
-        n = stack.pop()
-        if n not in wanted:
-            wanted.add(n)
-            if n not in sources:
-                stack.extend(nodes[n].inputs)
-    order = sorted(wanted - sources, key=index.__getitem__)
+    order = sorted(stage_nodes(graph, name, sources) - sources, key=index.__getitem__)
     out_scale = [float(v) for v in nodes[name].scale]
     sums = {n: 1.0 for n in order}
     for axis, b in enumerate(bounds):

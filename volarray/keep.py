@@ -318,8 +318,8 @@ class KeepSearch:
         return self.compute(alone) > SLOW_NOTE * self.sequence[0].macs
 
 
-def choose_kept(planner: "Planner", budget: float, candidates,
-                search: KeepSearch | None = None) -> tuple[list[str], "Grid"]:
+def choose_kept(planner: "Planner", budget: float,
+                search: KeepSearch) -> tuple[list[str], "Grid"]:
     """The output plus the kept tensors whose plan is projected fastest, with their
     grid (MACs at the device's rate, bytes read and written at the storage's, and
     each task's overhead: `Planner.seconds`).
@@ -332,8 +332,7 @@ def choose_kept(planner: "Planner", budget: float, candidates,
     than 1x or 2x). The output alone is laid out where it is among those sets, where
     none fits the budget, or where no set's tasks fit and its might (it is the costliest
     plan of a norm-heavy network)."""
-    graph = planner.graph
-    search = search or KeepSearch(planner, candidates)
+    graph, candidates = planner.graph, search.candidates
     sets = search.within(budget)
     best = ([graph.output], search.nothing if not sets else None)
     # fewer kept tensors first, replaced only to fit or to save

@@ -302,7 +302,7 @@ def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
     """The kept tensors and the grid of the fastest plan within the budgets, its notes,
     and its `Shortfall` where the budgets cost it much compute."""
     candidates = search.candidates
-    kept, grid = choose_kept(planner, budget, candidates, search)
+    kept, grid = choose_kept(planner, budget, search)
     kept, grid, notes = keep_more_to_fit(planner, kept, grid, candidates, keep)
     short = None if grid.too_big else shortfall(
         planner, kept, grid, budget, candidates, spill, keep, planner_for)

@@ -54,6 +54,19 @@ def _conv_border(want: Box, shape, stride: int) -> tuple[tuple[int, ...], int | 
     return (p,) + pad[1:], (p - lo) // stride
 
 
+def stage_nodes(graph: Graph, output: str, sources) -> set[str]:
+    """``output`` and its ancestors, stopping at ``sources`` (which are included)."""
+    wanted, stack = set(), [output]
+    while stack:
+        n = stack.pop()
+        if n in wanted:
+            continue
+        wanted.add(n)
+        if n not in sources:
+            stack.extend(graph.nodes[n].inputs)
+    return wanted
+
+
 class TileProgram:
     """The ops that turn a stage's source tensors into its output node, per tile."""
 
@@ -62,14 +75,7 @@ class TileProgram:
         self.sources = tuple(sources)
         self.value_bytes = graph.value_bytes  # of one value of the graph's dtype
         nodes = graph.nodes
-        wanted, stack = set(), [output]
-        while stack:  # ancestors of the output, stopping at the sources
-            n = stack.pop()
-            if n in wanted:
-                continue
-            wanted.add(n)
-            if n not in self.sources:
-                stack.extend(nodes[n].inputs)
+        wanted = stage_nodes(graph, output, self.sources)
         missing = [n for n in wanted if nodes[n].op is None and n not in self.sources]
         if missing:
             raise ValueError(f"stage {output} reaches the input without it as a source")
