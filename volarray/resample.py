@@ -131,24 +131,38 @@ def _rows(block: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(y, 0, axis))
 
 
+def along_axis(x: da.Array, axis: int, out_chunks, reads, fn, kwargs, dtype) -> da.Array:
+    """``x`` mapped along ``axis`` one output chunk at a time (sides ``out_chunks``):
+    the chunk [o0, o1) is ``fn(block, **kwargs(o0, o1, j0, j1))`` of the input rows
+    [j0, j1) = ``reads(o0, o1)`` it needs, gathered into one block along the axis. The
+    lazy skeleton of a separable resampling (nnU-Net's here, `volarray.tta`'s linear
+    one)."""
+    pieces, o0 = [], 0
+    for side in out_chunks:
+        o1 = o0 + side
+        j0, j1 = reads(o0, o1)
+        part = x[(slice(None),) * axis + (slice(j0, j1),)].rechunk({axis: j1 - j0})
+        chunks = part.chunks[:axis] + ((side,),) + part.chunks[axis + 1:]
+        pieces.append(part.map_blocks(fn, chunks=chunks, dtype=dtype,
+                                      **kwargs(o0, o1, j0, j1)))
+        o0 = o1
+    return da.concatenate(pieces, axis=axis)
+
+
 def resample_axis(x: da.Array, axis: int, n_out: int, order: int, separate: bool = False,
                   chunk: int = 64) -> da.Array:
     """``x`` (any dimensions) resampled along ``axis`` to ``n_out`` voxels, float64, one
     dask piece per output chunk of ``chunk`` voxels along the axis; each piece reads the
     input voxels whose weights are not negligible (its kernel)."""
-    n_in = x.shape[axis]
-    m = axis_matrix(n_in, n_out, order, separate)
-    pieces = []
-    for o0 in range(0, n_out, chunk):
-        o1 = min(o0 + chunk, n_out)
+    m = axis_matrix(x.shape[axis], n_out, order, separate)
+
+    def reads(o0, o1):
         used = np.flatnonzero((np.abs(m[o0:o1]) > NEGLIGIBLE).any(axis=0))
-        j0, j1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
-        index = (slice(None),) * axis + (slice(j0, j1),)
-        part = x[index].rechunk({axis: j1 - j0})
-        chunks = part.chunks[:axis] + ((o1 - o0),) + part.chunks[axis + 1:]
-        pieces.append(part.map_blocks(_rows, weights=m[o0:o1, j0:j1], axis=axis,
-                                      chunks=chunks, dtype=np.float64))
-    return da.concatenate(pieces, axis=axis)
+        return (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+    sides = [min(chunk, n_out - o) for o in range(0, n_out, chunk)]
+    return along_axis(x, axis, sides, reads, _rows,
+                      lambda o0, o1, j0, j1: {"weights": m[o0:o1, j0:j1], "axis": axis},
+                      np.float64)
 
 
 def resample(x: da.Array, shape, spacing, new_spacing, scheme: Scheme = Scheme(),

@@ -31,6 +31,7 @@ import numpy as np
 from .errors import InputError
 from .io import canonical
 from .predictors import check_model
+from .resample import along_axis
 
 TRANSFORMS = ("flips", "rot90", "multires")
 MERGES = ("mean", "max")
@@ -164,19 +165,11 @@ def resample_linear(y: da.Array, axis: int, size: int, chunks) -> da.Array:
     if y.shape[axis] == size:
         return y
     i0, i1, w1 = linear_weights(y.shape[axis], size)
-    parts, start = [], 0
-    for side in chunks:
-        stop = start + side
-        lo, hi = int(i0[start]), int(i1[stop - 1]) + 1
-        index = [slice(None)] * y.ndim
-        index[axis] = slice(lo, hi)
-        rows = y[tuple(index)].rechunk({axis: -1})
-        out_chunks = rows.chunks[:axis] + ((side,),) + rows.chunks[axis + 1:]
-        parts.append(rows.map_blocks(interpolate_rows, chunks=out_chunks, dtype=y.dtype,
-                                     axis=axis, i0=i0[start:stop] - lo,
-                                     i1=i1[start:stop] - lo, w1=w1[start:stop]))
-        start = stop
-    return da.concatenate(parts, axis=axis)
+    return along_axis(y, axis, chunks, lambda o0, o1: (int(i0[o0]), int(i1[o1 - 1]) + 1),
+                      interpolate_rows,
+                      lambda o0, o1, j0, j1: {"axis": axis, "i0": i0[o0:o1] - j0,
+                                              "i1": i1[o0:o1] - j0, "w1": w1[o0:o1]},
+                      y.dtype)
 
 
 def interpolate_rows(block: np.ndarray, axis: int, i0, i1, w1) -> np.ndarray:
