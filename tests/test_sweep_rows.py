@@ -4,8 +4,9 @@ padded copy of a slab's input where the convolution can pad it."""
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
-import torch.nn.functional as F
 
 import volarray
 import volarray.costing as PLAN
@@ -97,7 +98,7 @@ def test_a_view_handed_out_is_not_overwritten():
 
 def test_the_first_and_last_slabs_are_padded_by_the_conv(monkeypatch):
     """A zero-padded conv pads a slab's one-sided z border itself: no padded copy of
-    its input (F.pad) in a swept task of zero-padded convolutions, and the same
+    its input (`fill.pad_constant`) in a swept task of zero-padded convolutions, and the same
     result as the whole-volume forward."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
@@ -107,8 +108,8 @@ def test_the_first_and_last_slabs_are_padded_by_the_conv(monkeypatch):
     monkeypatch.setattr(PLAN, "choose_slab", lambda g, st, sh, t, u, lim=None: (
         dataclasses.replace(st, slab=8) if st.chunk_shape[0] > 8 else st))
     assert volarray.plan(model, vol, chunks=vol.shape, keep=0).stages[0].slab == 8
-    pads, real = [], F.pad
-    monkeypatch.setattr(FILL.F, "pad", lambda *a, **k: pads.append(1) or real(*a, **k))
+    pads, real = [], FILL.pad_constant
+    monkeypatch.setattr(FILL, "pad_constant", lambda *a, **k: pads.append(1) or real(*a, **k))
     y = volarray.predict(model, vol, chunks=vol.shape, keep=0).compute(scheduler="sync")
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
     assert not pads
@@ -134,3 +135,20 @@ def test_a_swept_unet_equals_its_whole_forward_bit_for_bit(rows):
     finally:
         PLAN.choose_slab = real
     assert (swept.view("u4") == whole.view("u4")).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6),
+                       st.integers(1, 6)),
+       lo=st.tuples(*[st.integers(0, 3)] * 3), hi=st.tuples(*[st.integers(0, 3)] * 3),
+       value=st.sampled_from([0.0, -1.5, float("-inf")]), crop=st.booleans())
+def test_a_constant_border_is_what_f_pad_gives(shape, lo, hi, value, crop):
+    """The tiles' constant padding (one channels-last copy) equals F.pad's, on a
+    strided crop as on a whole tensor."""
+    t = torch.randn((1,) + shape).contiguous(memory_format=torch.channels_last_3d)
+    if crop:
+        t = t[:, :, :, 1:] if shape[2] > 1 else t[:, :, 1:]
+    pads = [p for a, b in zip(reversed(lo), reversed(hi)) for p in (a, b)]
+    got = FILL.pad_constant(t, lo, hi, value)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(got, torch.nn.functional.pad(t, pads, value=value))

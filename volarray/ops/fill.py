@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..geometry import Box, Interval
 
@@ -64,6 +63,23 @@ def source_interval(want: Interval, n: int, fill: Fill) -> Interval:
     return Interval(int(idx.min()), int(idx.max()) + 1)
 
 
+def pad_constant(t: torch.Tensor, lo, hi, value: float) -> torch.Tensor:
+    """``t`` (N, C, Z, Y, X) with ``lo``/``hi`` planes of ``value`` before/after it per
+    spatial axis, channels-last. F.pad on a channels-last tile is ~4x slower than this
+    one copy (a 16-channel 130^2 slab: 4 ms against 0.9 ms), and a swept task's tiles at
+    the volume's faces are padded every slab."""
+    shape = tuple(t.shape[:2]) + tuple(n + a + b for n, a, b in zip(t.shape[2:], lo, hi))
+    out = torch.empty(shape, dtype=t.dtype, device=t.device,
+                      memory_format=torch.channels_last_3d)
+    out[(slice(None), slice(None)) + tuple(slice(a, a + n) for a, n in zip(lo, t.shape[2:]))] = t
+    for dim, (a, b) in enumerate(zip(lo, hi), start=2):  # the borders (corners twice)
+        if a:
+            out.narrow(dim, 0, a).fill_(value)
+        if b:
+            out.narrow(dim, shape[dim] - b, b).fill_(value)
+    return out
+
+
 def extend(t: torch.Tensor | None, have: Box, want: Box, valid: tuple[int, ...], fill: Fill,
            channels: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Values of region ``want`` from tensor ``t`` covering ``have`` (shape (1, C, *have))."""
@@ -72,12 +88,9 @@ def extend(t: torch.Tensor | None, have: Box, want: Box, valid: tuple[int, ...],
         if inner.empty or t is None:
             return torch.full((1, channels) + want.shape, fill.value, dtype=dtype, device=device)
         piece = t[(slice(None), slice(None)) + inner.slices(have.lo)]
-        pads = []
-        for w, i in reversed(list(zip(want.axes, inner.axes))):
-            pads += [i.lo - w.lo, w.hi - i.hi]
-        if any(pads):
-            piece = F.pad(piece, pads, value=fill.value)
-        return piece
+        lo = tuple(i.lo - w.lo for w, i in zip(want.axes, inner.axes))
+        hi = tuple(w.hi - i.hi for w, i in zip(want.axes, inner.axes))
+        return pad_constant(piece, lo, hi, fill.value) if any(lo + hi) else piece
     out = t
     for axis, (w, h, n) in enumerate(zip(want.axes, have.axes, valid)):
         idx = index_map(np.arange(w.lo, w.hi), n, fill) - h.lo
