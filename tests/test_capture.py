@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import volarray
+from volarray.errors import TraceError
 from volarray.selfcheck import probe_shape
 from volarray.testing import assert_volume_close
 
@@ -245,3 +246,60 @@ def test_channels_last_blocks_and_prelu():
     odd = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), ConvNeXtBlock(reduce_z=True)).eval()
     with pytest.raises(volarray.UnsupportedOpError, match="permute"):
         volarray.predict(odd, vol)
+
+
+class WritesInPlace(nn.Module):
+    """Every form of in-place write, each followed by a read of the tensor written:
+    the reader sees the value after the write, as in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(3, affine=True)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.head = nn.Conv3d(3, 1, 1)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x))
+        a = self.head(self.act(y))  # module, in place
+        b = F.elu(y, 0.5, True)  # function, inplace=True
+        c = (y * 1.5).sigmoid_()  # a method ending in _, on a fresh tensor
+        y.mul_(2.0)  # a method ending in _ (b, an alias of y, changes too)
+        return a + b + c + y
+
+
+class WritesIntoAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y[:, :1].relu_()  # into a view: y changes too
+        return y
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_in_place_writes_are_seen_by_later_readers(capture):
+    """A silent wrong answer before: torch.fx's graph let the norm's later readers read
+    it before the in-place LeakyReLU wrote into it (max error 3.0)."""
+    torch.manual_seed(0)
+    model = WritesInPlace().eval()
+    if capture == "export":  # a submodule hook sends the capture to torch.export
+        model.conv.register_forward_hook(lambda module, args, out: None)
+    vol = random_volume((12, 10, 9), seed=3)
+    want = whole_volume(model, vol)
+    y = volarray.predict(model, vol, chunks=(6, 5, 9)).compute(scheduler="sync")
+    assert_volume_close(y, want, atol=1e-5)
+    assert model.act.inplace  # the model's own module is left as it was
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_in_place_write_into_a_view_is_refused_not_lost(capture):
+    """Neither capture follows a write into a view to its base: refused, not wrong."""
+    torch.manual_seed(0)
+    model = WritesIntoAView().eval()
+    if capture == "export":
+        model.conv.register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(TraceError):
+        volarray.predict(model, random_volume((12, 10, 9), seed=3), chunks=(6, 5, 9))

@@ -270,6 +270,57 @@ def capture(model: nn.Module, input_shape, select=None, dtype=None) -> fx.GraphM
 
 
 def fx_capture(model: nn.Module, select=None) -> fx.GraphModule:
-    """``model`` captured with torch.fx, channels-last chains fused, reduced to the
-    output ``select`` picks: where torch.export cannot capture it."""
-    return select_output(fuse_channels_last(symbolic_trace(model)), select)
+    """``model`` captured with torch.fx, in-place calls made explicit, channels-last
+    chains fused, reduced to the output ``select`` picks."""
+    return select_output(fuse_channels_last(functionalize(symbolic_trace(model))), select)
+
+
+# ops whose result may share its input's memory: an in-place op on one changes the base
+VIEW_OPS = {"view", "view_as", "reshape", "reshape_as", "narrow", "select", "transpose", "t",
+            "permute", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten",
+            "split", "chunk", "unbind", "movedim", "swapaxes", "as_strided", "detach",
+            "contiguous", "getitem", "__getitem__", "diagonal", "unfold"}
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: a module with ``inplace=True``
+    (nn.ReLU(inplace=True)), a function called with ``inplace=True``, a method or
+    function whose name ends in ``_`` (``x.relu_()``, ``torch.relu_(x)``)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op in ("call_method", "call_function"):
+        name = _name(node)
+        return bool(node.kwargs.get("inplace")) or (name.endswith("_")
+                                                     and not name.startswith("_"))
+    return False
+
+
+def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """torch.fx records an in-place call as a node, and later readers of the tensor it
+    wrote still read the node before it. Tiles run every op out of place (a tile may be
+    a view of rows a sweep keeps), so those readers would see the value before the
+    write: nn.InstanceNorm3d then ReLU(inplace=True), then the norm's output read again,
+    gave the un-rectified values. Here every reader after an in-place node reads that
+    node instead, as torch.export's functionalization does. A write into a view (its
+    base changes too) is refused: torch.export captures such a model."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not mutates_input(gm, node) or not node.args or not isinstance(node.args[0],
+                                                                           fx.Node):
+            continue
+        target = node.args[0]
+        if target.op in ("call_method", "call_function") and _name(target) in VIEW_OPS:
+            raise TraceError(f"{node.name} writes in place into {target.name}, a view of "
+                             "another tensor; torch.fx cannot follow that write")
+        for user in list(target.users):
+            if order[user] > order[node]:
+                user.replace_input_with(target, node)
+                changed = True
+    if changed:
+        gm.recompile()
+    return gm

@@ -7,6 +7,9 @@ first).
 """
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 import torch.fx as fx
 
@@ -41,8 +44,24 @@ class CallModule:
     def __call__(self, ctx, *a, **k):
         module = ctx.module(self.target)
         if getattr(module, "inplace", False) and a and isinstance(a[0], torch.Tensor):
-            a = (a[0].clone(),) + a[1:]  # nn.ReLU(inplace=True) and kin
+            module = out_of_place(module)  # nn.ReLU(inplace=True) and kin
         return module(*a, **k)
+
+
+_OUT_OF_PLACE = weakref.WeakKeyDictionary()  # an in-place module -> its out-of-place copy
+
+
+def out_of_place(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``module`` with ``inplace=False`` (the module's own out-of-place
+    form; its parameters are shared): one pass over the tile, where a clone and the
+    in-place op were two (FaultSSL's InstanceNorm-ReLU pairs: 1,706 clones, 7% of a
+    run). The model's module itself is left as it is: threads share it."""
+    found = _OUT_OF_PLACE.get(module)
+    if found is None:
+        found = copy.copy(module)
+        found.inplace = False
+        _OUT_OF_PLACE[module] = found
+    return found
 
 
 class CallFunction:
