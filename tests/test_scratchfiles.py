@@ -30,3 +30,21 @@ def test_half_precision_is_stored_as_asked(tmp_path):
     got = files.read_box(Box.from_bounds((1, 0, 2), (3, 4, 4)))
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got, y[:, 1:3, :, 2:4].astype(np.float16))
+
+
+def test_regions_are_stored_and_read_back_channels_last(tmp_path):
+    """A tile's (C, z, y, x) view of channels-last memory is written as it lies, and a
+    region comes back as such a view: the next task takes it without a copy."""
+    import torch
+    from volarray.devices import to_device
+    files = task_files(str(tmp_path / "c"), ((0, 6),) * 3, 4, "float32")
+    tile = torch.randn(1, 4, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    files.write_region((slice(None),) + Box.from_bounds((0, 0, 0), (6, 6, 6)).slices(),
+                       tile[0].numpy())
+    (stored,) = (tmp_path / "c").iterdir()
+    assert np.load(stored).shape == (6, 6, 6, 4)
+    got = files.read_box(Box.from_bounds((1, 0, 2), (5, 6, 6)))
+    assert got.transpose(1, 2, 3, 0).flags.c_contiguous
+    t = to_device(got, "cpu")
+    assert t.data_ptr() == got.ctypes.data  # the array itself, not a copy
+    np.testing.assert_array_equal(t[0].numpy(), tile[0, :, 1:5, :, 2:6].numpy())
