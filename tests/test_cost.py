@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
 
     def fake(device="cpu", where=None):
         calls.append(device)
-        return R.Rates(3e10, 2e9, 1e-3, "calibrated")
+        return R.Rates(3e10, 2e9, 1e-3, "calibrated", 5e9)
     monkeypatch.setattr(R, "calibrate", fake)
     return calls
 
@@ -45,17 +45,47 @@ def test_rates_from_the_environment_and_refused_when_malformed(monkeypatch):
             R.rates_for("cpu")
 
 
+def test_the_memory_rate_is_optional_in_the_environment_and_costs_op_outputs(monkeypatch):
+    """mem= costs every op's output bytes (norms, activations, a sweep's copies) at its
+    rate: a fourth part of the projection, shown in the plan; without it, three."""
+    model = seeded(FaultSeg3D)
+    monkeypatch.setenv("VOLARRAY_RATES", FAST + ",mem=4e9")
+    r = R.rates_for("cpu")
+    assert r.memory_bytes_per_s == 4e9 and "memory-bound ops 4 GB/s" in r.text()
+    plan = volarray.plan(model, VOL64, chunks=32)
+    t = plan.projection
+    # every op's output at least once over the volume: more than the output's bytes
+    assert plan.touched_bytes > 16 * VOL64.nbytes
+    assert t.memory_s == pytest.approx(plan.touched_bytes / 4e9)
+    assert plan.projected_seconds == pytest.approx(t.compute_s + t.io_s + t.overhead_s
+                                                   + t.memory_s)
+    assert f"memory-bound ops {t.memory_s:.3g} s" in str(plan)
+    # recomputation touches more: a plan keeping nothing computes and touches more
+    bare = volarray.plan(model, VOL64, chunks=16, keep=0)
+    assert bare.touched_bytes > volarray.plan(model, VOL64, chunks=16).touched_bytes
+    monkeypatch.setenv("VOLARRAY_RATES", FAST)
+    plain = volarray.plan(model, VOL64, chunks=32)
+    assert plain.projection.memory_s == 0 and "memory-bound" not in str(plain)
+    monkeypatch.setenv("VOLARRAY_RATES", FAST + ",mem=0")
+    with pytest.raises(volarray.InputError, match="memory_bytes_per_s"):
+        R.rates_for("cpu")
+
+
 def test_calibrated_once_then_read_from_the_cache(cache, tmp_path):
     first = R.rates_for("cpu")
     assert cache == ["cpu"] and first.source == "calibrated"
     again = R.rates_for("cpu")  # from the JSON file: no second calibration
     assert cache == ["cpu"] and again.source.startswith("cache ")
-    assert (again.macs_per_s, again.bytes_per_s, again.task_s) == (3e10, 2e9, 1e-3)
+    assert (again.macs_per_s, again.bytes_per_s, again.task_s,
+            again.memory_bytes_per_s) == (3e10, 2e9, 1e-3, 5e9)
     data = json.loads((tmp_path / "rates.json").read_text())
     assert list(data) == [R.machine_key("cpu")] and "measured" in data[R.machine_key("cpu")]
+    del data[R.machine_key("cpu")]["memory_bytes_per_s"]  # cached before the memory rate
+    (tmp_path / "rates.json").write_text(json.dumps(data))
+    assert R.rates_for("cpu").source == "calibrated" and cache == ["cpu", "cpu"]
     (tmp_path / "rates.json").write_text("{ damaged")
     R.rates_for("cpu")  # a damaged cache is measured again, not an error
-    assert cache == ["cpu", "cpu"]
+    assert cache == ["cpu", "cpu", "cpu"]
 
 
 def test_an_unwritable_cache_does_not_stop_a_run(cache, tmp_path, monkeypatch):
@@ -86,6 +116,7 @@ def test_calibrate_command_in_a_subprocess(tmp_path):
     rates = R.Rates(**{k: v for k, v in json.loads((tmp_path / "rates.json").read_text())
                        [R.machine_key("cpu")].items() if k != "measured"})
     assert rates.macs_per_s > 1e8 and rates.bytes_per_s > 1e6 and rates.task_s < 0.1
+    assert rates.memory_bytes_per_s > 1e7
 
 
 def test_plan_shows_its_projected_time_in_three_parts(monkeypatch):

@@ -55,6 +55,7 @@ class Stage(OnGrid):
     slab: int | None = None
     io_bytes: int = 0  # a task's sources and output region (held while it runs)
     moved_bytes: int = 0  # every task's sources read and output written, whole volume
+    touched_bytes: int = 0  # every op's output over every task (halos, recomputation)
 
     @property
     def output(self) -> str:
@@ -78,6 +79,7 @@ class Barrier(OnGrid):
     slab: int | None = None  # as Stage.slab
     peak_bytes: int = 0  # projected per task, as Stage.peak_bytes
     moved_bytes: int = 0  # every task's sources read, whole volume
+    touched_bytes: int = 0  # as Stage.touched_bytes
 
     @property
     def recomputed(self) -> bool:
@@ -167,6 +169,8 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
         graph.nodes[n].shape if n == prog.output else sums[n]) for n in held)
     costed = replace(
         stage, macs=sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order),
+        touched_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(sums[n])
+                          for n in prog.order),
         peak_bytes=prog.peak_bytes(shapes), halo=tuple(halo), slab=None,
         io_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(maxs[n]) for n in held),
         moved_bytes=moved)
@@ -290,17 +294,19 @@ def choose_slab(graph: Graph, stage: Stage, shapes: dict, target: float, unit: i
 
 @dataclass(frozen=True)
 class Projection:
-    """A plan's projected time and its three parts, in seconds: its MACs at the
-    device's rate, the bytes its tasks read and write at the storage's rate, and a
-    per-task overhead times its tasks."""
+    """A plan's projected time and its parts, in seconds: its MACs at the device's
+    rate, the bytes its tasks read and write at the storage's rate, a per-task
+    overhead times its tasks, and its ops' output bytes at the memory rate (memory-
+    bound work: norms, activations, copies; 0 where the rates have none)."""
 
     compute_s: float = 0.0
     io_s: float = 0.0
     overhead_s: float = 0.0
+    memory_s: float = 0.0
 
     @property
     def seconds(self) -> float:
-        return self.compute_s + self.io_s + self.overhead_s
+        return self.compute_s + self.io_s + self.overhead_s + self.memory_s
 
 
 def project(parts, rates) -> Projection:
@@ -310,6 +316,8 @@ def project(parts, rates) -> Projection:
     macs = sum(p.macs for p in parts)
     if rates is None:
         return Projection(compute_s=macs)
+    memory = rates.memory_bytes_per_s
     return Projection(macs / rates.macs_per_s,
                       sum(p.moved_bytes for p in parts) / rates.bytes_per_s,
-                      sum(p.n_tasks for p in parts) * rates.task_s)
+                      sum(p.n_tasks for p in parts) * rates.task_s,
+                      sum(p.touched_bytes for p in parts) / memory if memory else 0.0)

@@ -143,7 +143,8 @@ class Planner:
             probe = self.statistics_tasks(program_for(self.graph, g.source, avail), base)
             out.append(Barrier(g.name, probe.program, probe.bounds, macs=probe.macs,
                                slab=probe.slab, peak_bytes=probe.peak_bytes,
-                               moved_bytes=probe.moved_bytes))
+                               moved_bytes=probe.moved_bytes,
+                               touched_bytes=probe.touched_bytes))
         return tuple(out)
 
     def statistics_tasks(self, prog: TileProgram, base) -> Stage:

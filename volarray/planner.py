@@ -62,7 +62,7 @@ class Plan:
 
     @property
     def projection(self) -> Projection:
-        """Projected time in its three parts (`costing.project` at ``rates``)."""
+        """Projected time in its parts (`costing.project` at ``rates``)."""
         return project(self.stages + self.barriers, self.rates)
 
     @property
@@ -73,6 +73,12 @@ class Plan:
     def moved_bytes(self) -> int:
         """The bytes every task together reads and writes (input, kept, output)."""
         return sum(p.moved_bytes for p in self.stages + self.barriers)
+
+    @property
+    def touched_bytes(self) -> int:
+        """The bytes of every op's output over every task (halos and recomputation
+        included): the memory-bound work `Projection.memory_s` costs."""
+        return sum(p.touched_bytes for p in self.stages + self.barriers)
 
     @property
     def storage_bytes(self) -> int:
@@ -169,9 +175,12 @@ class Plan:
         if self.rates is None:
             return "projected time unknown (no rates)"
         t, r = self.projection, self.rates
+        memory = "" if r.memory_bytes_per_s is None else (
+            f", memory-bound ops {t.memory_s:.3g} s ({format_bytes(self.touched_bytes)} of "
+            f"op outputs at {format_bytes(r.memory_bytes_per_s)}/s)")
         return (f"projected time {t.seconds:.3g} s: compute {t.compute_s:.3g} s "
-                f"({self.planned_macs / 1e9:.1f} GMAC at {r.macs_per_s / 1e9:.3g} GMAC/s), "
-                f"I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
+                f"({self.planned_macs / 1e9:.1f} GMAC at {r.macs_per_s / 1e9:.3g} GMAC/s)"
+                f"{memory}, I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
                 f"{format_bytes(r.bytes_per_s)}/s), overhead {t.overhead_s:.3g} s "
                 f"({self.n_tasks} tasks at {r.task_s * 1e3:.3g} ms; rates: {r.source})")
 

@@ -1,12 +1,21 @@
 """The rates a plan's projected time is costed at: MACs per second on the device, bytes
-per second on the storage that holds scratch, and seconds of overhead per task.
+per second on the storage that holds scratch, seconds of overhead per task, and bytes
+per second of the memory-bound work every op's output costs beyond its arithmetic.
 
 They come, in this order, from the environment variable ``VOLARRAY_RATES``
-(``"macs=2e10,bytes=1.5e9,task=0.003"``: every one of the three), from a small JSON
-cache per machine and device (under the user cache dir, or ``VOLARRAY_CACHE_DIR``), or
-from a calibration of a few seconds on first use, which is cached (``volarray
-calibrate`` runs it again): a small conv3d for MAC/s, a write and read of a temporary
-file where scratch lives for bytes/s, and trivial dask tasks for the overhead.
+(``"macs=2e10,bytes=1.5e9,task=0.003"``, each of the three, and optionally
+``mem=8e9``), from a small JSON cache per machine and device (under the user cache
+dir, or ``VOLARRAY_CACHE_DIR``), or from a calibration of a few seconds on first use,
+which is cached (``volarray calibrate`` runs it again): a channels-last conv3d as tiles
+run it for MAC/s, a write and read of a temporary file where scratch lives for bytes/s,
+trivial dask tasks for the overhead, and an out-of-place ReLU plus one copy of a
+channels-last tile for the memory rate.
+
+Why a memory rate: a tile's convolutions are not all its time. Norms, ReLUs after
+them, concatenations, up- and downsampling, and the copies of a sweep (rows into row
+buffers, padded borders) each pass over their output's bytes; an InstanceNorm network
+spends most of its time there (FaultSSL: its convolutions were a fifth), and a plan
+costed on MACs alone was projected at a third of its measured time.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from .errors import InputError
 ENV_RATES = "VOLARRAY_RATES"
 ENV_CACHE = "VOLARRAY_CACHE_DIR"
 FIELDS = {"macs": "macs_per_s", "bytes": "bytes_per_s", "task": "task_s"}
+OPTIONAL = {"mem": "memory_bytes_per_s"}
 
 
 @dataclass(frozen=True)
@@ -33,10 +43,14 @@ class Rates:
     bytes_per_s: float
     task_s: float
     source: str = "given"  # 'given', 'VOLARRAY_RATES', 'cache <path>' or 'calibrated'
+    # bytes of op output per second (None: memory-bound work is not costed apart)
+    memory_bytes_per_s: float | None = None
 
     def __post_init__(self):
-        for name in ("macs_per_s", "bytes_per_s", "task_s"):
+        for name in ("macs_per_s", "bytes_per_s", "task_s", "memory_bytes_per_s"):
             value = getattr(self, name)
+            if value is None and name == "memory_bytes_per_s":
+                continue
             if not (isinstance(value, (int, float)) and value == value and value > 0
                     and value != float("inf")):
                 raise InputError(f"rates: {name}={value!r} is not a positive number; "
@@ -44,23 +58,26 @@ class Rates:
                                  parameter=ENV_RATES)
 
     def text(self) -> str:
+        mem = "" if self.memory_bytes_per_s is None else \
+            f", memory-bound ops {self.memory_bytes_per_s / 1e9:.3g} GB/s"
         return (f"{self.macs_per_s / 1e9:.3g} GMAC/s, {self.bytes_per_s / 1e9:.3g} GB/s, "
-                f"{self.task_s * 1e3:.3g} ms/task ({self.source})")
+                f"{self.task_s * 1e3:.3g} ms/task{mem} ({self.source})")
 
 
 def parse_rates(text: str) -> Rates:
-    """``"macs=2e10,bytes=1.5e9,task=0.003"`` as `Rates`; anything else is refused."""
+    """``"macs=2e10,bytes=1.5e9,task=0.003"`` (and optionally ``mem=8e9``) as `Rates`;
+    anything else is refused."""
     values = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
         try:
-            values[FIELDS[key.strip()]] = float(value)
+            values[{**FIELDS, **OPTIONAL}[key.strip()]] = float(value)
         except (KeyError, ValueError):
             raise InputError(f"{ENV_RATES}={text!r}: {part.strip()!r} is not one of "
-                             "macs=, bytes=, task= with a number; pass e.g. "
+                             "macs=, bytes=, task=, mem= with a number; pass e.g. "
                              f"{ENV_RATES}='macs=2e10,bytes=1e9,task=0.003'",
                              parameter=ENV_RATES) from None
-    if len(values) != len(FIELDS):
+    if not set(FIELDS.values()) <= set(values):
         raise InputError(f"{ENV_RATES}={text!r} lacks one of macs=, bytes=, task=; pass all "
                          f"three, e.g. {ENV_RATES}='macs=2e10,bytes=1e9,task=0.003'",
                          parameter=ENV_RATES)
@@ -103,8 +120,8 @@ def cached(device: str) -> Rates | None:
     entry = _read_cache().get(machine_key(device))
     if not isinstance(entry, dict):
         return None
-    try:
-        return Rates(**{k: float(entry[k]) for k in FIELDS.values()},
+    try:  # an entry from before the memory rate is measured again
+        return Rates(**{k: float(entry[k]) for k in (*FIELDS.values(), *OPTIONAL.values())},
                      source=f"cache {cache_file()}")
     except (KeyError, TypeError, ValueError, InputError):
         return None  # a damaged entry is measured again
@@ -148,23 +165,52 @@ def _median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_macs(device: str = "cpu", side: int = 48, channels: int = 32) -> float:
-    """MAC/s of a 3x3x3 conv3d (``channels`` in and out, ``side``^3, padding 1), the
-    layer most dense 3D networks spend their time in."""
+def _tiles(device: str, side: int, channels: int):
+    """A channels-last tile (1, ``channels``, side/3, side, side) on the device, as a
+    swept task's slabs are (a CUDA device's four times the side), and a synchronizer."""
     import torch
     dev = "cuda" if device.startswith("cuda") else "cpu"
     if dev == "cuda":
-        side, channels = side * 4, channels * 2
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev).eval()
-    x = torch.randn(1, channels, side, side, side, device=dev)
+        side = side * 4
+    x = torch.randn(1, channels, side // 3, side, side, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    return x.contiguous(memory_format=torch.channels_last_3d), sync
+
+
+def measure_macs(device: str = "cpu", side: int = 96, channels: int = 16) -> float:
+    """MAC/s of a 3x3x3 conv3d with its ReLU (``channels`` in and out, padding 1) on a
+    channels-last slab, through the call tiles make (`volarray.ops.conv.Conv`): the
+    layer most dense 3D networks spend their time in. A contiguous NCDHW input, as
+    this was measured before, ran at half the rate tiles reach (44 against 80
+    GMAC/s here)."""
+    import torch
+    from .ops.conv import Conv
+    x, sync = _tiles(device, side, channels)
+    conv = Conv(kernel=(3, 3, 3), pad_lo=(1, 1, 1))
+    w = torch.randn(channels, channels, 3, 3, 3, device=x.device)
+    b = torch.zeros(channels, device=x.device)
 
     def run():
         with torch.inference_mode():
-            conv(x)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+            conv.convolve(x, w, b, (1, 1, 1), relu=True)
+        sync()
     run()  # warm-up: kernels chosen, memory allocated
-    return channels * channels * 27 * side ** 3 / _median_time(run, 5)
+    return channels * channels * 27 * x[0, 0].numel() / _median_time(run, 5)
+
+
+def measure_memory(device: str = "cpu", side: int = 96, channels: int = 16) -> float:
+    """Bytes of output per second of the memory-bound work an op's tile costs: an
+    out-of-place ReLU of a channels-last slab and one copy of the result (into a row
+    buffer, a padded tile)."""
+    import torch
+    x, sync = _tiles(device, side, channels)
+    buf = torch.empty_like(x)
+
+    def run():
+        buf.copy_(torch.relu(x))
+        sync()
+    run()
+    return x.numel() * x.element_size() / _median_time(run, 5)
 
 
 def measure_bytes(where: str | None = None, size: int = 64 * 2**20) -> float:
@@ -193,5 +239,6 @@ def measure_task(n: int = 400) -> float:
 
 
 def calibrate(device: str = "cpu", where: str | None = None) -> Rates:
-    """Measure the three rates (a few seconds)."""
-    return Rates(measure_macs(device), measure_bytes(where), measure_task(), "calibrated")
+    """Measure the four rates (a few seconds)."""
+    return Rates(measure_macs(device), measure_bytes(where), measure_task(), "calibrated",
+                 measure_memory(device))
