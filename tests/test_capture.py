@@ -303,3 +303,21 @@ def test_an_in_place_write_into_a_view_is_refused_not_lost(capture):
         model.conv.register_forward_hook(lambda module, args, out: None)
     with pytest.raises(TraceError):
         volarray.predict(model, random_volume((12, 10, 9), seed=3), chunks=(6, 5, 9))
+
+
+def test_an_inplace_module_runs_out_of_place_without_a_clone(monkeypatch):
+    """An in-place activation module runs as its out-of-place copy (one pass, no clone
+    of its input); the model's own module keeps inplace=True."""
+    import volarray.ops.calls as CALLS
+    torch.manual_seed(0)
+    model = WritesInPlace().eval()
+    vol = random_volume((12, 10, 9), seed=3)
+    copies = []
+    real = CALLS.out_of_place
+    monkeypatch.setattr(CALLS, "out_of_place", lambda m: copies.append(m) or real(m))
+    y = volarray.predict(model, vol, chunks=(6, 5, 9)).compute(scheduler="sync")
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
+    assert copies and all(m is model.act for m in copies)
+    assert model.act.inplace and not real(model.act).inplace
+    assert real(model.act) is real(model.act)  # made once
+    assert real(model.act).negative_slope == 0.2

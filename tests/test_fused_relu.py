@@ -65,36 +65,3 @@ def test_every_fused_conv_runs_its_relu(monkeypatch):
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
     assert sum(calls) >= 10 and not all(calls), calls  # the classifier conv has no ReLU
 
-
-class NormThenInplace(nn.Module):
-    """An in-place activation module after a norm (not fusable into a conv)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(1, 3, 3, padding=1)
-        self.norm = nn.InstanceNorm3d(3, affine=True)
-        self.act = nn.LeakyReLU(0.2, inplace=True)
-        self.head = nn.Conv3d(3, 1, 1)
-
-    def forward(self, x):
-        y = self.norm(self.conv(x))
-        return self.head(self.act(y)) + y  # y read again after the activation
-
-
-def test_an_inplace_module_runs_out_of_place_without_a_clone(monkeypatch):
-    """An in-place activation module runs as its out-of-place copy (one pass, no clone
-    of its input); the model's own module keeps inplace=True, and the tile it read is
-    not written (y is read again after it)."""
-    import volarray.ops.calls as CALLS
-    torch.manual_seed(0)
-    model = NormThenInplace().eval()
-    vol = random_volume((12, 10, 9), seed=3)
-    copies = []
-    real = CALLS.out_of_place
-    monkeypatch.setattr(CALLS, "out_of_place", lambda m: copies.append(m) or real(m))
-    y = volarray.predict(model, vol, chunks=(6, 5, 9)).compute(scheduler="sync")
-    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
-    assert copies and all(m is model.act for m in copies)
-    assert model.act.inplace and not real(model.act).inplace
-    assert real(model.act) is real(model.act)  # made once
-    assert real(model.act).negative_slope == 0.2
