@@ -71,6 +71,22 @@ def test_the_memory_rate_is_optional_in_the_environment_and_costs_op_outputs(mon
         R.rates_for("cpu")
 
 
+def test_op_outputs_counted_once_a_fused_relu_free_and_statistics_read():
+    """touched_bytes over one whole-volume task: a conv's output, not again for the ReLU
+    its kernel runs; a norm's statistics task reads its input once more."""
+    import torch.nn as nn
+    vol = np.zeros((16, 12, 10), np.float32)
+    out = 4 * 4 * vol.size  # 4 channels of float32
+    fused = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU()).eval()
+    assert volarray.plan(fused, vol, chunks=vol.shape).touched_bytes == out
+    normed = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4)).eval()
+    plan = volarray.plan(normed, vol, chunks=vol.shape)
+    (barrier,) = plan.barriers
+    # the stage: conv and norm outputs; the barrier: the conv recomputed, then read
+    assert plan.stages[-1].touched_bytes == 2 * out
+    assert barrier.touched_bytes == (2 * out if barrier.recomputed else out)
+
+
 def test_calibrated_once_then_read_from_the_cache(cache, tmp_path):
     first = R.rates_for("cpu")
     assert cache == ["cpu"] and first.source == "calibrated"

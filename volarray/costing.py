@@ -169,12 +169,22 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
         graph.nodes[n].shape if n == prog.output else sums[n]) for n in held)
     costed = replace(
         stage, macs=sum(graph.nodes[n].op.macs * math.prod(sums[n]) for n in prog.order),
-        touched_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(sums[n])
-                          for n in prog.order),
+        touched_bytes=touched_bytes(graph, prog, sums, holds_output),
         peak_bytes=prog.peak_bytes(shapes), halo=tuple(halo), slab=None,
         io_bytes=sum(graph.nodes[n].channels * graph.value_bytes * math.prod(maxs[n]) for n in held),
         moved_bytes=moved)
     return costed, shapes
+
+
+def touched_bytes(graph: Graph, prog: TileProgram, sums: dict, holds_output: bool) -> int:
+    """The bytes of the op outputs a stage's tasks write, over all of them (``sums``:
+    each node's voxels, per axis, summed over the tasks): memory-bound work. A ReLU run
+    in its conv's kernel (`TileProgram.passed_on`) writes nothing; a barrier's task
+    (not ``holds_output``) reads its output once more for the statistics."""
+    def nbytes(n):
+        return graph.nodes[n].channels * graph.value_bytes * math.prod(sums[n])
+    written = sum(nbytes(n) for n in prog.order if n not in prog.passed_on)
+    return written + (0 if holds_output else nbytes(prog.output))
 
 
 def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> float:
