@@ -321,3 +321,31 @@ def test_an_inplace_module_runs_out_of_place_without_a_clone(monkeypatch):
     assert model.act.inplace and not real(model.act).inplace
     assert real(model.act) is real(model.act)  # made once
     assert real(model.act).negative_slope == 0.2
+
+
+class StringAnnotated(nn.Module):
+    """A forward annotated with strings, as under ``from __future__ import annotations``
+    (MONAI's UNet, SegResNet, AttentionUnet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        y: "torch.Tensor" = self.conv(x)
+        return y.relu()
+
+
+def test_a_string_annotated_capture_pickles_for_cluster_workers():
+    """fx kept the string annotation as a global of the generated code ('torch.Tensor'),
+    and the GraphModule did not pickle: on a distributed cluster MONAI's UNet,
+    SegResNet and AttentionUnet failed before any task ran."""
+    import pickle
+
+    import cloudpickle
+
+    from volarray.capture import fx_capture
+    gm = fx_capture(StringAnnotated().eval())
+    cloudpickle.dumps(gm)
+    x = torch.randn(1, 1, 4, 5, 6)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(gm))(x), gm(x))

@@ -190,7 +190,21 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
             f"{type(e).__name__}: {first_line(e)}. exact mode needs a forward without Python control "
             "flow on tensor values or conversions of them (torch.as_tensor, numpy); make that "
             "line static, or run method='window', which calls the model as it is") from e
+    _drop_string_annotations(gm)
     return _drop_constant_inputs(gm, constants) if constants else gm
+
+
+def _drop_string_annotations(gm: fx.GraphModule) -> None:
+    """A forward written under ``from __future__ import annotations`` (MONAI's UNet,
+    SegResNet, AttentionUnet) gives fx type annotations that are strings; its generated
+    code then holds one as a global ('torch.Tensor'), and the GraphModule does not
+    pickle: a distributed cluster's workers never got the task graph. The annotations
+    are only comments in that code."""
+    if any(isinstance(n.type, str) for n in gm.graph.nodes):
+        for n in gm.graph.nodes:
+            if isinstance(n.type, str):
+                n.type = None
+        gm.recompile()
 
 
 def forward_defaults(model: nn.Module) -> dict:
