@@ -306,8 +306,8 @@ def test_an_in_place_write_into_a_view_is_refused_not_lost(capture):
 
 
 def test_an_inplace_module_runs_out_of_place_without_a_clone(monkeypatch):
-    """An in-place activation module runs as its out-of-place copy (one pass, no clone
-    of its input); the model's own module keeps inplace=True."""
+    """An in-place torch.nn activation runs as its out-of-place copy (one pass, no
+    clone of its input); the model's own module keeps inplace=True."""
     import volarray.ops.calls as CALLS
     torch.manual_seed(0)
     model = WritesInPlace().eval()
@@ -319,8 +319,10 @@ def test_an_inplace_module_runs_out_of_place_without_a_clone(monkeypatch):
     assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
     assert copies and all(m is model.act for m in copies)
     assert model.act.inplace and not real(model.act).inplace
-    assert real(model.act) is real(model.act)  # made once
-    assert real(model.act).negative_slope == 0.2
+    # made per call: a slope changed between runs is the one used
+    model.act.negative_slope = 0.01
+    y = volarray.predict(model, vol, chunks=(6, 5, 9)).compute(scheduler="sync")
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
 
 
 class StringAnnotated(nn.Module):
@@ -349,3 +351,53 @@ def test_a_string_annotated_capture_pickles_for_cluster_workers():
     cloudpickle.dumps(gm)
     x = torch.randn(1, 1, 4, 5, 6)
     torch.testing.assert_close(pickle.loads(pickle.dumps(gm))(x), gm(x))
+
+
+class WritesThroughIdentity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.idn = nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.idn(y).relu_()  # nn.Identity returns y itself: y is rectified
+        return y
+
+
+class WritesThroughACast(WritesThroughIdentity):
+    def forward(self, x):
+        y = self.conv(x)
+        F.relu(y.float(), inplace=True)  # .float() of a float tensor is the tensor
+        return y * 2
+
+
+class WritesIntoTheBaseOfAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        a = y[:, 1:3]
+        y.relu_()  # a, a view of y, is rectified too
+        return a
+
+
+@pytest.mark.parametrize("model_class", [WritesThroughIdentity, WritesThroughACast])
+def test_a_write_through_an_alias_is_left_to_torch_export(model_class):
+    """torch.fx cannot tell that these write into a tensor read later (max error 1.8
+    once): its capture is refused, and torch.export's gives the model's answer."""
+    from volarray.trace import fast_trace
+    torch.manual_seed(0)
+    model = model_class().eval()
+    assert fast_trace(model, (1, 1, 12, 10, 9), None, torch.float32) is None
+    vol = random_volume((12, 10, 9), seed=3)
+    y = volarray.predict(model, vol, chunks=(6, 5, 9)).compute(scheduler="sync")
+    assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
+
+
+def test_a_write_into_the_base_of_a_view_read_later_is_refused():
+    with pytest.raises(TraceError):
+        volarray.predict(WritesIntoTheBaseOfAView().eval(), random_volume((12, 10, 9)),
+                         chunks=(6, 5, 9))

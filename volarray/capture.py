@@ -289,11 +289,15 @@ def fx_capture(model: nn.Module, select=None) -> fx.GraphModule:
     return select_output(fuse_channels_last(functionalize(symbolic_trace(model))), select)
 
 
-# ops whose result may share its input's memory: an in-place op on one changes the base
-VIEW_OPS = {"view", "view_as", "reshape", "reshape_as", "narrow", "select", "transpose", "t",
-            "permute", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten",
-            "split", "chunk", "unbind", "movedim", "swapaxes", "as_strided", "detach",
-            "contiguous", "getitem", "__getitem__", "diagonal", "unfold"}
+# ops whose result may share its input's memory (a view, or the input itself): a write
+# into one changes the other
+ALIAS_OPS = {"view", "view_as", "reshape", "reshape_as", "narrow", "select", "transpose",
+             "t", "permute", "expand", "expand_as", "squeeze", "unsqueeze", "flatten",
+             "unflatten", "split", "chunk", "unbind", "movedim", "swapaxes", "as_strided",
+             "detach", "contiguous", "getitem", "__getitem__", "diagonal", "unfold",
+             "getattr", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+             "cpu", "cuda", "requires_grad_"}
+ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
 def _name(node: fx.Node) -> str:
@@ -313,14 +317,28 @@ def mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def may_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with its first input: a view, a
+    cast that may return its input, a pass-through module, or an in-place call."""
+    if node.op in ("call_method", "call_function"):
+        return _name(node) in ALIAS_OPS or mutates_input(gm, node)
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), ALIAS_MODULES) \
+            or mutates_input(gm, node)
+    return False
+
+
 def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     """torch.fx records an in-place call as a node, and later readers of the tensor it
     wrote still read the node before it. Tiles run every op out of place (a tile may be
     a view of rows a sweep keeps), so those readers would see the value before the
     write: nn.InstanceNorm3d then ReLU(inplace=True), then the norm's output read again,
     gave the un-rectified values. Here every reader after an in-place node reads that
-    node instead, as torch.export's functionalization does. A write into a view (its
-    base changes too) is refused: torch.export captures such a model."""
+    node instead, as torch.export's functionalization does. Where the written tensor
+    may share memory with another that is read after the write (a view, an
+    ``nn.Identity``, a ``.float()`` of a float tensor, its base or another view of
+    it), the write cannot be followed and the capture is refused: torch.export
+    captures such a model."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     changed = False
     for node in list(gm.graph.nodes):
@@ -328,9 +346,13 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                                                                            fx.Node):
             continue
         target = node.args[0]
-        if target.op in ("call_method", "call_function") and _name(target) in VIEW_OPS:
-            raise TraceError(f"{node.name} writes in place into {target.name}, a view of "
-                             "another tensor; torch.fx cannot follow that write")
+        # tensors made before the write that may share its memory (made after it, they
+        # are made from the written value, below)
+        shared = {n for n in _sharing(gm, target) - {target} if order[n] < order[node]}
+        if any(order[u] > order[node] for n in shared for u in n.users):
+            raise TraceError(f"{node.name} writes in place into {target.name}, which shares "
+                             "memory with a tensor read after the write; torch.fx cannot "
+                             "follow that write")
         for user in list(target.users):
             if order[user] > order[node]:
                 user.replace_input_with(target, node)
@@ -338,3 +360,19 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
+
+
+def _sharing(gm: fx.GraphModule, node: fx.Node) -> set:
+    """``node`` and every node that may share its memory: up through the aliasing ops
+    that made it, then down through the aliasing ops made from any of those."""
+    root = node
+    while may_alias(gm, root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    found, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        found.add(n)
+        stack.extend(u for u in n.users if may_alias(gm, u) and u.args and u.args[0] is n)
+    return found

@@ -8,7 +8,6 @@ first).
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 import torch.fx as fx
@@ -44,23 +43,26 @@ class CallModule:
     def __call__(self, ctx, *a, **k):
         module = ctx.module(self.target)
         if getattr(module, "inplace", False) and a and isinstance(a[0], torch.Tensor):
-            module = out_of_place(module)  # nn.ReLU(inplace=True) and kin
+            copied = out_of_place(module)  # nn.ReLU(inplace=True) and kin
+            if copied is None:
+                a = (a[0].clone(),) + a[1:]
+            else:
+                module = copied
         return module(*a, **k)
 
 
-_OUT_OF_PLACE = weakref.WeakKeyDictionary()  # an in-place module -> its out-of-place copy
-
-
 def out_of_place(module: torch.nn.Module) -> torch.nn.Module:
-    """A shallow copy of ``module`` with ``inplace=False`` (the module's own out-of-place
-    form; its parameters are shared): one pass over the tile, where a clone and the
-    in-place op were two (FaultSSL's InstanceNorm-ReLU pairs: 1,706 clones, 7% of a
-    run). The model's module itself is left as it is: threads share it."""
-    found = _OUT_OF_PLACE.get(module)
-    if found is None:
-        found = copy.copy(module)
-        found.inplace = False
-        _OUT_OF_PLACE[module] = found
+    """A shallow copy of ``module`` with ``inplace=False`` (its parameters shared), made
+    per call: one pass over the tile, where a clone and the in-place op were two
+    (FaultSSL's InstanceNorm-ReLU pairs: 1,706 clones, 7% of a run). Made afresh, it
+    sees the module's attributes as they are now (a slope changed between runs). Only
+    torch.nn's own modules, whose forward reads ``self.inplace``; another module's
+    input is cloned as before. The model's module itself is left as it is: threads
+    share it."""
+    if not type(module).__module__.startswith("torch.nn."):
+        return None
+    found = copy.copy(module)
+    found.inplace = False
     return found
 
 
