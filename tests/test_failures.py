@@ -240,8 +240,8 @@ sys.argv[0] = "volarray"  # as the volarray script's process
 sys.exit(volarray.cli.main(sys.argv[1:]))
 """
     for _ in range(tries):
-        for p in d.glob("*o.zarr*"):
-            shutil.rmtree(p)
+        for p in d.glob("*o.zarr*"):  # the output, its scratch, its claim (a file)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         proc = popen(args, d, script)
         deadline, done = time.time() + 240, 0
         while time.time() < deadline and proc.poll() is None and done < 2:
