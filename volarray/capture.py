@@ -295,8 +295,9 @@ ALIAS_OPS = {"view", "view_as", "reshape", "reshape_as", "narrow", "select", "tr
              "t", "permute", "expand", "expand_as", "squeeze", "unsqueeze", "flatten",
              "unflatten", "split", "chunk", "unbind", "movedim", "swapaxes", "as_strided",
              "detach", "contiguous", "getitem", "__getitem__", "diagonal", "unfold",
-             "getattr", "float", "half", "double", "bfloat16", "to", "type", "type_as",
-             "cpu", "cuda", "requires_grad_"}
+             "float", "half", "double", "bfloat16", "to", "type", "type_as", "cpu", "cuda",
+             "requires_grad_"}
+ALIAS_ATTRIBUTES = {"data", "T", "mT", "H", "mH", "real"}  # x.shape is no alias
 ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
@@ -321,6 +322,8 @@ def may_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node``'s result may share memory with its first input: a view, a
     cast that may return its input, a pass-through module, or an in-place call."""
     if node.op in ("call_method", "call_function"):
+        if _name(node) == "getattr":
+            return len(node.args) > 1 and node.args[1] in ALIAS_ATTRIBUTES
         return _name(node) in ALIAS_OPS or mutates_input(gm, node)
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), ALIAS_MODULES) \
