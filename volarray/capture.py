@@ -200,10 +200,10 @@ def _drop_string_annotations(gm: fx.GraphModule) -> None:
     code then holds one as a global ('torch.Tensor'), and the GraphModule does not
     pickle: a distributed cluster's workers never got the task graph. The annotations
     are only comments in that code."""
-    if any(isinstance(n.type, str) for n in gm.graph.nodes):
-        for n in gm.graph.nodes:
-            if isinstance(n.type, str):
-                n.type = None
+    annotated = [n for n in gm.graph.nodes if isinstance(n.type, str)]
+    for n in annotated:
+        n.type = None
+    if annotated:
         gm.recompile()
 
 

@@ -7,7 +7,7 @@ maps the files its region overlaps and copies out just that region. Reading a ta
 region plus a halo of a few voxels from zarr chunks of the task's region took 20-55 ms
 (the chunks read whole, through zarr's codec pipeline); from these files it takes 2-4
 ms, and FaultSeg3D 160^3 at memory_limit=60MB (125 tasks, 430 MB kept) spent most of
-its 16.3 s in those reads. Scratch on an object store stays zarr (`volarray.store`).
+its 16.3 s in those reads. Scratch on an object store stays zarr (`ZarrRegions`).
 
 Files hold a region channels-last, (z, y, x, C), as tiles run: a task's output is
 written as it lies in memory, and a region read back is handed to the next task as it
@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .geometry import Box, Interval, chunk_range
+from .geometry import Box, chunk_range
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,32 @@ class TaskFiles:
 
     def read_box(self, box: Box) -> np.ndarray:
         """The tensor's values over ``box`` (clipped to the volume), from the files of the
-        tasks it overlaps: (C, z, y, x), a view of a channels-last array."""
-        shape = [b[-1] for b in self.bounds]
-        box = Box(tuple(Interval(max(0, iv.lo), max(max(0, iv.lo), min(iv.hi, n)))
-                        for iv, n in zip(box.axes, shape)))
+        tasks it overlaps: (C, z, y, x), a view of a fresh channels-last array (read-only
+        maps of the files are not handed on: `devices.to_device` would copy them)."""
+        box = Box(tuple(iv.clip(b[-1]) for iv, b in zip(box.axes, self.bounds)))
         out = np.empty(box.shape + (self.channels,), self.dtype).transpose(3, 0, 1, 2)
         ranges = [chunk_range(b, iv) for b, iv in zip(self.bounds, box.axes)]
         for idx in np.ndindex(*(len(r) for r in ranges)):
             lo = [self.bounds[a][ranges[a][i]] for a, i in enumerate(idx)]
             hi = [self.bounds[a][ranges[a][i] + 1] for a, i in enumerate(idx)]
             part = np.load(self.path(lo), mmap_mode="r").transpose(3, 0, 1, 2)
-            src, dst = [slice(None)], [slice(None)]
-            for a, iv in enumerate(box.axes):
-                first, last = max(iv.lo, lo[a]), min(iv.hi, hi[a])
-                src.append(slice(first - lo[a], last - lo[a]))
-                dst.append(slice(first - iv.lo, last - iv.lo))
-            out[tuple(dst)] = part[tuple(src)]
+            inter = box.intersect(Box.from_bounds(lo, hi))
+            out[(slice(None),) + inter.slices(box.lo)] = part[(slice(None),) + inter.slices(lo)]
         return out
+
+
+@dataclass(frozen=True)
+class ZarrRegions:
+    """A kept tensor's scratch as a zarr array at ``where`` (a `Location`: on an object
+    store, where files per task would not serve), read and written as `TaskFiles` is."""
+
+    where: Any
+
+    def write_region(self, region, y) -> None:
+        self.where.open_array("r+")[region] = y
+
+    def read_box(self, box: Box) -> np.ndarray:
+        return self.where.open_array("r+")[(slice(None),) + box.slices()]
 
 
 def task_files(folder: str, bounds, channels: int, dtype) -> TaskFiles:

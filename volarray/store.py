@@ -28,7 +28,7 @@ from .io import open_volume
 from .location import Location
 from .options import PredictOptions, output_attrs
 from .outputs import DONE, HASHES, RunInterrupted
-from .scratchfiles import task_files
+from .scratchfiles import ZarrRegions, task_files
 
 
 def _zarr():
@@ -80,7 +80,7 @@ class ScratchSpace:
                               dtype=dtype,
                               chunks=(node.channels,) + stage.chunk_shape,
                               compressors=None)
-            paths[stage.output] = loc
+            paths[stage.output] = ZarrRegions(loc)
         return paths
 
     def remove(self):

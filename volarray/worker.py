@@ -328,18 +328,7 @@ SCRATCH_WRITER = ScratchWriter()
 
 
 def _write_region(where, region, y):
-    if hasattr(where, "write_region"):  # `volarray.scratchfiles.TaskFiles`
-        where.write_region(region, y)
-    else:
-        open_scratch(where)[region] = y
-
-
-def open_scratch(where):
-    """A kept tensor's scratch array: a `Location` (local or URL) or a local path."""
-    if hasattr(where, "open_array"):
-        return where.open_array("r+")
-    import zarr
-    return zarr.open_array(str(where), mode="r+")
+    where.write_region(region, y)
 
 
 @dataclass(frozen=True)
@@ -356,9 +345,9 @@ class ChunkSource:
 
 @dataclass(frozen=True)
 class ScratchSource:
-    """A kept tensor's region read from its scratch: files per task on a file system
-    (`volarray.scratchfiles.TaskFiles`), else a zarr array (a `Location` or a path); the
-    fetched chunks are only completion tokens, waited for."""
+    """A kept tensor's region read from its scratch (`volarray.scratchfiles`: files per
+    task on a file system, a zarr array on an object store); the fetched chunks are only
+    completion tokens, waited for."""
     node: str
     where: Any
 
@@ -368,9 +357,7 @@ class ScratchSource:
         for _, token in fetched:
             if isinstance(token, PendingWrite):
                 token.wait()
-        if hasattr(self.where, "read_box"):  # `volarray.scratchfiles.TaskFiles`
-            return self.where.read_box(box)
-        return open_scratch(self.where)[(slice(None),) + box.slices()]
+        return self.where.read_box(box)
 
 
 @dataclass(frozen=True)
