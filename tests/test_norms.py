@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import volarray
 from volarray.models import DeepLabV3Plus3D, GroupNormNet, InstanceNormUNet, SEResUNet, seeded
-from volarray.ops.reduce import stats_chunk, stats_combine
+from volarray.ops.reduce import channel_var_mean, stats_chunk, stats_combine
 from volarray.testing import assert_volume_close
 
 from conftest import random_volume, whole_volume
@@ -119,3 +119,24 @@ def test_chan_merge_is_stable_with_large_offset():
     np.testing.assert_allclose(n, flat.shape[1])
     np.testing.assert_allclose(mean, flat.mean(1), rtol=1e-6)
     np.testing.assert_allclose(m2 / n, flat.var(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("channels,shape,offset", [(16, (24, 40, 36), 300.0), (3, (9, 50, 60), 0.0),
+                                                   (64, (8, 32, 33), -1e3)])
+def test_channels_last_statistics_match_float64(channels, shape, offset):
+    """The column-sum statistics of a channels-last tile (`channel_var_mean`) are as
+    accurate as torch.var_mean's, offsets of thousands included, and the same on any
+    layout (other layouts take torch.var_mean)."""
+    rng = np.random.default_rng(channels)
+    x = torch.from_numpy((rng.standard_normal((1, channels) + shape) * 7 + offset)
+                         .astype(np.float32))
+    last = x.contiguous(memory_format=torch.channels_last_3d)
+    assert last.numel() >= 1 << 16  # the blocked path, not the small tiles' fallback
+    ref = x.double()
+    ref_var, ref_mean = ref.var(dim=(0, 2, 3, 4), unbiased=False), ref.mean(dim=(0, 2, 3, 4))
+    torch_var, torch_mean = torch.var_mean(x, dim=(0, 2, 3, 4), correction=0)
+    for var, mean in (channel_var_mean(last), channel_var_mean(x)):
+        assert ((mean.double() - ref_mean).abs().max()
+                <= 2 * (torch_mean.double() - ref_mean).abs().max() + 1e-6 * abs(offset) + 1e-7)
+        np.testing.assert_allclose(var.double().numpy(), ref_var.numpy(), rtol=3e-7)
+        np.testing.assert_allclose(var.numpy(), torch_var.numpy(), rtol=5e-7)

@@ -48,3 +48,25 @@ def test_regions_are_stored_and_read_back_channels_last(tmp_path):
     t = to_device(got, "cpu")
     assert t.data_ptr() == got.ctypes.data  # the array itself, not a copy
     np.testing.assert_array_equal(t[0].numpy(), tile[0, :, 1:5, :, 2:6].numpy())
+
+
+def test_a_whole_task_region_is_mapped_and_writes_never_reach_the_file(tmp_path):
+    """The next stage's task on the same grid reads one file whole: it is mapped
+    copy-on-write (no fresh array), taken by `to_device` as it is, and a write into
+    the tile changes this process's pages only."""
+    from volarray.devices import to_device
+    bounds = ((0, 5, 9), (0, 6), (0, 7))
+    whole = np.arange(2 * 9 * 6 * 7, dtype=np.float32).reshape(2, 9, 6, 7)
+    files = task_files(str(tmp_path / "m"), bounds, 2, "float32")
+    for _, box in grid_boxes(bounds):
+        files.write_region((slice(None),) + box.slices(), whole[(slice(None),) + box.slices()])
+    box = Box.from_bounds((5, 0, 0), (9, 6, 7))
+    got = files.read_box(box)
+    assert isinstance(got.base, np.memmap) or isinstance(got, np.memmap)
+    assert got.flags.writeable
+    t = to_device(got, "cpu")
+    assert t.data_ptr() == got.ctypes.data
+    t.add_(1000)  # a tile written in place
+    np.testing.assert_array_equal(files.read_box(box), whole[:, 5:9])
+    np.testing.assert_array_equal(files.read_box(Box.from_bounds((4, 0, 0), (9, 6, 7))),
+                                  whole[:, 4:9])

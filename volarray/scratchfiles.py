@@ -55,8 +55,19 @@ class TaskFiles:
         tasks it overlaps: (C, z, y, x), a view of a fresh channels-last array (read-only
         maps of the files are not handed on: `devices.to_device` would copy them)."""
         box = Box(tuple(iv.clip(b[-1]) for iv, b in zip(box.axes, self.bounds)))
-        out = np.empty(box.shape + (self.channels,), self.dtype).transpose(3, 0, 1, 2)
         ranges = [chunk_range(b, iv) for b, iv in zip(self.bounds, box.axes)]
+        if all(len(r) == 1 for r in ranges) and all(
+                (b[r[0]], b[r[0] + 1]) == (iv.lo, iv.hi)
+                for b, r, iv in zip(self.bounds, ranges, box.axes)):
+            # one task's whole region, as the next stage's task on the same grid reads
+            # it: the file mapped copy-on-write, no copy made here. A fresh array's
+            # pages cost more than the copy on a VM that hands freed memory back to its
+            # host (16 MB: 4 ms, or 110-180 ms once handed back; InstanceNormUNet
+            # 128^3, 160 reads: 2.6 s, 0.9 s mapped). Writable, so `to_device` takes it
+            # as it is; a write would change this process's pages, never the file, and
+            # a retried task's file replaces this one under a new inode.
+            return np.load(self.path(box.lo), mmap_mode="c").transpose(3, 0, 1, 2)
+        out = np.empty(box.shape + (self.channels,), self.dtype).transpose(3, 0, 1, 2)
         for idx in np.ndindex(*(len(r) for r in ranges)):
             lo = [self.bounds[a][ranges[a][i]] for a, i in enumerate(idx)]
             hi = [self.bounds[a][ranges[a][i] + 1] for a, i in enumerate(idx)]

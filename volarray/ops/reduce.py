@@ -43,7 +43,7 @@ def stats_chunk(x: torch.Tensor, groups: int) -> np.ndarray:
 
     Per channel first (torch.var_mean, two-pass within the tile, any memory
     layout), then channels merged into their groups in float64."""
-    var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), correction=0)
+    var, mean = channel_var_mean(x)
     n = float(np.prod(x.shape[2:]))
     per_channel = np.stack([np.full(x.shape[1], n), mean.double().cpu().numpy(),
                             var.double().cpu().numpy() * n])
@@ -52,6 +52,40 @@ def stats_chunk(x: torch.Tensor, groups: int) -> np.ndarray:
     per = x.shape[1] // groups
     return np.stack([stats_combine(list(per_channel[:, g * per:(g + 1) * per].T[:, :, None]))[:, 0]
                      for g in range(groups)], axis=1)
+
+
+SMALL_TILE = 1 << 16  # values: below, torch.var_mean's one call costs less than a loop
+STATS_BLOCK = 1 << 14  # rows (voxels) of a channels-last tile per pass: a few MB, in cache
+
+
+def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (biased) variance and mean of a (1, C, z, y, x) tile.
+
+    A channels-last CPU tile is a (voxels, C) matrix: its mean is a column sum (about
+    20 GB/s here) and its M2 a second pass over blocks of rows, each block's
+    deviations squared while in cache. torch.var_mean over dims (0, 2, 3, 4) ran at
+    1.2 GB/s on such a tile (2-5 GB/s this way; InstanceNorm and GroupNorm networks
+    spend a tenth of their time in statistics). Other layouts and devices keep
+    torch.var_mean, and so do small tiles."""
+    c = x.shape[1]
+    if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last_3d) \
+            or x.dtype != torch.float32 or x.numel() < SMALL_TILE:
+        return torch.var_mean(x, dim=(0, 2, 3, 4), correction=0)
+    rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c)  # a view: no copy
+    n = rows.shape[0]
+    mean = rows.sum(0) / n  # a first estimate
+    dev = torch.zeros(c, dtype=torch.float64)  # sum of deviations from it: its error
+    m2 = torch.zeros(c, dtype=torch.float64)
+    d = torch.empty(min(STATS_BLOCK, n), c)
+    for i in range(0, n, STATS_BLOCK):
+        block = d[:min(STATS_BLOCK, n - i)]
+        torch.sub(rows[i:i + STATS_BLOCK], mean, out=block)
+        dev += block.sum(0).double()
+        block.mul_(block)
+        m2 += block.sum(0).double()
+    # the corrected two-pass algorithm (Chan, Golub and LeVeque): the first estimate's
+    # error taken out of both
+    return ((m2 - dev * dev / n) / n).float(), (mean.double() + dev / n).float()
 
 
 def stats_combine(parts: list[np.ndarray]) -> np.ndarray:
