@@ -95,7 +95,9 @@ class VolumeSource:
         result)."""
         a = self[(slice(None),) + box.slices()]
         if a.shape[0] == 1 and a.flags.c_contiguous and a.flags.writeable:
-            return a  # one channel: (1, z, y, x) is laid out channels-last already
+            # one channel: its (z, y, x) values are laid out channels-last already;
+            # the view gets a channels-last stride for C (numpy gives a 1-long axis 0)
+            return a.reshape(a.shape[1:] + (1,)).transpose(3, 0, 1, 2)
         out = np.empty(a.shape[1:] + a.shape[:1], a.dtype).transpose(3, 0, 1, 2)
         out[...] = a
         return out
