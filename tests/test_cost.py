@@ -73,7 +73,13 @@ def test_the_memory_rate_is_optional_in_the_environment_and_costs_op_outputs(mon
 
 def test_op_outputs_counted_once_a_fused_relu_free_and_statistics_read():
     """touched_bytes over one whole-volume task: a conv's output, not again for the ReLU
-    its kernel runs; a norm's statistics task reads its input once more."""
+    its kernel runs; a norm's statistics task reads its input once more (at the
+    statistics' passes); a SiLU, a trilinear upsampling and a max pool weigh their
+    output bytes by their ops' measured passes."""
+    from volarray.costing import STATS_PASSES
+    from volarray.ops.pointwise import TRANSCENDENTAL_PASSES
+    from volarray.ops.pool import POOL_PASSES
+    from volarray.ops.resample import LINEAR_PASSES
     import torch.nn as nn
     vol = np.zeros((16, 12, 10), np.float32)
     out = 4 * 4 * vol.size  # 4 channels of float32
@@ -84,7 +90,17 @@ def test_op_outputs_counted_once_a_fused_relu_free_and_statistics_read():
     (barrier,) = plan.barriers
     # the stage: conv and norm outputs; the barrier: the conv recomputed, then read
     assert plan.stages[-1].touched_bytes == 2 * out
-    assert barrier.touched_bytes == (2 * out if barrier.recomputed else out)
+    assert barrier.touched_bytes == (out + int(STATS_PASSES * out) if barrier.recomputed
+                                     else int(STATS_PASSES * out))
+    silu = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.SiLU()).eval()
+    assert volarray.plan(silu, vol, chunks=vol.shape).touched_bytes == \
+        int(out + TRANSCENDENTAL_PASSES * out)
+    up = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.MaxPool3d(2),
+                       nn.Upsample(scale_factor=2, mode="trilinear")).eval()
+    assert volarray.plan(up, vol, chunks=vol.shape).touched_bytes == \
+        int(out + POOL_PASSES["max"] * out / 8 + LINEAR_PASSES * out)
+    near = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
+    assert volarray.plan(near, vol, chunks=vol.shape).touched_bytes == out + 8 * out
 
 
 def test_calibrated_once_then_read_from_the_cache(cache, tmp_path):

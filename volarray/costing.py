@@ -176,15 +176,23 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
     return costed, shapes
 
 
+# channels-last statistics (`ops.reduce.channel_var_mean`): 5.2-5.8 GB/s of input
+# against 7-7.7 GB/s for ReLU (`benchmarks/bench_op_rates.py`)
+STATS_PASSES = 1.4
+
+
 def touched_bytes(graph: Graph, prog: TileProgram, sums: dict, holds_output: bool) -> int:
     """The bytes of the op outputs a stage's tasks write, over all of them (``sums``:
-    each node's voxels, per axis, summed over the tasks): memory-bound work. A ReLU run
-    in its conv's kernel (`TileProgram.passed_on`) writes nothing; a barrier's task
-    (not ``holds_output``) reads its output once more for the statistics."""
+    each node's voxels, per axis, summed over the tasks), each weighted by its op's
+    `memory_passes` (a trilinear upsampling's byte costs seven of a ReLU's): memory-
+    bound work. A ReLU run in its conv's kernel (`TileProgram.passed_on`) writes
+    nothing; a barrier's task (not ``holds_output``) reads its output once more for
+    the statistics."""
     def nbytes(n):
         return graph.nodes[n].channels * graph.value_bytes * math.prod(sums[n])
-    written = sum(nbytes(n) for n in prog.order if n not in prog.passed_on)
-    return written + (0 if holds_output else nbytes(prog.output))
+    written = sum(nbytes(n) * graph.nodes[n].op.memory_passes for n in prog.order
+                  if n not in prog.passed_on)
+    return int(written + (0 if holds_output else STATS_PASSES * nbytes(prog.output)))
 
 
 def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> float:

@@ -50,9 +50,26 @@ def pointwise(ctx, macs: float = 1.0, monotone: bool = False) -> Pointwise:
 
 
 # ---------------------------------------------------------------- builders
+# Measured per byte of output against plain arithmetic (`benchmarks/bench_op_rates.py`,
+# 2 threads): sigmoid-like activations 4.3-4.9 GB/s, GELU 3.5, ReLU and add 7-7.7
+TRANSCENDENTAL = ("silu", "sigmoid", "tanh", "gelu", "mish", "elu", "softplus", "exp",
+                  "log", "erf", "swish", "sin", "cos")
+TRANSCENDENTAL_PASSES = 1.6
+
+
+def transcendental(ctx) -> bool:
+    """Whether the node computes a transcendental function per voxel (by its name)."""
+    target = type(ctx.module) if getattr(ctx, "module", None) is not None else ctx.node.target
+    name = getattr(target, "__name__", str(target)).lower()
+    return any(t in name for t in TRANSCENDENTAL)
+
+
 def elementwise(ctx) -> Pointwise:
     """Activations and arithmetic."""
-    return pointwise(ctx)
+    op = pointwise(ctx)
+    if transcendental(ctx):
+        op.memory_passes = TRANSCENDENTAL_PASSES
+    return op
 
 
 def relu(ctx) -> Pointwise:
@@ -66,7 +83,10 @@ def relu(ctx) -> Pointwise:
 
 def increasing(ctx) -> Pointwise:
     """Sigmoid, tanh and copies: strictly increasing, the argmax is kept."""
-    return pointwise(ctx, monotone=True)
+    op = pointwise(ctx, monotone=True)
+    if transcendental(ctx):
+        op.memory_passes = TRANSCENDENTAL_PASSES
+    return op
 
 
 def identity(ctx) -> Pointwise:

@@ -54,6 +54,12 @@ class Pool(LocalOp):
         return mean / F.avg_pool3d(mask[None, None], self.kernel, self.stride, 0)
 
 
+# per byte of output at kernel 2 (8 inputs read), channels last, against 7-7.7 GB/s
+# for ReLU: max 2.0 GB/s, avg 0.26 (`benchmarks/bench_op_rates.py`); scaled by the
+# kernel's voxels
+POOL_PASSES = {"max": 3.5, "avg": 25.0}
+
+
 def pool(ctx, kind, kernel, stride, padding, dilation=1, count_include_pad=True,
          divisor_override=None, return_indices=False) -> Pool:
     """A pooling op from its hyper-parameters (ceil_mode only sets the output's shape,
@@ -62,7 +68,7 @@ def pool(ctx, kind, kernel, stride, padding, dilation=1, count_include_pad=True,
         ctx.unsupported("return_indices=True")
     ctx.template()
     kernel = triple(kernel)
-    return Pool(kind=kind, kernel=kernel, stride=triple(stride or kernel),
+    return Pool(memory_passes=POOL_PASSES[kind] * math.prod(kernel) / 8, kind=kind, kernel=kernel, stride=triple(stride or kernel),
                 dilation=triple(dilation), padding=triple(padding),
                 count_include_pad=count_include_pad, divisor_override=divisor_override,
                 in_shape=ctx.in_shape, macs=float(math.prod(kernel)))

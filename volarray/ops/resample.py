@@ -101,6 +101,11 @@ class Resample(LocalOp):
         return x
 
 
+# trilinear x2, channels last: 1.0 GB/s of output against 7-7.7 for ReLU and 5-6 for
+# nearest (`benchmarks/bench_op_rates.py`)
+LINEAR_PASSES = 7.0
+
+
 def resample(ctx, mode, scale_factor, align_corners, recompute) -> Resample:
     """An interpolation from its arguments; the output size is the traced one."""
     if mode not in ("nearest", "nearest-exact", "trilinear", "linear"):
@@ -124,7 +129,8 @@ def resample(ctx, mode, scale_factor, align_corners, recompute) -> Resample:
                                  for i, o, s in zip(in_shape, out_shape, scales)):
         factors = tuple(float(o // i) for i, o in zip(in_shape, out_shape))
     return Resample(mode=mode, tables=tables, scale=scale, macs=8.0, factors=factors,
-                    align_corners=align_corners)
+                    align_corners=align_corners,
+                    memory_passes=1.0 if mode.startswith("nearest") else LINEAR_PASSES)
 
 
 def upsample_module(ctx) -> Resample:
