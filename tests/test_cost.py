@@ -137,6 +137,44 @@ def test_calibrate_command_measures_and_caches(cache, tmp_path, capsys):
     assert R.cached("cpu").macs_per_s == 3e10
 
 
+def test_entries_from_before_the_engine_task_probe_are_measured_again(cache, tmp_path):
+    R.rates_for("cpu")
+    data = json.loads((tmp_path / "rates.json").read_text())
+    assert data[R.machine_key("cpu")]["calibration"] == R.CALIBRATION
+    del data[R.machine_key("cpu")]["calibration"]  # cached with a trivial dask task's rate
+    (tmp_path / "rates.json").write_text(json.dumps(data))
+    assert R.rates_for("cpu").source == "calibrated" and cache == ["cpu", "cpu"]
+
+
+def test_the_task_probe_sets_the_task_rate_and_its_runs_see_provisional_rates(monkeypatch):
+    """`calibrate` asks the registered probe (volarray's own tasks) for the per-task
+    rate; the probe's own plans get the rates measured so far, not a calibration
+    inside the calibration."""
+    monkeypatch.delenv("VOLARRAY_RATES", raising=False)
+    for name, value in (("measure_macs", 3e10), ("measure_bytes", 2e9), ("measure_task", 1e-4),
+                        ("measure_memory", 5e9)):
+        monkeypatch.setattr(R, name, lambda *a, v=value, **k: v)
+    seen = []
+
+    def probe(device):
+        seen.append(R.rates_for(device))  # what a plan inside the probe is costed at
+        return 1.5e-3
+    monkeypatch.setattr(R, "_task_probe", probe)
+    got = R.calibrate("cpu")
+    assert got.task_s == 1.5e-3 and got.macs_per_s == 3e10
+    assert seen[0].task_s == 1e-4 and seen[0].memory_bytes_per_s == 5e9
+    assert R._provisional.get() is None  # gone once measured
+
+
+def test_engine_tasks_cost_more_than_trivial_dask_tasks():
+    """The real probe: a volarray task (region read, ops, statistics, output) costs
+    more than a trivial dask task (1.0-1.3 ms against 0.07 here)."""
+    from volarray.taskprobe import engine_task_seconds
+    assert R._task_probe is engine_task_seconds  # registered by importing volarray
+    engine, trivial = engine_task_seconds("cpu"), R.measure_task()
+    assert engine > 2 * trivial, (engine, trivial)
+
+
 @pytest.mark.slow
 def test_calibrate_command_in_a_subprocess(tmp_path):
     """The real calibration (a few seconds), as a user runs it."""
@@ -146,7 +184,7 @@ def test_calibrate_command_in_a_subprocess(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     rates = R.Rates(**{k: v for k, v in json.loads((tmp_path / "rates.json").read_text())
-                       [R.machine_key("cpu")].items() if k != "measured"})
+                       [R.machine_key("cpu")].items() if k not in ("measured", "calibration")})
     assert rates.macs_per_s > 1e8 and rates.bytes_per_s > 1e6 and rates.task_s < 0.1
     assert rates.memory_bytes_per_s > 1e7
 

@@ -1,0 +1,49 @@
+"""A real task's overhead, measured through volarray's own engine, for the cost model's
+per-task rate (`volarray.rates`).
+
+A trivial dask task costs 0.07 ms here; a volarray task reads its region, assembles
+and writes its output, runs its ops' calls and merges its statistics: 1.0-1.3 ms
+measured with this probe, and a norm network's plan has thousands of them
+(InstanceNormUNet at 256^3: 1,280). The probe runs one tiny conv-InstanceNorm-conv
+network over a 48^3 volume twice, in 24^3 chunks and in 8^3 chunks, through the
+threaded scheduler as `volarray.predict(...).compute()` does, and takes the time per
+task from the difference, so that capture, planning and the run's fixed costs cancel.
+
+It sits above the engine and is registered with `volarray.rates` when volarray is
+imported (`rates.use_task_probe`): the rates module sits below the planner and cannot
+call the engine itself.
+"""
+from __future__ import annotations
+
+import time
+
+SIDE = 48
+CHUNKS = (24, 8)  # few tasks, many tasks
+
+
+def engine_task_seconds(device: str = "cpu") -> float:
+    """Seconds of overhead per task of volarray's in-process engine on ``device``."""
+    import dask
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from .api import plan, predict
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.InstanceNorm3d(4), nn.ReLU(),
+                          nn.Conv3d(4, 1, 1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    model = model.to(device)
+    vol = np.random.default_rng(0).standard_normal((SIDE,) * 3).astype(np.float32)
+
+    def run(chunks: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        with dask.config.set(scheduler="threads"):
+            predict(model, vol, chunks=chunks, device=device).compute()
+        return time.perf_counter() - t0, plan(model, vol, chunks=chunks, device=device).n_tasks
+
+    run(CHUNKS[0])  # warm-up: capture, planning, the scheduler's threads
+    (few_s, few), (many_s, many) = run(CHUNKS[0]), run(CHUNKS[1])
+    return max(0.0, (many_s - few_s) / (many - few))
