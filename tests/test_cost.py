@@ -99,6 +99,9 @@ def test_op_outputs_counted_once_a_fused_relu_free_and_statistics_read():
                        nn.Upsample(scale_factor=2, mode="trilinear")).eval()
     assert volarray.plan(up, vol, chunks=vol.shape).touched_bytes == \
         int(out + POOL_PASSES["max"] * out / 8 + LINEAR_PASSES * out)
+    for cheap in (nn.LeakyReLU(0.01), nn.Hardtanh(), nn.Hardsigmoid()):  # no "elu", "tanh"
+        net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), cheap).eval()  # in their names
+        assert volarray.plan(net, vol, chunks=vol.shape).touched_bytes == 2 * out
     near = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
     assert volarray.plan(near, vol, chunks=vol.shape).touched_bytes == out + 8 * out
 
@@ -278,3 +281,19 @@ def test_issue_case_160_at_60MB_keeps_on_scratch(tmp_path, monkeypatch):
     lazy = volarray.plan(seeded(FaultSeg3D), x, memory_limit="60MB")
     with pytest.raises(volarray.MemoryBudgetError, match="pass keep="):
         lazy.validate()
+
+
+def test_a_failing_task_probe_warns_and_the_run_goes_on(monkeypatch):
+    """A probe that fails (a GPU out of memory, say) leaves a trivial task's rate and
+    a warning, not a failed run."""
+    monkeypatch.delenv("VOLARRAY_RATES", raising=False)
+    for name, value in (("measure_macs", 3e10), ("measure_bytes", 2e9), ("measure_task", 1e-4),
+                        ("measure_memory", 5e9)):
+        monkeypatch.setattr(R, name, lambda *a, v=value, **k: v)
+
+    def probe(device):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(R, "_task_probe", probe)
+    with pytest.warns(RuntimeWarning, match="task probe failed on 'cpu'.*out of memory"):
+        got = R.calibrate("cpu")
+    assert got.task_s == 1e-4 and R._provisional.get() is None

@@ -71,6 +71,9 @@ def test_a_whole_task_region_is_mapped_and_writes_never_reach_the_file(tmp_path)
     np.testing.assert_array_equal(files.read_box(box), whole[:, 5:9])
     np.testing.assert_array_equal(files.read_box(Box.from_bounds((4, 0, 0), (9, 6, 7))),
                                   whole[:, 4:9])
+    edge = files.read_box(Box.from_bounds((5, -2, 0), (12, 6, 9)))  # clipped: the last file
+    assert isinstance(edge.base, np.memmap) or isinstance(edge, np.memmap)
+    np.testing.assert_array_equal(edge, whole[:, 5:9])
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -94,3 +97,17 @@ def test_an_input_region_reaches_its_tile_channels_last_without_a_copy_of_one_ch
     np.testing.assert_array_equal(t[0].numpy(), whole[(slice(None),) + box.slices()])
     if channels == 1:
         assert t.data_ptr() == a.ctypes.data
+
+
+def test_a_numpy_volume_is_never_handed_to_a_tile_as_it_is():
+    """A region of the user's own numpy volume (here a view: full y and x, one channel)
+    is copied, so that a tile written in place cannot change the input."""
+    from volarray.devices import to_device
+    from volarray.readers import VolumeSource
+    vol = np.random.default_rng(1).standard_normal((10, 6, 7)).astype(np.float32)
+    before = vol.copy()
+    a = VolumeSource(vol).read(Box.from_bounds((2, 0, 0), (8, 6, 7)))
+    assert not np.shares_memory(a, vol)
+    np.testing.assert_array_equal(a[0], vol[2:8])
+    to_device(a, "cpu").add_(1.0)  # a tile written in place
+    np.testing.assert_array_equal(vol, before)

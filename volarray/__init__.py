@@ -18,10 +18,10 @@ from .planner import Plan
 from .predictors import Exact, MeanStd, Window, ensemble, labels
 from .tta import flips
 from .store import predict_to_zarr
-from . import rates as _rates, taskprobe as _taskprobe  # noqa: E402
+from . import rates as _rates, taskprobe as _taskprobe
+from .version import __version__
 
 _rates.use_task_probe(_taskprobe.engine_task_seconds)  # a real task's overhead, costed
-from .version import __version__
 
 __all__ = ["predict", "predict_to_zarr", "plan", "Plan", "Exact", "Window", "flips", "ensemble",
            "labels", "MeanStd", "normalization", "Normalization",

@@ -26,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def _read_cache() -> dict:
 
 def cached(device: str) -> Rates | None:
     entry = _read_cache().get(machine_key(device))
-    if not isinstance(entry, dict) or entry.get("calibration", 1) < CALIBRATION:
+    if not isinstance(entry, dict) or entry.get("calibration") != CALIBRATION:
         return None
     try:  # an entry from before the memory rate is measured again
         return Rates(**{k: float(entry[k]) for k in (*FIELDS.values(), *OPTIONAL.values())},
@@ -291,6 +292,10 @@ def calibrate(device: str = "cpu", where: str | None = None) -> Rates:
     token = _provisional.set((device, rates))
     try:
         task_s = _task_probe(device)
+    except Exception as e:  # the user's run goes on, costed with a trivial task's rate
+        warnings.warn(f"volarray's task probe failed on {device!r} ({type(e).__name__}: {e}); "
+                      "the per-task rate is a trivial dask task's", RuntimeWarning, stacklevel=2)
+        task_s = rates.task_s
     finally:
         _provisional.reset(token)
     return replace(rates, task_s=max(task_s, rates.task_s))

@@ -94,9 +94,12 @@ class VolumeSource:
         layout of a region assembled from dask chunks, so both give bitwise the same
         result)."""
         a = self[(slice(None),) + box.slices()]
-        if a.shape[0] == 1 and a.flags.c_contiguous and a.flags.writeable:
-            # one channel: its (z, y, x) values are laid out channels-last already;
-            # the view gets a channels-last stride for C (numpy gives a 1-long axis 0)
+        if a.shape[0] == 1 and a.flags.c_contiguous and a.flags.writeable and \
+                not np.may_share_memory(a, self.data):
+            # one channel, freshly decoded (never a view of the user's numpy volume,
+            # which a tile written in place would change): its (z, y, x) values are
+            # laid out channels-last already; the view gets a channels-last stride for
+            # C (numpy gives a 1-long axis 0, which made convs answer in NCDHW)
             return a.reshape(a.shape[1:] + (1,)).transpose(3, 0, 1, 2)
         out = np.empty(a.shape[1:] + a.shape[:1], a.dtype).transpose(3, 0, 1, 2)
         out[...] = a

@@ -52,8 +52,9 @@ class TaskFiles:
 
     def read_box(self, box: Box) -> np.ndarray:
         """The tensor's values over ``box`` (clipped to the volume), from the files of the
-        tasks it overlaps: (C, z, y, x), a view of a fresh channels-last array (read-only
-        maps of the files are not handed on: `devices.to_device` would copy them)."""
+        tasks it overlaps: (C, z, y, x), a view of channels-last memory that
+        `devices.to_device` takes as it is: one file mapped copy-on-write where the box
+        is that file's region, else a fresh array the overlapping files are copied into."""
         box = Box(tuple(iv.clip(b[-1]) for iv, b in zip(box.axes, self.bounds)))
         ranges = [chunk_range(b, iv) for b, iv in zip(self.bounds, box.axes)]
         if all(len(r) == 1 for r in ranges) and all(
@@ -66,7 +67,11 @@ class TaskFiles:
             # 128^3, 160 reads: 2.6 s, 0.9 s mapped). Writable, so `to_device` takes it
             # as it is; a write would change this process's pages, never the file, and
             # a retried task's file replaces this one under a new inode.
-            return np.load(self.path(box.lo), mmap_mode="c").transpose(3, 0, 1, 2)
+            mapped = np.load(self.path(box.lo), mmap_mode="c")
+            if mapped.shape != box.shape + (self.channels,):
+                raise ValueError(f"scratch file {self.path(box.lo)} holds {mapped.shape}, "
+                                 f"not the task region {box.shape + (self.channels,)}")
+            return mapped.transpose(3, 0, 1, 2)
         out = np.empty(box.shape + (self.channels,), self.dtype).transpose(3, 0, 1, 2)
         for idx in np.ndindex(*(len(r) for r in ranges)):
             lo = [self.bounds[a][ranges[a][i]] for a, i in enumerate(idx)]

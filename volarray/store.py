@@ -92,14 +92,16 @@ class ScratchSpace:
 
 
 class OutputArrays:
-    """One run's output arrays, each opened once per process and shared by the run's
-    chunk writes, as `dask.array.to_zarr` shares its array: opening the group and its
-    arrays for every chunk cost 2 ms of a 4 ms task at 8^3 chunks. Pickled (to a
-    cluster's workers) it is the location alone, and opens them again there; a new run
-    makes a new one, so no run writes through another's metadata."""
+    """One run's output arrays, opened once and shared by the run's chunk writes in
+    this process's threads, as `dask.array.to_zarr` shares its array: opening the group
+    and its arrays for every chunk cost 2 ms of a 4 ms task at 8^3 chunks. Pickled (to
+    a cluster's workers, per task) it is the location alone, which opens them again
+    there, as every chunk did before; a new run makes a new one, so no run writes
+    through another's metadata."""
 
     def __init__(self, out: Location):
         self.out = out
+        self._group = None
         self._arrays: dict = {}
         self._lock = threading.Lock()
 
@@ -112,9 +114,9 @@ class OutputArrays:
         if array is None:
             with self._lock:
                 if name not in self._arrays:
-                    group = self._arrays.get(None) or self.out.open_group("r+")
-                    self._arrays[None] = group
-                    self._arrays[name] = group[name]
+                    if self._group is None:
+                        self._group = self.out.open_group("r+")
+                    self._arrays[name] = self._group[name]
                 array = self._arrays[name]
         return array
 

@@ -52,16 +52,29 @@ def pointwise(ctx, macs: float = 1.0, monotone: bool = False) -> Pointwise:
 # ---------------------------------------------------------------- builders
 # Measured per byte of output against plain arithmetic (`benchmarks/bench_op_rates.py`,
 # 2 threads): sigmoid-like activations 4.3-4.9 GB/s, GELU 3.5, ReLU and add 7-7.7
-TRANSCENDENTAL = ("silu", "sigmoid", "tanh", "gelu", "mish", "elu", "softplus", "exp",
-                  "log", "erf", "swish", "sin", "cos")
+TRANSCENDENTAL = frozenset({
+    "silu", "sigmoid", "tanh", "gelu", "mish", "elu", "selu", "celu", "softplus",
+    "logsigmoid", "log_sigmoid", "tanhshrink", "exp", "expm1", "log", "log1p", "erf", "sin",
+    "cos", "swish"})
 TRANSCENDENTAL_PASSES = 1.6
 
 
+def op_name(target) -> str:
+    """A call target's plain name: a module class's (``SiLU`` -> ``silu``), a function's,
+    a method's, or an aten overload's (``aten.silu.default`` -> ``silu``), without an
+    in-place variant's trailing underscore."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    name = name.lower()
+    if name.startswith("aten."):
+        name = name[len("aten."):]
+    return name.split(".")[0].rstrip("_")
+
+
 def transcendental(ctx) -> bool:
-    """Whether the node computes a transcendental function per voxel (by its name)."""
-    target = type(ctx.module) if getattr(ctx, "module", None) is not None else ctx.node.target
-    name = getattr(target, "__name__", str(target)).lower()
-    return any(t in name for t in TRANSCENDENTAL)
+    """Whether the node computes a transcendental function per voxel (by exact name:
+    LeakyReLU, Hardtanh and Hardsigmoid are not)."""
+    module = getattr(ctx, "module", None)
+    return op_name(type(module) if module is not None else ctx.node.target) in TRANSCENDENTAL
 
 
 def elementwise(ctx) -> Pointwise:

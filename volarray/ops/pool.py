@@ -68,10 +68,11 @@ def pool(ctx, kind, kernel, stride, padding, dilation=1, count_include_pad=True,
         ctx.unsupported("return_indices=True")
     ctx.template()
     kernel = triple(kernel)
-    return Pool(memory_passes=POOL_PASSES[kind] * math.prod(kernel) / 8, kind=kind, kernel=kernel, stride=triple(stride or kernel),
+    return Pool(kind=kind, kernel=kernel, stride=triple(stride or kernel),
                 dilation=triple(dilation), padding=triple(padding),
                 count_include_pad=count_include_pad, divisor_override=divisor_override,
-                in_shape=ctx.in_shape, macs=float(math.prod(kernel)))
+                in_shape=ctx.in_shape, macs=float(math.prod(kernel)),
+                memory_passes=POOL_PASSES[kind] * math.prod(kernel) / 8)
 
 
 def max_pool_module(ctx) -> Pool:

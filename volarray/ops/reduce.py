@@ -76,7 +76,7 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = rows.sum(0) / n  # a first estimate
     dev = torch.zeros(c, dtype=torch.float64)  # sum of deviations from it: its error
     m2 = torch.zeros(c, dtype=torch.float64)
-    d = torch.empty(min(STATS_BLOCK, n), c)
+    d = torch.empty(min(STATS_BLOCK, n), c, dtype=x.dtype)
     for i in range(0, n, STATS_BLOCK):
         block = d[:min(STATS_BLOCK, n - i)]
         torch.sub(rows[i:i + STATS_BLOCK], mean, out=block)
