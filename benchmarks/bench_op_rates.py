@@ -1,34 +1,24 @@
 """How much memory-bound work each kind of tile op costs per byte of its output,
-against the probe the memory rate is calibrated with (`volarray.rates.measure_memory`:
-an out-of-place ReLU of a channels-last slab and one copy). The cost model weighs each
-op's output bytes by these passes (`volarray.ops.base.LocalOp.memory_passes`).
+against a ReLU's. The cost model charges every op's output bytes at the memory rate
+(`volarray.rates.measure_memory`, whose probe is an out-of-place ReLU and a copy), each
+weighed by its op's `memory_passes`: 1 for ReLU-like ops, these ratios for the rest.
 
-    python benchmarks/bench_op_rates.py [--side 96] [--channels 16] [--repeats 7]
+    python benchmarks/bench_op_rates.py [--side 96] [--channels 16] [--repeats 5]
 
 Each op runs as tiles run it: on a channels-last (1, C, side/3, side, side) slab,
 out of place, its output fresh each call. Prints a markdown table; the medians of
-``--repeats`` calls.
+``--repeats`` fastest of 30 or more calls, as the calibration measures its probe
+(`volarray.rates.steady_seconds`).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from volarray.ops.reduce import channel_var_mean
-
-
-def median_s(fn, repeats: int) -> float:
-    for _ in range(3):  # warm-up: the process's pages faulted in, kernels chosen
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+from volarray.rates import steady_seconds
 
 
 def cases(x, y):
@@ -63,7 +53,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=96)
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     shape = (1, a.channels, a.side // 3, a.side, a.side)
@@ -72,12 +62,13 @@ def main(argv=None):
     rows = []
     with torch.inference_mode():
         for name, (fn, nbytes) in cases(x, y).items():
-            rows.append((name, nbytes / median_s(fn, a.repeats)))
-    probe = rows[0][1]
+            rows.append((name, nbytes / steady_seconds(fn, repeats=a.repeats)))
+    relu = dict(rows)["relu"]
     print(f"{torch.get_num_threads()} threads, slab {shape[1:]} channels-last float32\n")
-    print("| op | GB/s of output | passes of the probe |\n|---|---|---|")
+    print("| op | GB/s of output | cost per byte against a ReLU's (memory_passes) |")
+    print("|---|---|---|")
     for name, rate in rows:
-        print(f"| {name} | {rate / 1e9:.2f} | {probe / rate:.2f} |")
+        print(f"| {name} | {rate / 1e9:.2f} | {relu / rate:.2f} |")
 
 
 if __name__ == "__main__":

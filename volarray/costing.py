@@ -176,15 +176,15 @@ def cost_stage(graph: Graph, stage: Stage, holds_output: bool = True) -> tuple[S
     return costed, shapes
 
 
-# channels-last statistics (`ops.reduce.channel_var_mean`): 5.2-5.8 GB/s of input
-# against 7-7.7 GB/s for ReLU (`benchmarks/bench_op_rates.py`)
-STATS_PASSES = 1.4
+# channels-last statistics (`ops.reduce.channel_var_mean`): 1.4-3.4 times a ReLU's cost
+# per byte read, from one run to the next (`benchmarks/results/op_rates.md`)
+STATS_PASSES = 2.5
 
 
 def touched_bytes(graph: Graph, prog: TileProgram, sums: dict, holds_output: bool) -> int:
     """The bytes of the op outputs a stage's tasks write, over all of them (``sums``:
     each node's voxels, per axis, summed over the tasks), each weighted by its op's
-    `memory_passes` (a trilinear upsampling's byte costs seven of a ReLU's): memory-
+    `memory_passes` (a trilinear upsampling's byte costs eight of a ReLU's): memory-
     bound work. A ReLU run in its conv's kernel (`TileProgram.passed_on`) writes
     nothing; a barrier's task (not ``holds_output``) reads its output once more for
     the statistics."""

@@ -166,7 +166,7 @@ def rates_for(device: str = "cpu", given: Rates | None = None) -> Rates:
     return found
 
 
-def _steady_time(fn, repeats: int = 5, min_s: float = 1.0, min_calls: int = 30,
+def steady_seconds(fn, repeats: int = 5, min_s: float = 1.0, min_calls: int = 30,
                  max_s: float = 6.0) -> float:
     """Seconds per call of ``fn`` as a running process sees it: the median of the
     ``repeats`` fastest of at least ``min_calls`` calls and ``min_s`` seconds (at most
@@ -228,7 +228,7 @@ def measure_macs(device: str = "cpu", side: int = 96, channels: int = 16) -> flo
         with torch.inference_mode():
             conv.convolve(x, w, b, (1, 1, 1), relu=True)
         sync()
-    return channels * channels * 27 * x[0, 0].numel() / _steady_time(run)
+    return channels * channels * 27 * x[0, 0].numel() / steady_seconds(run)
 
 
 def measure_memory(device: str = "cpu", side: int = 96, channels: int = 16) -> float:
@@ -242,7 +242,7 @@ def measure_memory(device: str = "cpu", side: int = 96, channels: int = 16) -> f
     def run():
         buf.copy_(torch.relu(x))
         sync()
-    return x.numel() * x.element_size() / _steady_time(run)
+    return x.numel() * x.element_size() / steady_seconds(run)
 
 
 def measure_bytes(where: str | None = None, size: int = 64 * 2**20) -> float:

@@ -97,8 +97,8 @@ class LocalOp:
     scale: tuple[Fraction, Fraction, Fraction] = (Fraction(1),) * 3  # output/input grid ratio
     macs: float = 1.0  # multiply-adds per output voxel (all channels), for cost estimates
     scratch_channels: int = 0  # temporaries per output voxel beyond the output, for memory
-    # memory-bound work per byte of output, in passes of the memory rate's probe (an
-    # out-of-place ReLU and a copy): `benchmarks/bench_op_rates.py` measures them
+    # memory-bound work per byte of output as a multiple of a ReLU's, charged at the
+    # memory rate (`benchmarks/bench_op_rates.py`; `benchmarks/results/op_rates.md`)
     memory_passes: float = 1.0
     # a ReLU right after this op may run inside its kernel (``run(..., relu=True)``)
     takes_relu = False

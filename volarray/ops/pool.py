@@ -54,10 +54,9 @@ class Pool(LocalOp):
         return mean / F.avg_pool3d(mask[None, None], self.kernel, self.stride, 0)
 
 
-# per byte of output at kernel 2 (8 inputs read), channels last, against 7-7.7 GB/s
-# for ReLU: max 2.0 GB/s, avg 0.26 (`benchmarks/bench_op_rates.py`); scaled by the
-# kernel's voxels
-POOL_PASSES = {"max": 3.5, "avg": 25.0}
+# per byte of output at kernel 2 (8 inputs read), channels last, against a ReLU's: max
+# 4.2-4.5, avg 35-49 (`benchmarks/results/op_rates.md`); scaled by the kernel's voxels
+POOL_PASSES = {"max": 4.3, "avg": 40.0}
 
 
 def pool(ctx, kind, kernel, stride, padding, dilation=1, count_include_pad=True,

@@ -101,9 +101,9 @@ class Resample(LocalOp):
         return x
 
 
-# trilinear x2, channels last: 1.0 GB/s of output against 7-7.7 for ReLU and 5-6 for
-# nearest (`benchmarks/bench_op_rates.py`)
-LINEAR_PASSES = 7.0
+# trilinear x2, channels last: 8.3-8.8 times a ReLU's cost per byte of output (nearest:
+# 1.4-1.5, left at 1) (`benchmarks/results/op_rates.md`)
+LINEAR_PASSES = 8.5
 
 
 def resample(ctx, mode, scale_factor, align_corners, recompute) -> Resample:
