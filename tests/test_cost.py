@@ -267,7 +267,8 @@ def test_budget_that_forces_much_compute_is_named(monkeypatch):
 def test_issue_case_160_at_60MB_keeps_on_scratch(tmp_path, monkeypatch):
     """FaultSeg3D 160^3 with --memory-limit 60MB through the CLI: 16,000 tasks of 8^3 and
     146.8x one forward before; with scratch for the full-resolution tensors at most
-    1.5x. The lazy predict, whose kept tensors stay in memory, is refused naming keep=."""
+    1.5x. The lazy predict keeps the same tensors in memory (up to an eighth of it, as
+    the README says); held to keep='10MB' it is refused, naming the keep= that fits."""
     monkeypatch.setenv("VOLARRAY_RATES", FAST)
     x = np.zeros((160,) * 3, np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -279,8 +280,10 @@ def test_issue_case_160_at_60MB_keeps_on_scratch(tmp_path, monkeypatch):
     ratio = float(run.stdout.split("\n  compute ")[1].split("x")[0])
     assert ratio <= 1.5 and "slow plan" not in run.stdout, run.stdout
     lazy = volarray.plan(seeded(FaultSeg3D), x, memory_limit="60MB")
-    with pytest.raises(volarray.MemoryBudgetError, match="pass keep="):
-        lazy.validate()
+    assert lazy.storage == "memory" and lazy.compute_ratio <= 1.5
+    capped = volarray.plan(seeded(FaultSeg3D), x, memory_limit="60MB", keep="10MB")
+    with pytest.raises(volarray.MemoryBudgetError, match="pass keep='430.1 MB'"):
+        capped.validate()
 
 
 def test_a_failing_task_probe_warns_and_the_run_goes_on(monkeypatch):
