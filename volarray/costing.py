@@ -103,13 +103,6 @@ def nearest_kept(graph: Graph, name: str, kept) -> set[str]:
     return found
 
 
-def program_for(graph: Graph, name: str, kept: set[str]) -> TileProgram:
-    """The ops computing ``name`` from its nearest kept ancestors (or read it, if kept)."""
-    sources = nearest_kept(graph, name, kept)
-    order = list(graph.nodes)
-    return TileProgram(graph, name, tuple(sorted(sources, key=order.index)))
-
-
 def reductions(graph: Graph) -> list:
     return [g for g in (graph.globals or {}).values() if g.kind == "reduce"]
 

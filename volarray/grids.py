@@ -4,11 +4,11 @@ whose tasks fit memory, I/O and the scheduler's task count.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from . import costing
 from .budget import default_memory_limit, parse_bytes
-from .costing import Barrier, MIN_TILE_SIDE, Projection, Stage, cost_stage, program_for, \
+from .costing import Barrier, MIN_TILE_SIDE, Projection, Stage, cost_stage, nearest_kept, \
     project, reductions, stage_bounds
 from .geometry import SPATIAL
 from .graph import Graph, alignment
@@ -95,6 +95,13 @@ class Planner:
     strategy: str = "slab"  # 'whole': a task runs each layer over its whole region
     fixed_output: tuple[bool, ...] = (False,) * SPATIAL  # output chunk sides the user gave
     rates: object = None  # `volarray.rates.Rates` the layouts' times are projected at
+    # costed stages by (output, sources, grid, min_side, holds_output): the kept sets a
+    # search lays out share most of their stages (FaultSSL: 3,051 stages costed over
+    # five layouts). Not copied by `dataclasses.replace` (init=False): a planner with
+    # other fixed output chunks costs its own.
+    _stages: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    _programs: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    _node_order: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def for_device(cls, graph: Graph, memory_limit, device: str,
@@ -113,10 +120,32 @@ class Planner:
               holds_output: bool = True) -> Stage:
         """The costed stage of ``prog`` on grid ``base``, swept in the thickest slab
         that fits."""
+        key = (prog.output, prog.sources, tuple(base), min_side, holds_output)
+        costed = self._stages.get(key)
+        if costed is None:
+            costed = self._stages[key] = self._cost_stage(prog, base, min_side, holds_output)
+        return costed if costed.index == index else replace(costed, index=index)
+
+    def program(self, name: str, avail) -> TileProgram:
+        """The ops computing ``name`` from its nearest ancestors in ``avail`` (itself, if
+        it is there: a kept tensor's stage reads it), one program per (name, sources)
+        for all the layouts of a search."""
+        sources = tuple(sorted(nearest_kept(self.graph, name, avail), key=self._order))
+        prog = self._programs.get((name, sources))
+        if prog is None:
+            prog = self._programs[(name, sources)] = TileProgram(self.graph, name, sources)
+        return prog
+
+    def _order(self, name: str) -> int:
+        if not self._node_order:
+            self._node_order.update((n, i) for i, n in enumerate(self.graph.nodes))
+        return self._node_order[name]
+
+    def _cost_stage(self, prog: TileProgram, base, min_side: int, holds_output: bool) -> Stage:
         node = self.graph.nodes[prog.output]
         fixed = self.fixed_output if prog.output == self.graph.output else (False,) * SPATIAL
         bounds = stage_bounds(base, node.shape, node.scale, min_side, fixed)
-        st, shapes = cost_stage(self.graph, Stage(index, prog, bounds), holds_output)
+        st, shapes = cost_stage(self.graph, Stage(-1, prog, bounds), holds_output)
         unit = max(1, int(self.align[0] * node.scale[0]))
         if self.strategy == "whole":
             return st  # each layer over the whole region: the grid fits it to the limit
@@ -126,7 +155,7 @@ class Planner:
         """One stage per kept tensor, from its nearest kept ancestors; coarse levels
         merge small chunks where that fits."""
         avail = set(kept) | {self.graph.input}
-        programs = [program_for(self.graph, n, avail - {n}) for n in kept]
+        programs = [self.program(n, avail - {n}) for n in kept]
         for min_side in (MIN_TILE_SIDE, 1):
             stages = tuple(self.stage(i, p, base, min_side) for i, p in enumerate(programs))
             if max(s.peak_bytes for s in stages) <= self.limit:
@@ -140,7 +169,7 @@ class Planner:
         avail = set(kept) | {self.graph.input}
         out = []
         for g in reductions(self.graph):
-            probe = self.statistics_tasks(program_for(self.graph, g.source, avail), base)
+            probe = self.statistics_tasks(self.program(g.source, avail), base)
             out.append(Barrier(g.name, probe.program, probe.bounds, macs=probe.macs,
                                slab=probe.slab, peak_bytes=probe.peak_bytes,
                                moved_bytes=probe.moved_bytes,
