@@ -11,6 +11,7 @@ This module imports nothing else of volarray: it is the bottom of the planning l
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -45,6 +46,12 @@ class Graph:
     def __post_init__(self):
         object.__setattr__(self, "nodes", MappingProxyType(dict(self.nodes)))
         object.__setattr__(self, "globals", MappingProxyType(dict(self.globals or {})))
+
+    @functools.cached_property
+    def order(self) -> dict[str, int]:
+        """Each spatial node's position in topological order (to sort a stage's sources);
+        a dict, so that a graph that has computed it still pickles."""
+        return {n: i for i, n in enumerate(self.nodes)}
 
     @property
     def value_bytes(self) -> int:

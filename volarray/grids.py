@@ -101,7 +101,6 @@ class Planner:
     # other fixed output chunks costs its own.
     _stages: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _programs: dict = field(default_factory=dict, init=False, compare=False, repr=False)
-    _node_order: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def for_device(cls, graph: Graph, memory_limit, device: str,
@@ -130,16 +129,12 @@ class Planner:
         """The ops computing ``name`` from its nearest ancestors in ``avail`` (itself, if
         it is there: a kept tensor's stage reads it), one program per (name, sources)
         for all the layouts of a search."""
-        sources = tuple(sorted(nearest_kept(self.graph, name, avail), key=self._order))
+        sources = tuple(sorted(nearest_kept(self.graph, name, avail),
+                               key=self.graph.order.__getitem__))
         prog = self._programs.get((name, sources))
         if prog is None:
             prog = self._programs[(name, sources)] = TileProgram(self.graph, name, sources)
         return prog
-
-    def _order(self, name: str) -> int:
-        if not self._node_order:
-            self._node_order.update((n, i) for i, n in enumerate(self.graph.nodes))
-        return self._node_order[name]
 
     def _cost_stage(self, prog: TileProgram, base, min_side: int, holds_output: bool) -> Stage:
         node = self.graph.nodes[prog.output]

@@ -50,7 +50,7 @@ class Compute:
 
     def __init__(self, graph: Graph, base, exact: bool = True):
         self.graph, self.base, self.exact, self.memo = graph, base, exact, {}
-        self.index = {n: i for i, n in enumerate(graph.nodes)}
+        self.index = graph.order
 
     def sources(self, name: str, avail) -> frozenset:
         """The nearest ancestors of ``name`` in ``avail`` (itself, if it is there)."""
