@@ -87,7 +87,7 @@ def test_no_mark_before_the_digests_are_recorded(model, survey, tmp_path, monkey
     write = volarray.store.write_block
 
     def checked(out, names, index, *blocks):
-        hashes = out.out.open_group("r")["volarray_input_hashes"][...]
+        hashes = out.where.open_group("r")["volarray_input_hashes"][...]
         seen.append(bool(hashes.any(axis=-1).all()))
         return write(out, names, index, *blocks)
     monkeypatch.setattr(volarray.store, "write_block", checked)

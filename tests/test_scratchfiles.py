@@ -111,3 +111,31 @@ def test_a_numpy_volume_is_never_handed_to_a_tile_as_it_is():
     np.testing.assert_array_equal(a[0], vol[2:8])
     to_device(a, "cpu").add_(1.0)  # a tile written in place
     np.testing.assert_array_equal(vol, before)
+
+
+def test_zarr_scratch_opens_its_array_once_per_run_and_process(tmp_path, monkeypatch):
+    """Object-store scratch (`ZarrRegions`) opens its array once for all of a run's
+    region writes and reads in this process (each open is a request there); pickled to
+    a worker it opens it again, once."""
+    import pickle
+
+    import zarr
+    from volarray.location import Location, OpenedArrays
+    from volarray.scratchfiles import ZarrRegions
+    loc = Location.of(str(tmp_path / "k.zarr"))
+    zarr.create_array(str(tmp_path / "k.zarr"), shape=(2, 8, 8, 8), chunks=(2, 4, 4, 4),
+                      dtype="f4")
+    opened = []
+    open_array = Location.open_array
+    monkeypatch.setattr(Location, "open_array",
+                        lambda self, mode="r": opened.append(mode) or open_array(self, mode))
+    regions = ZarrRegions(OpenedArrays(loc))
+    y = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
+    for lo in ((0, 0, 0), (4, 4, 4)):
+        box = Box.from_bounds(lo, tuple(v + 4 for v in lo))
+        regions.write_region((slice(None),) + box.slices(), y)
+        np.testing.assert_array_equal(regions.read_box(box), y)
+    assert opened == ["r+"]
+    again = pickle.loads(pickle.dumps(regions))
+    np.testing.assert_array_equal(again.read_box(Box.from_bounds((0, 0, 0), (4, 4, 4))), y)
+    assert opened == ["r+", "r+"]

@@ -84,16 +84,17 @@ class TaskFiles:
 
 @dataclass(frozen=True)
 class ZarrRegions:
-    """A kept tensor's scratch as a zarr array at ``where`` (a `Location`: on an object
-    store, where files per task would not serve), read and written as `TaskFiles` is."""
+    """A kept tensor's scratch as a zarr array (``where``: a `location.OpenedArrays`, on
+    an object store, where files per task would not serve), read and written as
+    `TaskFiles` is."""
 
     where: Any
 
     def write_region(self, region, y) -> None:
-        self.where.open_array("r+")[region] = y
+        self.where.array()[region] = y
 
     def read_box(self, box: Box) -> np.ndarray:
-        return self.where.open_array("r+")[(slice(None),) + box.slices()]
+        return self.where.array()[(slice(None),) + box.slices()]
 
 
 def task_files(folder: str, bounds, channels: int, dtype) -> TaskFiles:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import dask
 import numpy as np
@@ -26,7 +25,7 @@ from .claim import claimed
 from .digest import BAD_VOXEL, check_input_unchanged, digests_of, forget_input_chunk, record_task
 from .errors import InputError, VolarrayError
 from .io import open_volume
-from .location import Location
+from .location import Location, OpenedArrays
 from .options import PredictOptions, output_attrs
 from .outputs import DONE, HASHES, RunInterrupted
 from .scratchfiles import ZarrRegions, task_files
@@ -81,7 +80,7 @@ class ScratchSpace:
                               dtype=dtype,
                               chunks=(node.channels,) + stage.chunk_shape,
                               compressors=None)
-            paths[stage.output] = ZarrRegions(loc)
+            paths[stage.output] = ZarrRegions(OpenedArrays(loc))
         return paths
 
     def remove(self):
@@ -91,43 +90,7 @@ class ScratchSpace:
         outputs.remove_scratch(self.dir)
 
 
-class OutputArrays:
-    """One run's output arrays, opened once and shared by the run's chunk writes in
-    this process's threads, as `dask.array.to_zarr` shares its array: opening the group
-    and its arrays for every chunk cost 2 ms of a 4 ms task at 8^3 chunks. Pickled (to
-    a cluster's workers, per task) it is the location alone, which opens them again
-    there, as every chunk did before; a new run makes a new one, so no run writes
-    through another's metadata."""
-
-    def __init__(self, out: Location):
-        self.out = out
-        self._group = None
-        self._arrays: dict = {}
-        self._lock = threading.Lock()
-
-    @property
-    def path(self) -> str:
-        return self.out.path
-
-    def __getitem__(self, name: str):
-        array = self._arrays.get(name)
-        if array is None:
-            with self._lock:
-                if name not in self._arrays:
-                    if self._group is None:
-                        self._group = self.out.open_group("r+")
-                    self._arrays[name] = self._group[name]
-                array = self._arrays[name]
-        return array
-
-    def __getstate__(self):
-        return {"out": self.out}
-
-    def __setstate__(self, state):
-        self.__init__(state["out"])
-
-
-def write_block(out: OutputArrays, names, index, *blocks) -> int:
+def write_block(out: OpenedArrays, names, index, *blocks) -> int:
     """One output chunk of every output array, then its completion mark."""
     for name, block in zip(names, blocks):
         array = out[name]
@@ -468,7 +431,7 @@ def _write_graph(out: Location, arrays: dict, todo, digests=None) -> Delayed:
         dsk[record] = (record_task, out, digests.numblocks,
                        list(flatten(hashed.__dask_keys__())))
         deps.append(hashed)
-    arrays_out = OutputArrays(out)
+    arrays_out = OpenedArrays(out)  # opened once per run and process, not per chunk
     dsk.update({(wname, i): (write_block, arrays_out, names,
                              idx if digests is None else (_after, idx, record)) +
                 tuple((y.name,) + ld + idx for y, ld in zip(ys, lead))
