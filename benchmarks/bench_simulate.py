@@ -60,7 +60,8 @@ from unittest import mock
 
 import volarray
 from volarray import models
-from volarray.worker import combine_task, eval_task, run_task, stats_task, value_task
+from volarray.worker import (combine_task, eval_task, run_task, statistics_of, stats_task,
+                             value_task)
 
 FLOAT_BYTES = 4
 
@@ -88,9 +89,12 @@ class TaskCost:
     def domain(bounds) -> int:
         return math.prod(int(b[-1]) - int(b[0]) for b in bounds)
 
-    def of(self, task) -> tuple[float, int, int, str]:
-        """(MACs, bytes read, bytes written, kind) of one task of the graph."""
+    def of(self, task, key=None) -> tuple[float, int, int, str]:
+        """(MACs, bytes read, bytes written, kind) of one task of the graph (``key``:
+        its key, which names the barrier whose statistics a stage's task computed)."""
         fn = task[0]
+        if fn is statistics_of:  # ('volarray-stats-<i>-<token>', 0, i, j, k)
+            return 0.0, 0, 0, f"statistics {self.plan.barriers[int(key[0].split('-')[2])].name}"
         if fn in (run_task, stats_task):
             spec = task[2]
             index, (lo, hi) = spec.index, spec.bounds
@@ -115,7 +119,7 @@ def simulated(dsk: dict, cost: TaskCost, rate: float, bandwidth: float):
     and each task's modelled seconds and kind."""
     seconds, kinds, writes, deps = {}, {}, {}, {}
     for key, task in dsk.items():
-        macs, read, write, kind = cost.of(task) if istask(task) else (0.0, 0, 0, "other")
+        macs, read, write, kind = cost.of(task, key) if istask(task) else (0.0, 0, 0, "other")
         seconds[key] = macs / rate + (read + write) / bandwidth
         kinds[key], writes[key] = kind, write
         deps[key] = sorted(get_dependencies(dsk, key), key=str)

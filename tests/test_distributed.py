@@ -66,8 +66,9 @@ def test_gpu_tasks_carry_a_gpu_resource():
 
 def test_one_named_layer_per_stage_and_barrier():
     """Each stage and barrier is a layer named by its key prefix (what dask's dashboard
-    shows); statistics tiles run on the GPU, their combine tree does not; the combine
-    fan-in follows dask's split_every setting."""
+    shows); statistics tiles run on the GPU, their combine tree does not, nor do the
+    tasks that pick up statistics a stage's tiles computed; the combine fan-in follows
+    dask's split_every setting."""
     import dask
     from volarray.execute import build_graph
     from volarray.io import as_dask_volume
@@ -81,9 +82,12 @@ def test_one_named_layer_per_stage_and_barrier():
         assert any(n.startswith(f"volarray-stage-{stage.index}-") for n in layers)
     stats = [n for n in layers if n.startswith("volarray-stats-")]
     assert len(stats) == 2 * len(plan.barriers) > 0
+    assert any(b.by_stage is not None for b in plan.barriers)
+    assert any(b.by_stage is None for b in plan.barriers)
     for name in stats:
         gpu = layers[name].annotations == {"resources": {"GPU": 1}}
-        assert gpu != ("-combine-" in name), name
+        barrier = plan.barriers[int(name.split("-")[2])]
+        assert gpu == ("-combine-" not in name and barrier.by_stage is None), name
     sizes = {}
     for split in (2, 16):
         with dask.config.set(split_every=split):

@@ -50,8 +50,12 @@ def test_a_halo_read_decodes_only_the_blocks_it_touches(monkeypatch):
     assert len(decoded) == 16
 
 
-@pytest.mark.parametrize("scheduler", ["sync", "threads"])
-def test_a_lazy_result_keeps_its_tensors_packed(scheduler):
+@pytest.mark.parametrize("scheduler,pack_from", [("sync", 0), ("threads", 0),
+                                                  ("sync", 1 << 30)])
+def test_a_lazy_result_keeps_its_large_tensors_packed(scheduler, pack_from, monkeypatch):
+    """Kept chunks of PACK_FROM_BYTES or more wait packed, smaller ones as they are
+    (this grid's kept chunk is 430 kB: above a threshold of 0, below one of 1 GB)."""
+    monkeypatch.setattr(volarray.packed, "PACK_FROM_BYTES", pack_from)
     model = seeded(FaultSeg3D)
     vol = np.random.default_rng(1).standard_normal((40, 48, 56)).astype(np.float32)
     plan = volarray.plan(model, vol, chunks=(16, 24, 32), keep="4x")
@@ -65,5 +69,6 @@ def test_a_lazy_result_keeps_its_tensors_packed(scheduler):
     with Spy():
         y = volarray.predict(model, vol, chunks=(16, 24, 32), keep="4x").compute(
             scheduler=scheduler)
-    assert kept and all(isinstance(c, PackedChunk) for c in kept.values())
+    assert kept and all(isinstance(c, PackedChunk) == (pack_from == 0)
+                        for c in kept.values())
     np.testing.assert_allclose(y, whole_volume(model, vol), atol=1e-5)

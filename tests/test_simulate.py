@@ -29,7 +29,7 @@ def test_task_costs_add_up_to_the_plan(modelled):
     every tile task writes its region of the stage's output."""
     plan, dsk, (seconds, kinds, writes, deps) = modelled
     cost = sim.TaskCost(plan)
-    macs = sum(cost.of(t)[0] for t in dsk.values() if sim.istask(t))
+    macs = sum(cost.of(t, k)[0] for k, t in dsk.items() if sim.istask(t))
     assert macs == pytest.approx(plan.compute_ratio * plan.model_macs, rel=1e-9)
     tiles = [k for k in kinds if kinds[k].startswith("stage")]
     assert len(tiles) == sum(s.n_tasks for s in plan.stages)

@@ -18,7 +18,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from .geometry import Box, chunk_range, grid_boxes
 from .planner import Plan
 from .worker import (ArraySource, ChunkSource, ModelRunner, ScratchSource, TaskSpec,
-                     combine_task, eval_task, run_task, stats_task, value_task)
+                     combine_task, eval_task, run_task, statistics_of, stats_task, value_task)
 
 COMBINE_FAN_IN = 8  # partial statistics merged per combine task
 
@@ -55,7 +55,7 @@ class _GraphBuilder:
         so that dask's dashboard and task stream show volarray's phases."""
         return f"volarray-{what}-{self.token}"
 
-    def task(self, fn, index: int, prog, box: Box, write_to=None) -> tuple:
+    def task(self, fn, index: int, prog, box: Box, write_to=None, statistics=()) -> tuple:
         """A tile or statistics task: its frozen `TaskSpec`, then what dask fetches for
         it (lists, so that dask substitutes the keys): per source read, the chunks it
         comes from (or the input's array), and the whole-volume values."""
@@ -67,7 +67,8 @@ class _GraphBuilder:
             reads.append((source, (need.lo, need.hi)))
             parts.append(self.reader_key if isinstance(source, ArraySource)
                          else self.chunk_parts(src, need))
-        spec = TaskSpec(index, (box.lo, box.hi), tuple(reads), tuple(prog.globals), write_to)
+        spec = TaskSpec(index, (box.lo, box.hi), tuple(reads), tuple(prog.globals), write_to,
+                        statistics)
         return (fn, self.model_key, spec, parts, [self.global_key(g) for g in prog.globals])
 
     def chunk_parts(self, src: str, need: Box) -> list:
@@ -106,7 +107,10 @@ class _GraphBuilder:
             key = self.arrays[stage.output][0]
             scratch = self.sources.get(stage.output)
             write_to = scratch.where if isinstance(scratch, ScratchSource) else None
-            dsk = {(key, 0) + idx: self.task(run_task, stage.index, stage.program, box, write_to)
+            statistics = tuple(i for i, b in enumerate(self.plan.barriers)
+                               if b.by_stage == stage.index)
+            dsk = {(key, 0) + idx: self.task(run_task, stage.index, stage.program, box,
+                                             write_to, statistics)
                    for idx, box in grid_boxes(stage.bounds)}
             self.add_layer(key, dsk, tile=True, reads=self.reads(stage.program))
         for i, b in enumerate(self.plan.barriers):
@@ -142,15 +146,22 @@ class _GraphBuilder:
         self.deps[name] = set(reads) | ({self.model_key} if name != self.model_key else set())
 
     def build_barrier(self, i: int, b):
-        """Per-chunk partial statistics (a tile layer), merged by a tree of combine
-        tasks ``split_every`` at a time, as dask's own reductions (a layer of its own)."""
+        """Per-chunk partial statistics (a tile layer, or, where a stage's tasks compute
+        them, a layer picking them up), merged by a tree of combine tasks
+        ``split_every`` at a time, as dask's own reductions (a layer of its own)."""
         prefix = self.layer_name(f"stats-{i}")
         tiles, level = {}, []
+        if b.by_stage is not None:  # picked up from the stage's tasks, on the same grid
+            stage_key = self.arrays[b.program.output][0]
+            position = [j for j, c in enumerate(self.plan.barriers)
+                        if c.by_stage == b.by_stage].index(i)
         for idx, box in grid_boxes(b.bounds):
             key = (prefix, 0) + idx
-            tiles[key] = self.task(stats_task, i, b.program, box)
+            tiles[key] = (statistics_of, (stage_key, 0) + idx, position) \
+                if b.by_stage is not None else self.task(stats_task, i, b.program, box)
             level.append(key)
-        self.add_layer(prefix, tiles, tile=True, reads=self.reads(b.program))
+        self.add_layer(prefix, tiles, tile=b.by_stage is None,
+                       reads={stage_key} if b.by_stage is not None else self.reads(b.program))
         fan_in = combine_fan_in()
         combine, depth = {}, 0
         combine_name = self.layer_name(f"stats-{i}-combine")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from . import costing
 from .budget import default_memory_limit, parse_bytes
 from .costing import Barrier, MIN_TILE_SIDE, Projection, Stage, cost_stage, nearest_kept, \
-    project, reductions, stage_bounds
+    project, reductions, stage_bounds, with_statistics
 from .geometry import SPATIAL
 from .graph import Graph, alignment
 from .program import TileProgram
@@ -182,7 +182,8 @@ class Planner:
         return probe
 
     def layout(self, kept, base) -> Layout:
-        return Layout(self.stages(kept, base), self.barriers(kept, base))
+        stages = self.stages(kept, base)
+        return Layout(stages, with_statistics(stages, self.barriers(kept, base)))
 
     def fits(self, layout: Layout) -> bool:
         return layout.peak_bytes <= self.limit and layout.io_bytes <= self.io_target

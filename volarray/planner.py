@@ -235,11 +235,15 @@ class Plan:
                 str(len(s.program.order)), ", ".join(s.sources))
 
     def barrier_text(self, b: Barrier) -> str:
+        where = f"barrier {self.graph.globals[b.name].where}: statistics of {b.program.output}"
+        if b.by_stage is not None:
+            return f"{where} over {b.n_tasks} chunks, computed by stage {b.by_stage}'s tasks " \
+                   "as they make it"
         how = (f"recomputed from {', '.join(b.program.sources)} ({len(b.program.order)} ops)"
                if b.recomputed else "read from the kept tensor")
-        return (f"barrier {self.graph.globals[b.name].where}: statistics of {b.program.output} "
-                f"over {b.n_tasks} chunks, {how}, +{b.macs / max(self.model_macs, 1):.2f}x "
-                f"compute, peak {format_bytes(b.peak_bytes)}/task")
+        return (f"{where} over {b.n_tasks} chunks, {how}, "
+                f"+{b.macs / max(self.model_macs, 1):.2f}x compute, "
+                f"peak {format_bytes(b.peak_bytes)}/task")
 
     def __str__(self) -> str:
         lines = ["  " * bool(i) + line for i, line in enumerate(self.summary())] + [

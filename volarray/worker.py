@@ -15,6 +15,7 @@ import cloudpickle
 import numpy as np
 import torch
 import torch.fx as fx
+from dask.sizeof import sizeof
 
 from .errors import TraceError
 from .devices import array_module, check_finite, model_on, storage_dtype, to_device
@@ -23,7 +24,7 @@ from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
-from .packed import PackedChunk, region
+from .packed import packed, region
 from .planner import Plan
 from .runners import first_device, on_task_device, stage_rows
 
@@ -179,8 +180,11 @@ class ModelRunner(OnDevice):
         return t.to(self.dtype)
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
-            global_values: dict | None = None, origins: dict | None = None) -> np.ndarray:
-        """One task: the stage's output over ``out_box``.
+            global_values: dict | None = None, origins: dict | None = None,
+            statistics: tuple[int, ...] = ()):
+        """One task: the stage's output over ``out_box``; with ``statistics`` (barrier
+        indexes, `costing.Barrier.by_stage`), a `WithStatistics` holding it and those
+        barriers' partial statistics of it, reduced on the device before it leaves.
 
         Tiles run channels-last (NDHWC), which oneDNN convolves ~1.5x faster than
         NCDHW; kept intermediates stay in that layout between stages, and only the
@@ -198,16 +202,22 @@ class ModelRunner(OnDevice):
                     y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
                                     device=t.device, memory_format=torch.channels_last_3d)
                 y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
+            partials = tuple(stats_chunk(y.float(), self.reduction(i).groups)
+                             for i in statistics)
             last = stage == len(self.programs) - 1  # the result is float32; kept tensors
             # cast on the device, then one copy to the host per task
             y = y[0].detach().to(stored_dtype(last, self.kept_dtype)).cpu().numpy()
-        return np.ascontiguousarray(y) if last else y
+        y = np.ascontiguousarray(y) if last else y
+        return WithStatistics(y, partials) if statistics else y
+
+    def reduction(self, barrier: int):
+        """The whole-volume reduction (a `GlobalNode`) of barrier ``barrier``."""
+        return [g for g in self.globals.values() if g.kind == "reduce"][barrier]
 
     def stats(self, barrier: int, out_box: Box, sources, global_values,
               origins=None) -> np.ndarray:
         """Partial statistics of a barrier's tensor over one chunk's own region."""
-        prog = self.barriers[barrier]
-        g = [g for g in self.globals.values() if g.kind == "reduce"][barrier]
+        prog, g = self.barriers[barrier], self.reduction(barrier)
         with torch.inference_mode():
             return stats_combine([stats_chunk(t.float(), g.groups) for _, t in self.sweep(
                 prog, out_box, self.barrier_slabs[barrier], sources, global_values, origins)])
@@ -331,6 +341,36 @@ def _write_region(where, region, y):
     where.write_region(region, y)
 
 
+class WithStatistics:
+    """A stage task's result (its kept chunk, or its scratch write's token) with the
+    partial statistics its output was reduced to, per barrier it computes them for:
+    readers of the chunk take ``value`` (`tensor_of`), the barrier's tasks
+    ``partials[i]`` (`statistics_of`)."""
+
+    __slots__ = ("value", "partials")
+
+    def __init__(self, value, partials: tuple):
+        self.value, self.partials = value, partials
+
+    def __reduce__(self):
+        return WithStatistics, (self.value, self.partials)
+
+
+@sizeof.register(WithStatistics)
+def _sizeof_with_statistics(r: WithStatistics) -> int:  # what a distributed worker holds
+    return sizeof(r.value) + sum(p.nbytes for p in r.partials)
+
+
+def tensor_of(chunk):
+    """A stage task's chunk (or scratch token), whether or not it carries statistics."""
+    return chunk.value if isinstance(chunk, WithStatistics) else chunk
+
+
+def statistics_of(result: WithStatistics, i: int) -> np.ndarray:
+    """Barrier tile task of a barrier a stage computes: its stage task's partials."""
+    return result.partials[i]
+
+
 @dataclass(frozen=True)
 class ChunkSource:
     """A tensor's region assembled from the dask chunks that overlap it (the volume's,
@@ -340,7 +380,8 @@ class ChunkSource:
 
     def read(self, box: Box, fetched) -> np.ndarray | None:
         # a tile lying wholly in a layer's padding reads nothing of it
-        return assemble((box.lo, box.hi), self.channels, fetched) if fetched else None
+        return assemble((box.lo, box.hi), self.channels,
+                        [(b, tensor_of(c)) for b, c in fetched]) if fetched else None
 
 
 @dataclass(frozen=True)
@@ -355,6 +396,7 @@ class ScratchSource:
         if not fetched:
             return None
         for _, token in fetched:
+            token = tensor_of(token)
             if isinstance(token, PendingWrite):
                 token.wait()
         return self.where.read_box(box)
@@ -381,6 +423,7 @@ class TaskSpec:
     reads: tuple
     values: tuple = ()
     write_to: Any = None
+    statistics: tuple = ()  # barriers whose partials a stage task computes of its output
 
     @property
     def box(self) -> Box:
@@ -424,13 +467,21 @@ def run_task(runner, spec: TaskSpec, parts, values):
         sources = spec.sources(parts)  # read before taking a device slot: I/O overlaps compute
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
             y = runner.run(spec.index, box, sources, dict(zip(spec.values, values)),
-                           spec.origins())
+                           spec.origins(), spec.statistics)
     finally:
-        trim_after(sources, y)  # the task's intermediates, before the next task
-    if spec.write_to is None:  # kept tensors wait for their readers compressed
-        return y if spec.index == len(runner.programs) - 1 else PackedChunk(y)
-    # a completion token; readers wait for it, then go to the scratch store
-    return SCRATCH_WRITER.submit(spec.write_to, (slice(None),) + box.slices(), y)
+        trim_after(sources, tensor_of(y))  # the task's intermediates, before the next task
+    if spec.statistics:
+        return WithStatistics(stored(runner, spec, tensor_of(y)), y.partials)
+    return stored(runner, spec, y)
+
+
+def stored(runner, spec: TaskSpec, y):
+    """A stage task's output as it leaves the task: the model's output as it is, a kept
+    tensor compressed (waiting for its readers) or, with scratch, written there (then
+    a completion token: readers wait for it, then go to the scratch store)."""
+    if spec.write_to is None:
+        return y if spec.index == len(runner.programs) - 1 else packed(y)
+    return SCRATCH_WRITER.submit(spec.write_to, (slice(None),) + spec.box.slices(), y)
 
 
 def stats_task(runner, spec: TaskSpec, parts, values):
