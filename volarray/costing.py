@@ -222,13 +222,17 @@ def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> flo
     more than the whole axis. One pass per axis instead of `cost_stage`'s one per
     interval, and no `TileProgram`: ranking kept sets (`volarray.keep.keep_sequence`)
     costs thousands of stages on a norm-heavy network. ``index``: graph order."""
-    nodes = graph.nodes
+    nodes, scales = graph.nodes, graph.float_scales
     sources = set(sources)
     order = sorted(stage_nodes(graph, name, sources) - sources, key=index.__getitem__)
-    out_scale = [float(v) for v in nodes[name].scale]
+    out_scale = scales[name]
     sums = {n: 1.0 for n in order}
     for axis, b in enumerate(bounds):
         k = len(b) - 1
+        if k == 1:  # one task along the axis: each node computed once, whole
+            for n in order:
+                sums[n] *= nodes[n].shape[axis]
+            continue
         i = k // 2
         out = Interval(b[i], b[i + 1])
         need = {name: out}
@@ -241,7 +245,7 @@ def estimated_macs(graph: Graph, name: str, sources, bounds, index: dict) -> flo
                 need[p] = need[p].union(want) if p in need else want
         for n in order:
             size = nodes[n].shape[axis]
-            share = len(out) * float(nodes[n].scale[axis]) / out_scale[axis]
+            share = len(out) * scales[n][axis] / out_scale[axis]
             extra = max(0.0, len(need.get(n, EMPTY)) - share)
             sums[n] *= min(k * size, size + (k - 1) * extra)
     return sum(nodes[n].op.macs * sums[n] for n in order)

@@ -53,6 +53,13 @@ class Graph:
         a dict, so that a graph that has computed it still pickles."""
         return {n: i for i, n in enumerate(self.nodes)}
 
+    @functools.cached_property
+    def float_scales(self) -> dict[str, tuple[float, ...]]:
+        """Each spatial node's scale as floats (cost estimates run through thousands of
+        them; a Fraction's float() is slow)."""
+        return {n: tuple(float(v) for v in node.scale) for n, node in self.nodes.items()
+                if node.scale is not None}
+
     @property
     def value_bytes(self) -> int:
         """Bytes of one value of the graph's tensors (4 for float32, 2 for float16)."""
