@@ -98,8 +98,8 @@ class TaskCost:
         if fn in (run_task, stats_task):
             spec = task[2]
             index, (lo, hi) = spec.index, spec.bounds
-            boxes = [b for _, b in spec.reads]
-            channels = [self.plan.graph.nodes[s.node].channels for s, _ in spec.reads]
+            boxes = [b for _, b, _ in spec.reads]
+            channels = [self.plan.graph.nodes[s.node].channels for s, _, _ in spec.reads]
             part = self.plan.stages[index] if fn is run_task else self.plan.barriers[index]
             macs = part.macs * box_voxels(lo, hi) / self.domain(part.bounds)
             read = sum(box_voxels(*b) * c for b, c in zip(boxes, channels)) * FLOAT_BYTES

@@ -56,33 +56,41 @@ class _GraphBuilder:
         return f"volarray-{what}-{self.token}"
 
     def task(self, fn, index: int, prog, box: Box, write_to=None, statistics=()) -> tuple:
-        """A tile or statistics task: its frozen `TaskSpec`, then what dask fetches for
-        it (lists, so that dask substitutes the keys): per source read, the chunks it
-        comes from (or the input's array), and the whole-volume values."""
+        """A tile or statistics task: its frozen `TaskSpec` (with each read's chunk
+        bounds), then what dask fetches for it (lists of keys, so that dask substitutes
+        them, and nothing else for dask to walk: FaultSSL's graph spent 0.4 s in dask's
+        conversion of nested bounds): per source read, the chunks it comes from (or the
+        input's array), and the whole-volume values."""
         req = prog.requirements(box)
         reads, parts = [], []
         for src in prog.sources:
             need = req.box(src)
             source = self.sources.get(src) or ChunkSource(src, self.graph.nodes[src].channels)
-            reads.append((source, (need.lo, need.hi)))
-            parts.append(self.reader_key if isinstance(source, ArraySource)
-                         else self.chunk_parts(src, need))
+            if isinstance(source, ArraySource):
+                reads.append((source, (need.lo, need.hi), None))
+                parts.append(self.reader_key)
+            else:
+                chunks, keys = self.chunk_parts(src, need)
+                reads.append((source, (need.lo, need.hi), chunks))
+                parts.append(keys)
         spec = TaskSpec(index, (box.lo, box.hi), tuple(reads), tuple(prog.globals), write_to,
                         statistics)
         return (fn, self.model_key, spec, parts, [self.global_key(g) for g in prog.globals])
 
-    def chunk_parts(self, src: str, need: Box) -> list:
-        """``[(bounds, key)]`` of the chunks of ``src`` that overlap ``need``."""
+    def chunk_parts(self, src: str, need: Box) -> tuple[tuple, list]:
+        """The ``(lo, hi)`` bounds and the keys of the chunks of ``src`` that overlap
+        ``need``."""
         key, bounds = self.arrays[src]
         ranges = [chunk_range(b, iv) for b, iv in zip(bounds, need.axes)]
-        deps = []
+        chunks, keys = [], []
         for i in ranges[0]:
             for j in ranges[1]:
                 for k in ranges[2]:
                     lo = (int(bounds[0][i]), int(bounds[1][j]), int(bounds[2][k]))
                     hi = (int(bounds[0][i + 1]), int(bounds[1][j + 1]), int(bounds[2][k + 1]))
-                    deps.append([(lo, hi), (key, 0, i, j, k)])
-        return deps
+                    chunks.append((lo, hi))
+                    keys.append((key, 0, i, j, k))
+        return tuple(chunks), keys
 
     # Layers: one per stage (its tile tasks), per barrier (statistics tiles; their
     # combine tree and value), per whole-volume evaluation, and one for the model, each

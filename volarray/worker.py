@@ -415,8 +415,9 @@ class ArraySource:
 @dataclass(frozen=True)
 class TaskSpec:
     """What one tile or statistics task computes: stage (or barrier) ``index``, its
-    output region ``bounds`` ``(lo, hi)``, its ``reads`` (``(source, (lo, hi))`` pairs,
-    in the order of the fetched parts), the whole-volume values it reads (``values``,
+    output region ``bounds`` ``(lo, hi)``, its ``reads`` (``(source, (lo, hi), chunks)``:
+    the region, and the bounds of the chunks fetched for it, None where the source
+    fetches no chunks; in the order of the fetched parts), the whole-volume values it reads (``values``,
     in the order of the fetched values), and the scratch array its output goes to."""
     index: int
     bounds: tuple
@@ -432,7 +433,9 @@ class TaskSpec:
     def sources(self, parts) -> dict[str, np.ndarray]:
         """Each source's region, read with the parts the task fetched for it."""
         out = {}
-        for (source, bounds), fetched in zip(self.reads, parts):
+        for (source, bounds, chunks), fetched in zip(self.reads, parts):
+            if chunks is not None:  # each fetched chunk with its bounds
+                fetched = list(zip(chunks, fetched))
             a = source.read(Box.from_bounds(*bounds), fetched)
             if a is not None:
                 out[source.node] = a
@@ -440,7 +443,7 @@ class TaskSpec:
 
     def origins(self) -> dict:
         """Where each source's region starts in its whole tensor (for messages)."""
-        return {source.node: tuple(bounds[0]) for source, bounds in self.reads}
+        return {source.node: tuple(bounds[0]) for source, bounds, _ in self.reads}
 
 
 # A task whose sources and output are smaller than this leaves its freed blocks to the
