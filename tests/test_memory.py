@@ -164,6 +164,39 @@ def test_every_task_returns_its_freed_heap(monkeypatch):
         assert volarray.heap._TRIM is not None  # glibc: the trim is real here
 
 
+def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch):
+    """VOLARRAY_HEAP=reuse: glibc's threshold fixed at its 32 MB ceiling and no trim
+    after tasks (the default returns freed memory: 1 MB threshold, a trim); the same
+    numbers either way. A value other than 'return' or 'reuse' is refused by name
+    before any task runs."""
+    import numpy as np
+    import volarray
+    import volarray.heap as heap
+    from volarray.errors import InputError
+    from volarray.models import InstanceNormUNet, seeded
+    from conftest import whole_volume
+    calls, trims = [], []
+    monkeypatch.setattr(heap, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(heap, "_TRIM", lambda pad: trims.append(pad) or 1)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(heap, "_done", [])
+    monkeypatch.setenv("VOLARRAY_HEAP", "reuse")
+    assert heap.use_mapped_tensors() and calls == [(-3, heap.REUSE_MMAP_THRESHOLD)]
+    assert not heap.release_freed_memory() and trims == []
+    model = seeded(InstanceNormUNet)
+    vol = np.random.default_rng(0).standard_normal((40, 36, 32)).astype(np.float32)
+    y = volarray.predict(model, vol, chunks=16).compute(scheduler="sync")
+    np.testing.assert_allclose(y, whole_volume(model, vol), atol=1e-5)
+    assert trims == []
+    monkeypatch.setattr(heap, "_done", [])
+    monkeypatch.setenv("VOLARRAY_HEAP", "Return")
+    assert heap.use_mapped_tensors() and calls[-1] == (-3, heap.MMAP_THRESHOLD)
+    assert heap.release_freed_memory() and trims == [0]
+    monkeypatch.setenv("VOLARRAY_HEAP", "recycle")
+    with pytest.raises(InputError, match="VOLARRAY_HEAP='recycle'.*'reuse'"):
+        volarray.predict(model, vol, chunks=16)
+
+
 def test_a_users_mmap_threshold_is_left_alone(monkeypatch):
     """The threshold is fixed once per process, and never over one the user set for
     glibc (``MALLOC_MMAP_THRESHOLD_``)."""

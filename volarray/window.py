@@ -24,7 +24,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .errors import InputError
 from .worker import OnDevice, assemble
 from .geometry import Box, chunk_bounds, chunk_range, grid_boxes
-from .heap import release_freed_memory, use_mapped_tensors
+from .heap import heap_policy, release_freed_memory, use_mapped_tensors
 from .io import check_finite
 from .diagnostics import first_line, user_frame
 from .modelcall import meta_forward, pick_output
@@ -119,6 +119,7 @@ class WindowRunner(OnDevice):
 
     def __init__(self, model, device: str, weights: np.ndarray, select=None):
         self.model, self.device, self.weights, self.select = model, device, weights, select
+        heap_policy()  # a bad VOLARRAY_HEAP is refused here, before any window runs
         self._init_cache()
 
     def run(self, x: np.ndarray, samples: int = 0, seed: int = 0, lo=()) -> np.ndarray:

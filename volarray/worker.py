@@ -20,7 +20,7 @@ from dask.sizeof import sizeof
 from .errors import TraceError
 from .devices import array_module, check_finite, model_on, storage_dtype, to_device
 from .geometry import Box, Interval
-from .heap import (huge_pages_off, release_freed_memory, use_mapped_tensors,
+from .heap import (heap_policy, huge_pages_off, release_freed_memory, use_mapped_tensors,
                    worth_huge_pages)
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
@@ -93,6 +93,7 @@ class ModelRunner(OnDevice):
         self.device = device
         self.input_name = plan.graph.input
         self.huge_pages = worth_huge_pages(plan.planned_macs)  # a short run keeps them off
+        heap_policy()  # a bad VOLARRAY_HEAP is refused here, before any task runs
         self._init_cache()
 
     def _init_cache(self):
