@@ -172,6 +172,7 @@ def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch):
     import numpy as np
     import volarray
     import volarray.heap as heap
+    import volarray.worker
     from volarray.errors import InputError
     from volarray.models import InstanceNormUNet, seeded
     from conftest import whole_volume
@@ -181,17 +182,23 @@ def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setattr(heap, "_done", [])
     monkeypatch.setenv("VOLARRAY_HEAP", "reuse")
-    assert heap.use_mapped_tensors() and calls == [(-3, heap.REUSE_MMAP_THRESHOLD)]
+    assert heap.use_mapped_tensors()
+    assert calls == [(-3, heap.REUSE_MMAP_THRESHOLD), (-1, heap.REUSE_TRIM_THRESHOLD)]
     assert not heap.release_freed_memory() and trims == []
+    monkeypatch.setattr(volarray.worker, "TRIM_AFTER_BYTES", 0)  # every task would trim
     model = seeded(InstanceNormUNet)
     vol = np.random.default_rng(0).standard_normal((40, 36, 32)).astype(np.float32)
+    want = whole_volume(model, vol)
     y = volarray.predict(model, vol, chunks=16).compute(scheduler="sync")
-    np.testing.assert_allclose(y, whole_volume(model, vol), atol=1e-5)
+    np.testing.assert_allclose(y, want, atol=1e-5)
     assert trims == []
     monkeypatch.setattr(heap, "_done", [])
     monkeypatch.setenv("VOLARRAY_HEAP", "Return")
     assert heap.use_mapped_tensors() and calls[-1] == (-3, heap.MMAP_THRESHOLD)
     assert heap.release_freed_memory() and trims == [0]
+    y = volarray.predict(model, vol * 1, chunks=16).compute(scheduler="sync")
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    assert len(trims) > 1  # the default trims after each task
     monkeypatch.setenv("VOLARRAY_HEAP", "recycle")
     with pytest.raises(InputError, match="VOLARRAY_HEAP='recycle'.*'reuse'"):
         volarray.predict(model, vol, chunks=16)

@@ -72,9 +72,11 @@ def test_keep_or_recompute_follows_the_budget(cases):
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
-def test_a_kept_tensors_statistics_come_from_the_tasks_that_make_it(cases, scheduler, tmp_path):
+def test_a_kept_tensors_statistics_come_from_the_tasks_that_make_it(cases, scheduler, tmp_path,
+                                                                    monkeypatch):
     """A barrier on a kept tensor has no tasks of its own reading it again: the stage's
-    tasks reduce their output as they make it, in memory and to scratch alike."""
+    tasks reduce their output as they make it, in memory and to scratch alike (the
+    tokens of scratch writes then carry the statistics)."""
     from volarray.worker import stats_task
     model, chunks, unit, ref, _, _ = cases["InstanceNormUNet"]
     plan = volarray.plan(model, unit, chunks=chunks, keep="8x")
@@ -84,7 +86,9 @@ def test_a_kept_tensors_statistics_come_from_the_tasks_that_make_it(cases, sched
         assert plan.stages[b.by_stage].output == b.program.output
         assert plan.stages[b.by_stage].bounds == b.bounds
     charged = plan.n_tasks - sum(b.n_tasks for b in by_stage)
+    assert plan.costed_tasks == charged
     assert plan.projection.overhead_s == pytest.approx(charged * plan.rates.task_s)
+    assert f"({charged} tasks at" in plan.time_line()
     y = volarray.predict(model, unit, chunks=chunks, keep="8x")
     reading = sum(1 for t in dict(y.__dask_graph__()).values()
                   if isinstance(t, tuple) and t and t[0] is stats_task)
@@ -93,9 +97,46 @@ def test_a_kept_tensors_statistics_come_from_the_tasks_that_make_it(cases, sched
     on_disk = volarray.plan(model, unit, chunks=chunks, keep="8x", scratch=True)
     assert on_disk.storage == "scratch" and any(b.by_stage is not None
                                                 for b in on_disk.barriers)
+    import volarray.scratchfiles as scratchfiles
+    written = []
+    write = scratchfiles.TaskFiles.write_region
+    monkeypatch.setattr(scratchfiles.TaskFiles, "write_region",
+                        lambda self, region, y: written.append(1) or write(self, region, y))
     out = volarray.predict_to_zarr(model, unit, tmp_path / "out.zarr", chunks=chunks,
-                                   keep="8x", scheduler=scheduler)
+                                   keep="8x", scheduler=scheduler, scratch=True)
+    assert written  # the kept tensors went to scratch files
     assert_volume_close(np.asarray(out), ref, atol=1e-5)
+
+
+class ThreeNormsOfOneTensor(nn.Module):
+    """A global mean, an InstanceNorm and a GroupNorm of one conv's output: three
+    barriers on one kept tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm3d(4, affine=True)
+        self.gnorm = nn.GroupNorm(2, 4)
+        self.head = nn.Conv3d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.head(self.inorm(y) + self.gnorm(y) + y * y.mean(dim=(2, 3, 4), keepdim=True))
+
+
+def test_several_barriers_computed_by_one_stages_tasks():
+    model = seeded(ThreeNormsOfOneTensor)
+    vol = random_volume((19, 22, 17), seed=3)
+    plan = volarray.plan(model, vol, chunks=(8, 9, 7), keep="8x")
+    per_stage = {}
+    for b in plan.barriers:
+        if b.by_stage is not None:
+            per_stage.setdefault(b.by_stage, []).append(b)
+    assert max(len(v) for v in per_stage.values()) >= 2, str(plan)
+    for scheduler in ("sync", "threads"):
+        y = volarray.predict(model, vol, chunks=(8, 9, 7), keep="8x").compute(
+            scheduler=scheduler)
+        assert_volume_close(y, whole_volume(model, vol), atol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])

@@ -95,21 +95,30 @@ class Barrier(OnGrid):
         return 0 if self.by_stage is not None else self.n_tasks
 
 
-def with_statistics(stages, barriers) -> tuple:
-    """``barriers`` with those that read a kept tensor on its stage's own grid computed
-    by that stage's tasks (`Barrier.by_stage`): each task reduces its output to
-    statistics as it makes it, and no task reads the tensor again for them (FaultSSL:
-    546 of its 1,190 tasks; InstanceNormUNet 128^3: a second read of every kept tensor
-    from scratch). The model's output stays a plain array: its stage never does this."""
+def with_statistics(stages, barriers) -> tuple[tuple, tuple]:
+    """``stages`` and ``barriers``, with the barriers that read a kept tensor on its
+    stage's own grid computed by that stage's tasks (`Barrier.by_stage`): each task
+    reduces its output to statistics as it makes it, and no task reads the tensor again
+    for them (FaultSSL: 546 of its 1,190 tasks; InstanceNormUNet 128^3: a second read of
+    every kept tensor from scratch). Such a stage's peak grows by its output tile in
+    float32 where values are smaller (the statistics read a float32 copy). The model's
+    output stays a plain array: its stage never does this."""
     by_output = {s.output: s for s in stages[:-1]}
-    out = []
+    out, computing = [], set()
     for b in barriers:
         s = by_output.get(b.program.output)
         if s is not None and not b.recomputed and tuple(map(tuple, s.bounds)) == tuple(
                 map(tuple, b.bounds)):
             b = replace(b, by_stage=s.index, moved_bytes=0, macs=0.0, peak_bytes=0)
+            computing.add(s.index)
         out.append(b)
-    return tuple(out)
+
+    def with_copy(s: Stage) -> Stage:
+        if s.index not in computing or s.program.value_bytes >= 4:
+            return s
+        tile = math.prod(s.chunk_shape) * s.program.nodes[s.output].channels * 4
+        return replace(s, peak_bytes=s.peak_bytes + tile)
+    return tuple(with_copy(s) for s in stages), tuple(out)
 
 
 def nearest_kept(graph: Graph, name: str, kept) -> set[str]:

@@ -182,8 +182,7 @@ class Planner:
         return probe
 
     def layout(self, kept, base) -> Layout:
-        stages = self.stages(kept, base)
-        return Layout(stages, with_statistics(stages, self.barriers(kept, base)))
+        return Layout(*with_statistics(self.stages(kept, base), self.barriers(kept, base)))
 
     def fits(self, layout: Layout) -> bool:
         return layout.peak_bytes <= self.limit and layout.io_bytes <= self.io_target

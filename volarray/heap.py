@@ -51,7 +51,10 @@ HUGE_PAGE_MIN = 2 << 20  # bytes: torch advises huge pages from this size up
 MMAP_THRESHOLD = 1 << 20  # bytes: tensors from 1 MB up get pages of their own
 HEAP_ENV = "VOLARRAY_HEAP"  # 'return' (the default) or 'reuse'
 REUSE_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its rising threshold
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1
+REUSE_TRIM_THRESHOLD = 1 << 30  # fixing the mmap threshold fixes this one at 128 kB too:
+# free() would then hand an arena's free top back at once
 
 
 def _libc():
@@ -176,16 +179,19 @@ def heap_policy() -> str:
 
 def use_mapped_tensors() -> bool:
     """Fix glibc's mmap threshold for this process, once (the first task of a process
-    calls it): at MMAP_THRESHOLD, or at REUSE_MMAP_THRESHOLD where `heap_policy` is
-    'reuse'; True if this call set it."""
+    calls it): at MMAP_THRESHOLD, or at REUSE_MMAP_THRESHOLD (and the trim threshold
+    at REUSE_TRIM_THRESHOLD) where `heap_policy` is 'reuse'; True if this call set it."""
     global _done
     if _done or _MALLOPT is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    threshold = REUSE_MMAP_THRESHOLD if heap_policy() == "reuse" else MMAP_THRESHOLD
+    reuse = heap_policy() == "reuse"
     with _fixed:
         if _done:
             return False
-        _done = [bool(_MALLOPT(_M_MMAP_THRESHOLD, threshold))]
+        _done = [bool(_MALLOPT(_M_MMAP_THRESHOLD,
+                               REUSE_MMAP_THRESHOLD if reuse else MMAP_THRESHOLD))]
+        if reuse and _done[0]:
+            _MALLOPT(_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD)
         return _done[0]
 
 

@@ -101,8 +101,12 @@ def _sizeof_packed(chunk: PackedChunk) -> int:  # what a distributed worker hold
 
 def packed(a: np.ndarray):
     """``a`` as a `PackedChunk` where it is large enough to gain from it
-    (`PACK_FROM_BYTES`), else ``a`` itself."""
-    return PackedChunk(a) if a.nbytes >= PACK_FROM_BYTES else a
+    (`PACK_FROM_BYTES`), else a copy in its own memory order (channels-last stays so):
+    ``a`` may be a view into a larger tile (a conv's border rows cropped), which the
+    chunk would keep alive while dask's size of it said less."""
+    if a.nbytes >= PACK_FROM_BYTES:
+        return PackedChunk(a)
+    return np.array(a, order="K", copy=True)
 
 
 def region(chunk, slices: tuple[slice, ...]) -> np.ndarray:

@@ -114,6 +114,13 @@ class Plan:
         return sum(s.n_tasks for s in self.stages) + sum(b.n_tasks for b in self.barriers)
 
     @property
+    def costed_tasks(self) -> int:
+        """The tasks the projected overhead charges: those of ``n_tasks`` that run ops
+        (not the ones that pick up statistics a stage's tasks computed)."""
+        return sum(s.n_tasks for s in self.stages) + sum(b.costed_tasks
+                                                         for b in self.barriers)
+
+    @property
     def input_bytes(self) -> int:
         return tensor_bytes(self.graph, self.graph.input)
 
@@ -182,7 +189,7 @@ class Plan:
                 f"({self.planned_macs / 1e9:.1f} GMAC at {r.macs_per_s / 1e9:.3g} GMAC/s)"
                 f"{memory}, I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
                 f"{format_bytes(r.bytes_per_s)}/s), overhead {t.overhead_s:.3g} s "
-                f"({self.n_tasks} tasks at {r.task_s * 1e3:.3g} ms; rates: {r.source})")
+                f"({self.costed_tasks} tasks at {r.task_s * 1e3:.3g} ms; rates: {r.source})")
 
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:

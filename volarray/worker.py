@@ -203,8 +203,10 @@ class ModelRunner(OnDevice):
                     y = torch.empty((1, t.shape[1]) + out_box.shape, dtype=t.dtype,
                                     device=t.device, memory_format=torch.channels_last_3d)
                 y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
-            partials = tuple(stats_chunk(y.float(), self.reduction(i).groups)
+            whole = y.float() if statistics else None  # a copy in half precision
+            partials = tuple(stats_chunk(whole, self.reduction(i).groups)
                              for i in statistics)
+            del whole
             last = stage == len(self.programs) - 1  # the result is float32; kept tensors
             # cast on the device, then one copy to the host per task
             y = y[0].detach().to(stored_dtype(last, self.kept_dtype)).cpu().numpy()
