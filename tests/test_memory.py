@@ -164,7 +164,7 @@ def test_every_task_returns_its_freed_heap(monkeypatch):
         assert volarray.heap._TRIM is not None  # glibc: the trim is real here
 
 
-def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch):
+def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch, tmp_path, capsys):
     """VOLARRAY_HEAP=reuse: glibc's threshold fixed at its 32 MB ceiling and no trim
     after tasks (the default returns freed memory: 1 MB threshold, a trim); the same
     numbers either way. A value other than 'return' or 'reuse' is refused by name
@@ -202,6 +202,15 @@ def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch):
     monkeypatch.setenv("VOLARRAY_HEAP", "recycle")
     with pytest.raises(InputError, match="VOLARRAY_HEAP='recycle'.*'reuse'"):
         volarray.predict(model, vol, chunks=16)
+    from volarray.cli import main  # the command line says so, and writes nothing
+    monkeypatch.chdir(tmp_path)
+    np.save("v.npy", vol[:32, :32, :32])
+    code = main(["predict", "v.npy", "o.zarr", "--model", "volarray.models:FaultSeg3D",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("volarray: error: VOLARRAY_HEAP='recycle' is "
+                                          "neither"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]
 
 
 def test_a_users_mmap_threshold_is_left_alone(monkeypatch):

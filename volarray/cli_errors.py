@@ -40,7 +40,7 @@ class RunFailed(Exception):
 FLAG_OF = {"output": "--output", "tile_step_size": "--step", "mirror": "--no-mirror",
            "crop_nonzero": "--no-crop", "store": None, "volume": None, "dims": None,
            "placement": None, "channel_dim": None, "predictor": None, "multiple": None,
-           "cache": None}
+           "cache": None, "VOLARRAY_HEAP": None}  # an environment variable
 # values whose flag spells them otherwise (scratch=True is --scratch disk)
 VALUE_OF = {("scratch", "True"): "disk", ("scratch", "False"): "memory",
             ("chunks", "None"): "auto", ("roi_size", "None"): "auto"}
