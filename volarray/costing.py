@@ -36,6 +36,11 @@ class OnGrid:
         return grid_tasks(self.bounds)
 
     @property
+    def costed_tasks(self) -> int:
+        """The tasks the projection charges: all of them, for a stage."""
+        return self.n_tasks
+
+    @property
     def chunk_shape(self) -> tuple[int, ...]:
         return grid_chunk_shape(self.bounds)
 
@@ -90,8 +95,8 @@ class Barrier(OnGrid):
 
     @property
     def costed_tasks(self) -> int:
-        """The tasks the projection charges: none where a stage computes the
-        statistics (what is left of the barrier's tasks only picks them up)."""
+        """None where a stage computes the statistics (what is left of the barrier's
+        tasks only picks them up)."""
         return 0 if self.by_stage is not None else self.n_tasks
 
 
@@ -369,6 +374,5 @@ def project(parts, rates) -> Projection:
     memory = rates.memory_bytes_per_s
     return Projection(macs / rates.macs_per_s,
                       sum(p.moved_bytes for p in parts) / rates.bytes_per_s,
-                      sum(getattr(p, "costed_tasks", p.n_tasks) for p in parts)
-                      * rates.task_s,
+                      sum(p.costed_tasks for p in parts) * rates.task_s,
                       sum(p.touched_bytes for p in parts) / memory if memory else 0.0)

@@ -106,8 +106,12 @@ class _GraphBuilder:
             self.add_layer(self.reader_key, {self.reader_key: self.reader}, tile=False)
         for stage in self.plan.stages:
             self.owner[self.arrays[stage.output][0]] = self.arrays[stage.output][0]
+        # per stage, the barriers whose statistics its tasks compute (`Barrier.by_stage`)
+        self.statistics = {}
         for i, b in enumerate(self.plan.barriers):
             self.owner[self.global_key(b.name)] = self.layer_name(f"stats-{i}-combine")
+            if b.by_stage is not None:
+                self.statistics[b.by_stage] = self.statistics.get(b.by_stage, ()) + (i,)
         for g in self.graph.globals.values():
             if g.kind == "eval":
                 self.owner[self.global_key(g.name)] = self.global_key(g.name)
@@ -115,10 +119,8 @@ class _GraphBuilder:
             key = self.arrays[stage.output][0]
             scratch = self.sources.get(stage.output)
             write_to = scratch.where if isinstance(scratch, ScratchSource) else None
-            statistics = tuple(i for i, b in enumerate(self.plan.barriers)
-                               if b.by_stage == stage.index)
             dsk = {(key, 0) + idx: self.task(run_task, stage.index, stage.program, box,
-                                             write_to, statistics)
+                                             write_to, self.statistics.get(stage.index, ()))
                    for idx, box in grid_boxes(stage.bounds)}
             self.add_layer(key, dsk, tile=True, reads=self.reads(stage.program))
         for i, b in enumerate(self.plan.barriers):
@@ -161,8 +163,7 @@ class _GraphBuilder:
         tiles, level = {}, []
         if b.by_stage is not None:  # picked up from the stage's tasks, on the same grid
             stage_key = self.arrays[b.program.output][0]
-            position = [j for j, c in enumerate(self.plan.barriers)
-                        if c.by_stage == b.by_stage].index(i)
+            position = self.statistics[b.by_stage].index(i)
         for idx, box in grid_boxes(b.bounds):
             key = (prefix, 0) + idx
             tiles[key] = (statistics_of, (stage_key, 0) + idx, position) \

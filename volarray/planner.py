@@ -117,8 +117,7 @@ class Plan:
     def costed_tasks(self) -> int:
         """The tasks the projected overhead charges: those of ``n_tasks`` that run ops
         (not the ones that pick up statistics a stage's tasks computed)."""
-        return sum(s.n_tasks for s in self.stages) + sum(b.costed_tasks
-                                                         for b in self.barriers)
+        return sum(p.costed_tasks for p in self.stages + self.barriers)
 
     @property
     def input_bytes(self) -> int:

@@ -51,7 +51,8 @@ def engine_task_seconds(device: str = "cpu") -> float:
         lazies = [predict(model, vol, chunks=c, device=device) for c in CHUNKS]
         run(lazies[0])  # warm-up: the scheduler's threads, the first tiles' memory
         few_s, many_s = (min(run(lazy) for _ in range(2)) for lazy in lazies)
-        few, many = (plan(model, vol, chunks=c, device=device).n_tasks for c in CHUNKS)
+        # the tasks the projection charges this overhead to (`Plan.costed_tasks`)
+        few, many = (plan(model, vol, chunks=c, device=device).costed_tasks for c in CHUNKS)
     return max(0.0, (many_s - few_s) / (many - few))
 
 

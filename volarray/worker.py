@@ -25,6 +25,7 @@ from .heap import (heap_policy, huge_pages_off, release_freed_memory, use_mapped
 from .ops.base import resolve
 from .ops.reduce import stats_chunk, stats_combine, stats_value
 from .packed import packed, region
+from .costing import reductions
 from .planner import Plan
 from .runners import first_device, on_task_device, stage_rows
 
@@ -90,6 +91,7 @@ class ModelRunner(OnDevice):
         self.tf32 = plan.compute_dtype == "tf32"  # else TF32 off in tasks (exact float32)
         self.kept_dtype = plan.kept_dtype  # kept tensors between stages, as stored
         self.globals = plan.graph.globals or {}
+        self.reductions = reductions(plan.graph)  # a barrier's index is its position
         self.device = device
         self.input_name = plan.graph.input
         self.huge_pages = worth_huge_pages(plan.planned_macs)  # a short run keeps them off
@@ -182,10 +184,10 @@ class ModelRunner(OnDevice):
 
     def run(self, stage: int, out_box: Box, sources: dict[str, np.ndarray],
             global_values: dict | None = None, origins: dict | None = None,
-            statistics: tuple[int, ...] = ()):
-        """One task: the stage's output over ``out_box``; with ``statistics`` (barrier
-        indexes, `costing.Barrier.by_stage`), a `WithStatistics` holding it and those
-        barriers' partial statistics of it, reduced on the device before it leaves.
+            statistics: tuple[int, ...] = ()) -> tuple[np.ndarray, tuple]:
+        """One task: the stage's output over ``out_box``, and the partial statistics of
+        it of the barriers ``statistics`` names (`costing.Barrier.by_stage`), reduced on
+        the device before it leaves.
 
         Tiles run channels-last (NDHWC), which oneDNN convolves ~1.5x faster than
         NCDHW; kept intermediates stay in that layout between stages, and only the
@@ -204,23 +206,18 @@ class ModelRunner(OnDevice):
                                     device=t.device, memory_format=torch.channels_last_3d)
                 y[(slice(None), slice(None)) + slab.slices(out_box.lo)] = t
             whole = y.float() if statistics else None  # a copy in half precision
-            partials = tuple(stats_chunk(whole, self.reduction(i).groups)
+            partials = tuple(stats_chunk(whole, self.reductions[i].groups)
                              for i in statistics)
             del whole
             last = stage == len(self.programs) - 1  # the result is float32; kept tensors
             # cast on the device, then one copy to the host per task
             y = y[0].detach().to(stored_dtype(last, self.kept_dtype)).cpu().numpy()
-        y = np.ascontiguousarray(y) if last else y
-        return WithStatistics(y, partials) if statistics else y
-
-    def reduction(self, barrier: int):
-        """The whole-volume reduction (a `GlobalNode`) of barrier ``barrier``."""
-        return [g for g in self.globals.values() if g.kind == "reduce"][barrier]
+        return (np.ascontiguousarray(y) if last else y), partials
 
     def stats(self, barrier: int, out_box: Box, sources, global_values,
               origins=None) -> np.ndarray:
         """Partial statistics of a barrier's tensor over one chunk's own region."""
-        prog, g = self.barriers[barrier], self.reduction(barrier)
+        prog, g = self.barriers[barrier], self.reductions[barrier]
         with torch.inference_mode():
             return stats_combine([stats_chunk(t.float(), g.groups) for _, t in self.sweep(
                 prog, out_box, self.barrier_slabs[barrier], sources, global_values, origins)])
@@ -383,8 +380,7 @@ class ChunkSource:
 
     def read(self, box: Box, fetched) -> np.ndarray | None:
         # a tile lying wholly in a layer's padding reads nothing of it
-        return assemble((box.lo, box.hi), self.channels,
-                        [(b, tensor_of(c)) for b, c in fetched]) if fetched else None
+        return assemble((box.lo, box.hi), self.channels, fetched) if fetched else None
 
 
 @dataclass(frozen=True)
@@ -399,7 +395,6 @@ class ScratchSource:
         if not fetched:
             return None
         for _, token in fetched:
-            token = tensor_of(token)
             if isinstance(token, PendingWrite):
                 token.wait()
         return self.where.read_box(box)
@@ -437,8 +432,8 @@ class TaskSpec:
         """Each source's region, read with the parts the task fetched for it."""
         out = {}
         for (source, bounds, chunks), fetched in zip(self.reads, parts):
-            if chunks is not None:  # each fetched chunk with its bounds
-                fetched = list(zip(chunks, fetched))
+            if chunks is not None:  # each fetched chunk (or token) with its bounds
+                fetched = [(b, tensor_of(c)) for b, c in zip(chunks, fetched)]
             a = source.read(Box.from_bounds(*bounds), fetched)
             if a is not None:
                 out[source.node] = a
@@ -472,22 +467,15 @@ def run_task(runner, spec: TaskSpec, parts, values):
     try:
         sources = spec.sources(parts)  # read before taking a device slot: I/O overlaps compute
         with huge_pages_off(not runner.huge_pages), on_task_device(runner) as runner:
-            y = runner.run(spec.index, box, sources, dict(zip(spec.values, values)),
-                           spec.origins(), spec.statistics)
+            y, partials = runner.run(spec.index, box, sources, dict(zip(spec.values, values)),
+                                     spec.origins(), spec.statistics)
     finally:
-        trim_after(sources, tensor_of(y))  # the task's intermediates, before the next task
-    if spec.statistics:
-        return WithStatistics(stored(runner, spec, tensor_of(y)), y.partials)
-    return stored(runner, spec, y)
-
-
-def stored(runner, spec: TaskSpec, y):
-    """A stage task's output as it leaves the task: the model's output as it is, a kept
-    tensor compressed (waiting for its readers) or, with scratch, written there (then
-    a completion token: readers wait for it, then go to the scratch store)."""
-    if spec.write_to is None:
-        return y if spec.index == len(runner.programs) - 1 else packed(y)
-    return SCRATCH_WRITER.submit(spec.write_to, (slice(None),) + spec.box.slices(), y)
+        trim_after(sources, y)  # the task's intermediates, before the next task
+    if spec.write_to is None:  # kept tensors wait for their readers compressed
+        out = y if spec.index == len(runner.programs) - 1 else packed(y)
+    else:  # a completion token; readers wait for it, then go to the scratch store
+        out = SCRATCH_WRITER.submit(spec.write_to, (slice(None),) + box.slices(), y)
+    return WithStatistics(out, partials) if partials else out
 
 
 def stats_task(runner, spec: TaskSpec, parts, values):
