@@ -110,11 +110,15 @@ def main(argv=None):
         run(argparse.Namespace(**{**vars(a), "out": None, "roi_size": 32}), model, small)
         a.build_seconds = 0.0
     base = peak_rss()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = run(a, model, vol)
     seconds = time.perf_counter() - t0
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     rss = peak_rss()
     res = {"engine": a.engine, "model": a.model, "size": a.size, "seconds": seconds,
+           # CPU seconds in user code and in the kernel (faulting pages in, I/O)
+           "user_s": cpu.ru_utime - cpu0.ru_utime, "kernel_s": cpu.ru_stime - cpu0.ru_stime,
            "huge_pages": huge_pages_requested(),
            "build_seconds": getattr(a, "build_seconds", 0.0), "peak_rss": rss,
            "baseline_rss": base}

@@ -8,14 +8,15 @@ Per model and size: the plan `predict_to_zarr` runs from a zarr survey (default
 budgets: scratch within half the free disk), its projected time in its three parts at
 this machine's rates (`volarray.rates.rates_for`: the cached calibration, or
 VOLARRAY_RATES), and the measured time of that run in its own process
-(`_runner.py`, after a 48^3 warm-up; the time includes tracing and planning the
-volume's shape, which this process times apart on a fresh model, and the ratio
-leaves out). ``--issue-case``: FaultSeg3D 160^3 with memory_limit=60MB against the
+(`_runner.py`, after a 48^3 warm-up, with VOLARRAY_HEAP from ``--heap``; the time
+includes tracing and planning the volume's shape, which this process times apart on a
+fresh model, and the ratio leaves out). ``--issue-case``: FaultSeg3D 160^3 with memory_limit=60MB against the
 default memory limit, both through `predict_to_zarr`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -56,10 +57,12 @@ def row(model_name, n, tmp: Path, memory_limit=None) -> str:
     run_s = m["seconds"] - plan_s if "seconds" in m else None
     ratio = f"{t.seconds / run_s:.2f}" if run_s else "-"
     print(model_name, n, memory_limit, repr(plan), t, m, file=sys.stderr, flush=True)
+    cpu = f"{m['user_s']:.1f} / {m['kernel_s']:.1f}" if "kernel_s" in m else "-"
+    peak = f"{m['peak_rss'] / 1e9:.2f}" if "peak_rss" in m else "-"
     return (f"| {model_name} | {n}^3 | {memory_limit or 'default'} | {plan.n_tasks} | "
             f"{plan.compute_ratio:.2f}x | {plan.kept_bytes / 1e6:.0f} MB | {t.compute_s:.1f} | "
             f"{t.memory_s:.1f} | {t.io_s:.2f} | {t.overhead_s:.3f} | {t.seconds:.1f} | {got} | "
-            f"{plan_s:.1f} | {ratio} |")
+            f"{plan_s:.1f} | {ratio} | {cpu} | {peak} |")
 
 
 def main(argv=None):
@@ -68,18 +71,24 @@ def main(argv=None):
                     default=["FaultSeg3D", "InstanceNormUNet", "GroupNormNet"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--issue-case", action="store_true")
+    ap.add_argument("--heap", choices=["return", "reuse"],
+                    help="VOLARRAY_HEAP for the measured runs (default: as set, else 'return')")
     ap.add_argument("--out", default=str(HERE / "results" / "cost.md"))
     a = ap.parse_args(argv)
+    if a.heap:  # the runs' processes inherit it
+        os.environ["VOLARRAY_HEAP"] = a.heap
+    from volarray.heap import heap_policy
     from volarray.rates import rates_for
     rates = rates_for("cpu")
     lines = [f"Rates: {rates.text()}. `predict_to_zarr` from a zarr survey, one process per "
              "run after a 48^3 warm-up; measured includes tracing and planning, which "
              "`capture + plan s` times apart (the same plan made cold in this process); "
-             "the last column is projected / (measured - capture + plan).", "",
+             "`projected / run` is projected / (measured - capture + plan); `user / kernel "
+             f"CPU s` is the run's CPU time (VOLARRAY_HEAP={heap_policy()}).", "",
              "| model | volume | memory limit | tasks | compute | kept | projected compute s "
              "| memory-bound s | I/O s | overhead s | projected s | measured s | "
-             "capture + plan s | projected / run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "capture + plan s | projected / run | user / kernel CPU s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         for name in a.models:
             for n in a.sizes:

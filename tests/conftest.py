@@ -10,6 +10,11 @@ from volarray.models import seeded
 # no default test calibrates (seconds) or reads the user's cache; command-line
 # subprocesses inherit them. tests/test_cost.py sets its own.
 os.environ.setdefault("VOLARRAY_RATES", "macs=2e10,bytes=1e9,task=0.0002")
+# The default heap policy, chosen: plans say nothing of a VM host that takes freed
+# memory back (`volarray.planner.host_memory_notes`), so printed plans are the same on any
+# machine (a shell's VOLARRAY_HEAP=reuse would change what the memory tests measure).
+# tests/test_memory.py unsets it where it tests that note and the default.
+os.environ["VOLARRAY_HEAP"] = "return"
 
 
 def whole_volume(model, volume: np.ndarray) -> np.ndarray:

@@ -213,6 +213,43 @@ def test_heap_reuse_keeps_freed_memory_for_the_next_task(monkeypatch, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]
 
 
+def test_a_host_that_takes_freed_memory_back_is_named_in_the_plan(monkeypatch, tmp_path):
+    """A virtio balloon with free page reporting (feature bit 5) means the host takes
+    back what tasks free; the plan says the projection leaves that out and names
+    VOLARRAY_HEAP=reuse. Other virtio devices, a balloon without the bit, no sysfs:
+    nothing said. Where VOLARRAY_HEAP is set (the user chose), nothing either."""
+    import numpy as np
+    import volarray
+    import volarray.heap as heap
+    from volarray.models import FaultSeg3D, seeded
+    from volarray.planner import host_memory_notes
+
+    def device(name, kind, bits):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "device").write_text(kind + "\n")
+        (d / "features").write_text(bits + "\n")
+    monkeypatch.setattr(heap, "VIRTIO_DEVICES", str(tmp_path / "missing"))
+    assert not heap.host_takes_freed_memory()
+    monkeypatch.setattr(heap, "VIRTIO_DEVICES", str(tmp_path))
+    device("virtio0", "0x0002", "0" * 5 + "1" + "0" * 58)  # a block device, bit 5 set
+    device("virtio1", "0x0005", "0110" + "0" * 60)  # a balloon without reporting
+    assert not heap.host_takes_freed_memory()
+    monkeypatch.delenv("VOLARRAY_HEAP", raising=False)
+    assert heap.heap_policy() == "return"  # the default, which the other tests pin
+    model, vol = seeded(FaultSeg3D), np.zeros((32, 32, 32), np.float32)
+    assert not any("free page reporting" in n for n in volarray.plan(model, vol).notes)
+    device("virtio2", "0x0005", "011001" + "0" * 58)  # reporting
+    assert heap.host_takes_freed_memory()
+    note = volarray.plan(model, vol).notes[-1]
+    assert "free page reporting" in note and "VOLARRAY_HEAP=reuse" in note, note
+    assert "free page reporting" in str(volarray.plan(model, vol))
+    assert host_memory_notes("cuda:0") == []  # a GPU's tensors are not the host's heap
+    for chosen in ("reuse", "return"):  # the user chose
+        monkeypatch.setenv("VOLARRAY_HEAP", chosen)
+        assert host_memory_notes("cpu") == []
+
+
 def test_a_users_mmap_threshold_is_left_alone(monkeypatch):
     """The threshold is fixed once per process, and never over one the user set for
     glibc (``MALLOC_MMAP_THRESHOLD_``)."""

@@ -177,6 +177,35 @@ def heap_policy() -> str:
     return value
 
 
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+_BALLOON_DEVICE = "0x0005"  # the virtio spec's device ID of a memory balloon
+_BALLOON_F_REPORTING = 5  # its feature bit: free page reporting
+
+
+def host_takes_freed_memory() -> bool:
+    """Whether this is a VM whose host takes back the memory the guest frees (a virtio
+    balloon with free page reporting, as Firecracker offers).
+    There, memory a task gives back to the OS is faulted in again by a later task at the
+    host's pace (`benchmarks/results/cost.md`). Read from sysfs (Hyper-V's balloon is
+    not seen); False where it cannot tell."""
+    try:
+        devices = os.listdir(VIRTIO_DEVICES)
+    except OSError:
+        return False
+    for d in devices:
+        try:
+            with open(os.path.join(VIRTIO_DEVICES, d, "device")) as f:
+                if f.read().strip() != _BALLOON_DEVICE:
+                    continue
+            with open(os.path.join(VIRTIO_DEVICES, d, "features")) as f:
+                bits = f.read().strip()  # one '0' or '1' per feature bit, bit 0 first
+        except OSError:
+            continue
+        if bits[_BALLOON_F_REPORTING:_BALLOON_F_REPORTING + 1] == "1":
+            return True
+    return False
+
+
 def use_mapped_tensors() -> bool:
     """Fix glibc's mmap threshold for this process, once (the first task of a process
     calls it): at MMAP_THRESHOLD, or at REUSE_MMAP_THRESHOLD (and the trim threshold

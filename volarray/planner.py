@@ -10,6 +10,7 @@ keep the same size at every volume size, so memory does not grow with the volume
 from __future__ import annotations
 
 import html
+import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -18,10 +19,11 @@ import torch
 
 from .budget import format_bytes, parse_bytes
 from .costing import Barrier, Projection, Stage, fixed_side, model_macs, project
-from .devices import compute_name, kept_dtype, resolve_strategy, task_budget
+from .devices import compute_name, kept_dtype, kind, resolve_strategy, task_budget
 from .errors import InputError, MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
+from .heap import HEAP_ENV, host_takes_freed_memory
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
 from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, better, choose_kept,
                    keep_more_to_fit, shortfall, storage_budget)
@@ -316,6 +318,23 @@ def input_chunks(graph: Graph, given) -> tuple[tuple | None, list[str]]:
     return tuple(sides), notes
 
 
+def host_memory_notes(device: str) -> list[str]:
+    """What the projection leaves out on this machine: on a VM whose host takes back
+    freed memory, the tasks' faulting in again of what earlier tasks gave back
+    (`benchmarks/results/cost.md`: runs took 1.0-1.75x their projection there, against
+    0.95-1.55x with freed memory kept). Not where the user chose a policy
+    (``VOLARRAY_HEAP`` set, to either). It reads the machine that plans: a cluster's
+    workers are taken to be alike."""
+    if kind(device) != "cpu" or os.environ.get(HEAP_ENV, "").strip() or \
+            not host_takes_freed_memory():
+        return []
+    return ["this machine's host takes back the memory each task frees (virtio free page "
+            "reporting), and later tasks fault it in again at the host's pace, which the "
+            f"projected time leaves out; {HEAP_ENV}=reuse keeps freed memory in the process "
+            "for the next task (faster on such VMs in volarray's benchmarks, at a higher "
+            "peak)"]
+
+
 def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
                 search: KeepSearch):
     """The kept tensors and the grid of the fastest plan within the budgets, its notes,
@@ -383,7 +402,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         short = None  # chunks the user gave are theirs (they may take more storage, above)
     if planned:
         notes.insert(0, chunks_note(planner, grid, planned))
-    notes = chunk_notes + notes
+    notes = chunk_notes + notes + host_memory_notes(device)
     stages = grid.layout.stages
     # kept tensors are stored in the compute dtype (float16 runs keep half the bytes)
     stored = np.dtype(kept_dtype(compute, graph.dtype)).itemsize
