@@ -26,6 +26,7 @@ from .diagnostics import channel_mismatch, first_line, quiet_fake_tensors
 from .errors import InputError, TraceError, UnsupportedOpError
 from .geometry import nominal_scale
 from .graph import Graph, Node, alignment
+from .metashapes import shaped_call, shaped_method, shaped_module
 from .modelcall import meta_forward, model_dtype, pick_output
 from .padding import padding_error
 from .selfcheck import check_capture
@@ -431,6 +432,9 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
             module = self.fetch_attr(target)
             if isinstance(module, SHAPE_KEEPING_NORMS) and len(args) == 1 and not kwargs:
                 return torch.empty_like(args[0])  # their meta kernels decompose: ms a call
+            out = shaped_module(module, args, kwargs)
+            if out is not None:
+                return out
             if target not in copies:
                 copies[target] = meta_copy(module)
             return copies[target](*args, **kwargs)
@@ -440,7 +444,12 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
                 out = meta_cat(*args, **kwargs)
                 if out is not None:
                     return out
-            return super().call_function(target, args, kwargs)
+            out = shaped_call(target, args, kwargs)  # as do pointwise ops' (`metashapes`)
+            return super().call_function(target, args, kwargs) if out is None else out
+
+        def call_method(self, target, args, kwargs):
+            out = shaped_method(target, args, kwargs)
+            return super().call_method(target, args, kwargs) if out is None else out
     with torch.no_grad():
         Recorder(gm).run(torch.empty(input_shape, dtype=dtype, device="meta"))
     return values
