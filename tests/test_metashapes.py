@@ -66,6 +66,9 @@ def test_modules_shape_as_torch_do(module):
     (F.interpolate, (x,), {}),  # neither size nor scale_factor
     (F.interpolate, (x,), {"size": 4, "scale_factor": 2}),  # both
     (torch.mean, (x,), {"dtype": torch.float64}),
+    (torch.sum, (x, ()), {}), (torch.amax, (x,), {"dim": []}),  # torch: every dim
+    (torch.add, (x, x), {"out": meta(2, 4, 5, 6, 7)}),  # torch resizes and casts to out
+    (F.interpolate, (x,), {"scale_factor": object()}),
 ])
 def test_other_forms_are_left_to_torch(fn, args, kwargs):
     assert shaped_call(fn, args, kwargs) is None
@@ -79,3 +82,21 @@ def test_in_place_methods_and_subclasses_are_left_to_torch():
             return super().forward(v)[..., :2]
     assert shaped_module(Scaled(), (x,), {}) is None
     assert shaped_module(nn.Linear(5, 3), (x,), {}) is None  # 7 features, not 5
+    replaced = nn.ReLU()
+    replaced.forward = lambda v: v[..., :2]
+    assert shaped_module(replaced, (x,), {}) is None
+
+
+def test_a_linear_is_shaped_by_its_weights():
+    lin = nn.Linear(7, 3)
+    lin.weight = nn.Parameter(torch.randn(5, 7))  # reassigned: out_features still says 3
+    lin.bias = nn.Parameter(torch.randn(5))
+    assert shaped_module(lin, (x,), {}).shape == (1, 4, 5, 6, 5)
+
+
+def test_numpy_scales_and_sizes():
+    import numpy as np
+    for kwargs in ({"scale_factor": np.float32(1.5)}, {"scale_factor": np.int64(2)},
+                   {"size": np.int64(9)}):
+        got, want = shaped_call(F.interpolate, (x,), kwargs), F.interpolate(x, **kwargs)
+        assert got.shape == want.shape, kwargs

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn as nn
@@ -35,6 +37,8 @@ def pointwise(args, kwargs) -> torch.Tensor | None:
     of one or more dimensions (a 0-d tensor promotes as a number does) and whose other
     values are Python numbers, flags or None: the tensors' broadcast shape, and their
     promoted dtype."""
+    if "out" in kwargs:  # torch resizes and casts to ``out``
+        return None
     values = list(args) + list(kwargs.values())
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors or not all(t.is_meta and t.is_floating_point() and t.dim() > 0
@@ -60,15 +64,19 @@ def upsampled(x, size=None, scale_factor=None, recompute_scale_factor=None):
             and x.dim() >= 3) or (size is None) == (scale_factor is None):
         return None
     n = x.dim() - 2
-    if size is not None:
-        sides = (size,) * n if isinstance(size, int) else tuple(size)
-    else:
-        scales = (scale_factor,) * n if isinstance(scale_factor, (int, float)) \
-            else tuple(scale_factor)
-        if len(scales) != n or not all(isinstance(s, (int, float)) for s in scales):
-            return None
-        sides = tuple(math.floor(float(d) * s) for d, s in zip(x.shape[2:], scales))
-    if len(sides) != n or not all(isinstance(s, int) and s > 0 for s in sides):
+    try:  # a numpy scalar or anything else torch takes and this does not: torch decides
+        if size is not None:
+            sides = (size,) * n if isinstance(size, numbers.Integral) else tuple(size)
+            sides = tuple(operator.index(s) for s in sides)
+        else:
+            scales = (scale_factor,) * n if isinstance(scale_factor, numbers.Real) \
+                else tuple(scale_factor)
+            if not all(isinstance(s, numbers.Real) for s in scales):
+                return None
+            sides = tuple(math.floor(float(d) * float(s)) for d, s in zip(x.shape[2:], scales))
+    except TypeError:
+        return None
+    if len(sides) != n or not all(s > 0 for s in sides):
         return None
     return torch.empty(tuple(x.shape[:2]) + sides, dtype=x.dtype, device="meta")
 
@@ -83,8 +91,8 @@ def reduced(x, dim=None, keepdim=False):
             not isinstance(keepdim, bool):
         return None
     dims = range(x.dim()) if dim is None else (dim,) if isinstance(dim, int) else dim
-    if not all(isinstance(d, int) and -x.dim() <= d < x.dim() for d in dims):
-        return None
+    if not dims or not all(isinstance(d, int) and -x.dim() <= d < x.dim() for d in dims):
+        return None  # an empty ``dim`` reduces every dim in torch
     gone = {d % x.dim() for d in dims}
     shape = [1 if i in gone else s for i, s in enumerate(x.shape) if keepdim or i not in gone]
     return torch.empty(shape, dtype=x.dtype, device="meta")
@@ -120,15 +128,17 @@ def shaped_method(name, args, kwargs) -> torch.Tensor | None:
 def shaped_module(module: nn.Module, args, kwargs) -> torch.Tensor | None:
     """A parameterless activation of one input, an ``nn.Upsample``, or an
     ``nn.Linear`` (a squeeze-excitation's MLP: its meta kernel is addmm's reference)."""
-    if len(args) != 1 or kwargs:
+    if len(args) != 1 or kwargs or "forward" in vars(module):  # a forward of its own
         return None
     x, cls = args[0], type(module)  # exactly these classes: a subclass may do more
     if cls in POINTWISE_MODULES:
         return pointwise(args, {})
     if cls is nn.Upsample:
         return upsampled(x, module.size, module.scale_factor)
-    if cls is nn.Linear and isinstance(x, torch.Tensor) and x.is_meta and x.dim() >= 1 \
-            and x.shape[-1] == module.in_features and x.dtype == module.weight.dtype:
-        return torch.empty(tuple(x.shape[:-1]) + (module.out_features,), dtype=x.dtype,
-                           device="meta")
+    if cls is nn.Linear and isinstance(x, torch.Tensor) and x.is_meta and x.dim() >= 1:
+        w, b = module.weight, module.bias  # its weights, not its attributes, say
+        if w.dim() == 2 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype and (
+                b is None or tuple(b.shape) == (w.shape[0],)):
+            return torch.empty(tuple(x.shape[:-1]) + (w.shape[0],), dtype=x.dtype,
+                               device="meta")
     return None

@@ -430,7 +430,8 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
 
         def call_module(self, target, args, kwargs):
             module = self.fetch_attr(target)
-            if isinstance(module, SHAPE_KEEPING_NORMS) and len(args) == 1 and not kwargs:
+            if isinstance(module, SHAPE_KEEPING_NORMS) and len(args) == 1 and not kwargs \
+                    and "forward" not in vars(module):
                 return torch.empty_like(args[0])  # their meta kernels decompose: ms a call
             out = shaped_module(module, args, kwargs)
             if out is not None:
