@@ -120,7 +120,9 @@ def test_a_lazy_result_takes_more_memory_only_where_the_input_bytes_are_slow():
                    "(volarray 9.8-10.6 s, torch itself slowed to 2.7-3.1 s); later that day, "
                    "statistics computed by the stages' own tasks: 4.1x-4.6x standalone "
                    "(volarray 8.1-8.9 s, torch 1.9-2.2 s), 2.9x-3.0x in pytest (9.0 s, torch "
-                   "3.1 s); capture, probe check and planning are about 4.5 s of it")
+                   "3.1 s); capture, probe check and planning are about 4.5 s of it; with pointwise "
+                   "ops shaped without torch._dynamo (volarray/metashapes.py) 3.2x in pytest "
+                   "(8.0 s against 2.5 s), its build 3.1-3.5 s")
 def test_torchseis_faultssl_with_small_chunks_within_5x_torch(capsys):
     """The issue's case: FaultSSL at 48x64x80, chunks (24, 40, 32): 274 barriers.
     volarray's first call (capture, plan, run) against plain torch's warm forward."""
