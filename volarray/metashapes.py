@@ -57,7 +57,7 @@ def pointwise(args, kwargs) -> torch.Tensor | None:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def upsampled(x, size=None, scale_factor=None, recompute_scale_factor=None):
+def upsampled(x, size=None, scale_factor=None):
     """``F.interpolate``'s output for a floating-point meta ``x``: ``size``, or each side
     times ``scale_factor`` rounded down (as torch computes it)."""
     if not (isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point()
@@ -82,6 +82,7 @@ def upsampled(x, size=None, scale_factor=None, recompute_scale_factor=None):
 
 
 REDUCTIONS = ("mean", "sum", "amax", "amin")  # as methods and torch's functions
+REDUCTION_FUNCTIONS = frozenset(getattr(torch, r) for r in REDUCTIONS)
 
 
 def reduced(x, dim=None, keepdim=False):
@@ -107,7 +108,7 @@ def reduction(args, kwargs) -> torch.Tensor | None:
 def shaped_call(target, args, kwargs) -> torch.Tensor | None:
     if target in POINTWISE_FUNCTIONS:
         return pointwise(args, kwargs)
-    if target in tuple(getattr(torch, r) for r in REDUCTIONS):
+    if target in REDUCTION_FUNCTIONS:
         return reduction(args, kwargs)
     if target is F.interpolate and len(args) <= 3:
         known = {"size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
