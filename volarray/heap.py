@@ -33,8 +33,9 @@ user code (29.9 s wall), plain torch's warm second forward a tenth of that.
 (glibc's threshold fixed at its 32 MB ceiling, no trim): 24.4 s, 10.4 s in the kernel,
 peak 1.62 GB against 1.39 GB; InstanceNormUNet 128^3 3.1-3.5 s against 4.5-5.4 s,
 1.25 GB against 0.98 GB; a 512^3 zarr to zarr 230 s against 274 s, 2.10 GB against
-1.40 GB. Its tasks grow past their projected memory (the arenas
-fragment), so it is the user's choice, not the default.
+1.40 GB. Each task stays within its projected memory, but the process holds what its
+tasks freed beside what they use (1.0-1.9x the default's peak, `benchmarks/results/
+cost.md`), so it is the user's choice, not the default.
 """
 from __future__ import annotations
 
@@ -164,10 +165,15 @@ def huge_pages_requested() -> bool:
     return all(t.data_ptr() % mmap.PAGESIZE == 0 for t in probes)
 
 
+def heap_policy_given() -> str:
+    """``VOLARRAY_HEAP`` as the user set it, lower-cased; '' where unset or blank."""
+    return os.environ.get(HEAP_ENV, "").strip().lower()
+
+
 def heap_policy() -> str:
     """``VOLARRAY_HEAP``: 'return' (freed tensor memory goes back to the OS after each
     task; the default) or 'reuse' (it stays in the process for the next task)."""
-    value = os.environ.get(HEAP_ENV, "").strip().lower() or "return"
+    value = heap_policy_given() or "return"
     if value not in ("return", "reuse"):
         from .errors import InputError
         raise InputError(f"{HEAP_ENV}={os.environ[HEAP_ENV]!r} is neither 'return' nor "

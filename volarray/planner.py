@@ -10,7 +10,6 @@ keep the same size at every volume size, so memory does not grow with the volume
 from __future__ import annotations
 
 import html
-import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -23,7 +22,7 @@ from .devices import compute_name, kept_dtype, kind, resolve_strategy, task_budg
 from .errors import InputError, MemoryBudgetError, SlowPlanWarning
 from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
-from .heap import HEAP_ENV, host_takes_freed_memory
+from .heap import HEAP_ENV, heap_policy_given, host_takes_freed_memory
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
 from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, better, choose_kept,
                    keep_more_to_fit, shortfall, storage_budget)
@@ -325,8 +324,7 @@ def host_memory_notes(device: str) -> list[str]:
     0.95-1.55x with freed memory kept). Not where the user chose a policy
     (``VOLARRAY_HEAP`` set, to either). It reads the machine that plans: a cluster's
     workers are taken to be alike."""
-    if kind(device) != "cpu" or os.environ.get(HEAP_ENV, "").strip() or \
-            not host_takes_freed_memory():
+    if kind(device) != "cpu" or heap_policy_given() or not host_takes_freed_memory():
         return []
     return ["this machine's host takes back the memory each task frees (virtio free page "
             "reporting), and later tasks fault it in again at the host's pace, which the "

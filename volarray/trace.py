@@ -405,12 +405,6 @@ def has_submodule_hooks(model: nn.Module) -> bool:
                for m in model.modules() if m is not model)
 
 
-# Norms return their input's shape and dtype; on meta tensors their kernels run torch's
-# Python decompositions (1.6 ms an InstanceNorm3d call: 1.5-2.4 s of FaultSSL's 900)
-SHAPE_KEEPING_NORMS = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm,
-                       nn.GroupNorm, nn.LayerNorm)
-
-
 def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
     """Every node's whole-volume value, as `meta_values` computes it, on meta tensors:
     each module runs as a copy with meta weights (`meta_copy`), so that the model
@@ -430,9 +424,6 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
 
         def call_module(self, target, args, kwargs):
             module = self.fetch_attr(target)
-            if isinstance(module, SHAPE_KEEPING_NORMS) and len(args) == 1 and not kwargs \
-                    and "forward" not in vars(module):
-                return torch.empty_like(args[0])  # their meta kernels decompose: ms a call
             out = shaped_module(module, args, kwargs)
             if out is not None:
                 return out
