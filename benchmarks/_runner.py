@@ -119,6 +119,7 @@ def main(argv=None):
     res = {"engine": a.engine, "model": a.model, "size": a.size, "seconds": seconds,
            # CPU seconds in user code and in the kernel (faulting pages in, I/O)
            "user_s": cpu.ru_utime - cpu0.ru_utime, "kernel_s": cpu.ru_stime - cpu0.ru_stime,
+           "minor_faults": cpu.ru_minflt - cpu0.ru_minflt,
            "huge_pages": huge_pages_requested(),
            "build_seconds": getattr(a, "build_seconds", 0.0), "peak_rss": rss,
            "baseline_rss": base}

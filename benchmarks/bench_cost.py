@@ -55,14 +55,16 @@ def row(model_name, n, tmp: Path, memory_limit=None) -> str:
     t = plan.projection
     got = f"{m['seconds']:.1f}" if "seconds" in m else m.get("error", "failed")[:40]
     run_s = m["seconds"] - plan_s if "seconds" in m else None
-    ratio = f"{t.seconds / run_s:.2f}" if run_s else "-"
+    # a run shorter than its plan's cold capture (a warm process reuses it): no ratio
+    ratio = f"{t.seconds / run_s:.2f}" if run_s and run_s > 0 else "-"
     print(model_name, n, memory_limit, repr(plan), t, m, file=sys.stderr, flush=True)
     cpu = f"{m['user_s']:.1f} / {m['kernel_s']:.1f}" if "kernel_s" in m else "-"
     peak = f"{m['peak_rss'] / 1e9:.2f}" if "peak_rss" in m else "-"
+    faults = f"{m['minor_faults'] / 1e6:.2f}" if "minor_faults" in m else "-"
     return (f"| {model_name} | {n}^3 | {memory_limit or 'default'} | {plan.n_tasks} | "
             f"{plan.compute_ratio:.2f}x | {plan.kept_bytes / 1e6:.0f} MB | {t.compute_s:.1f} | "
             f"{t.memory_s:.1f} | {t.io_s:.2f} | {t.overhead_s:.3f} | {t.seconds:.1f} | {got} | "
-            f"{plan_s:.1f} | {ratio} | {cpu} | {peak} |")
+            f"{plan_s:.1f} | {ratio} | {cpu} | {faults} | {peak} |")
 
 
 def main(argv=None):
@@ -84,11 +86,13 @@ def main(argv=None):
              "run after a 48^3 warm-up; measured includes tracing and planning, which "
              "`capture + plan s` times apart (the same plan made cold in this process); "
              "`projected / run` is projected / (measured - capture + plan); `user / kernel "
-             f"CPU s` is the run's CPU time (VOLARRAY_HEAP={heap_policy()}).", "",
+             f"CPU s` is the run's CPU time (VOLARRAY_HEAP={heap_policy()}); `page faults M`: the "
+             "pages the run's process faulted in, millions (4 kB each, or 2 MB on huge pages).",
+             "",
              "| model | volume | memory limit | tasks | compute | kept | projected compute s "
              "| memory-bound s | I/O s | overhead s | projected s | measured s | "
-             "capture + plan s | projected / run | user / kernel CPU s | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "capture + plan s | projected / run | user / kernel CPU s | page faults M | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         for name in a.models:
             for n in a.sizes:
