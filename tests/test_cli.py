@@ -8,6 +8,8 @@ import pytest
 import torch
 import zarr
 
+import volarray
+
 from volarray.models import FaultSeg3D, seeded
 from volarray.testing import assert_volume_close
 
@@ -23,6 +25,20 @@ def broken():
     raise RuntimeError("no GPU here")
 
 not_a_model = lambda: 42
+
+def mc_dropout():  # the callable chose its modes: only the dropout samples
+    import torch
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Dropout3d(0.3), torch.nn.Conv3d(4, 1, 1))
+    m.eval()[2].train()
+    return m
+
+def stray_batch_norm():  # eval() then a BatchNorm left in training mode by mistake
+    import torch
+    m = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4))
+    m.eval()[1].train()
+    return m
 """
 
 
@@ -54,6 +70,29 @@ def test_predict_group_with_weights_and_preview(work):
     assert_volume_close(out[...], whole_volume(model, vol))
     png = (d / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_callables_own_modes_are_kept(work):
+    """A model as built (every module in training mode, torch's default) is put in
+    eval(); one whose callable set its modes keeps them: Monte Carlo dropout samples
+    through --ensemble as through Python, and a stray training-mode norm is refused."""
+    d, _, vol = work
+    r = run("predict", "vol.npy", "mc.zarr", "--model", "mymodels:mc_dropout", "--ensemble",
+            "3", "--seed", "5", "--chunks", "8", cwd=d)
+    assert r.returncode == 0, r.stderr
+    out = zarr.open_group(str(d / "mc.zarr"), mode="r")
+    sys.path.insert(0, str(d))
+    try:
+        import mymodels
+        mean, std = volarray.predict(mymodels.mc_dropout(), vol, ensemble=3, seed=5, chunks=8)
+    finally:
+        sys.path.remove(str(d))
+    assert float(out["prediction_std"][...].max()) > 0.01
+    np.testing.assert_array_equal(out["prediction_mean"][...], mean.compute())
+    np.testing.assert_array_equal(out["prediction_std"][...], std.compute())
+    r = run("predict", "vol.npy", "bn.zarr", "--model", "mymodels:stray_batch_norm", cwd=d)
+    assert r.returncode == 2 and "training mode" in r.stderr, r.stderr
+    assert not (d / "bn.zarr").exists()
 
 
 def test_plan_and_resume_and_overwrite(work):
@@ -94,6 +133,8 @@ def test_demo_small(work):
     (["flat.npy", "o.zarr", "--model", "mymodels:small"], "(Z, Y, X)"),
     (["nan.npy", "o.zarr", "--model", "mymodels:small"], "NaN"),
     (["survey.zarr", "o.zarr", "--model", "mymodels:small", "--var", "nope"], "--var"),
+    (["vol.npy", "notes.txt", "--model", "mymodels:small"],  # each flag once, as a flag
+     "neither replaces it with --overwrite nor resumes into it with --resume:"),
 ])
 def test_bad_input(work, args, needle):
     d, _, vol = work
@@ -102,9 +143,10 @@ def test_bad_input(work, args, needle):
     bad = vol.copy()
     bad[5, 6, 7] = np.nan
     np.save(d / "nan.npy", bad)
+    (d / "notes.txt").write_text("the user's own")
     r = run("predict", *args, cwd=d)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     screen = [line.split("\r")[-1].strip() for line in r.stderr.splitlines()]  # as a terminal
     assert len([line for line in screen if line]) <= 2, r.stderr
-    assert not (d / "o.zarr").exists()
+    assert not (d / "o.zarr").exists() and (d / "notes.txt").read_text() == "the user's own"

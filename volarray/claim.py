@@ -239,7 +239,7 @@ def busy_message(out: Location, loc: Location, held: dict) -> str:
                f"{held.get('host')!r} since {since}")
     foreign = held and held.get("host") != socket.gethostname()
     return (f"output {out.url!r} is being written by another run ({who}); wait for it to "
-            f"finish, or stop it and run again (resume=True, --resume, keeps its finished "
-            f"chunks). Its claim is {loc.url!r}" + (
+            f"finish, or stop it and run again with resume=True (--resume), which keeps its "
+            f"finished chunks. Its claim is {loc.url!r}" + (
                 f", taken over once its host has not refreshed it for "
                 f"{FOREIGN_STALE_S / 60:.0f} minutes" if foreign else ""))

@@ -25,7 +25,8 @@ def _peak_rss_gb() -> float:
 def load_model(spec: str, weights: str | None):
     """``MODULE:CALLABLE`` (imported from the current directory or the Python path),
     called with no arguments, with weights from ``torch.load(weights_only=True)`` or a
-    safetensors file. Never unpickles arbitrary objects."""
+    safetensors file, in ``eval()`` mode if every module was still in training mode
+    (a model as built). Never unpickles arbitrary objects."""
     import torch
     if ":" not in spec:
         raise CLIError(f"--model {spec!r} is not MODULE:CALLABLE, e.g. "
@@ -51,7 +52,11 @@ def load_model(spec: str, weights: str | None):
     if weights:
         from volarray.weights import load_weights
         load_weights(model, weights)  # one-line InputError naming the keys on a mismatch
-    return model.eval()
+    if all(m.training for m in model.modules()):
+        model.eval()  # as built (torch's default mode): nobody chose its modes
+    # else the callable set modes itself (a dropout left active for --ensemble): kept,
+    # and a module left in training mode by mistake is refused by name, as in Python
+    return model
 
 
 def _scheduler(value: str, scheduler_file=None):

@@ -202,8 +202,9 @@ def check_action(out: Location, store: str, *, overwrite: bool = False,
     if not is_volarray_output(out):  # one answer, whichever flag was given
         kind = "file" if out.is_file() else "folder"
         raise InputError(f"output {store!r} is a {kind} that volarray did not write; "
-                         "volarray neither replaces it (overwrite=True, --overwrite) nor "
-                         "resumes into it (resume=True, --resume): pass another path, or "
+                         "volarray neither replaces it with overwrite=True (--overwrite) "
+                         "nor resumes into it with resume=True (--resume): pass another "
+                         "path, or "
                          "remove it yourself", parameter="store")
     if resume:
         return "resume"
