@@ -1,6 +1,7 @@
 """Bad input raises a VolarrayError naming the value and the fix."""
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 
 import volarray
@@ -44,6 +45,25 @@ def test_non_numeric_volume_is_refused_and_integers_are_cast(model):
 def test_not_an_array(model):
     with pytest.raises(volarray.InputError, match="list"):
         volarray.predict(model, [[1.0]])
+
+
+@pytest.mark.parametrize("volume", [np.zeros((16, 16), np.float32), np.zeros((16,) * 3, bool),
+                                    [[1.0]], np.zeros((0, 16, 16), np.float32),
+                                    "no/such/survey.zarr", torch.zeros((16,) * 3, device="meta")],
+                         ids=["2d", "bool", "list", "empty", "missing", "meta"])
+def test_a_bad_volume_is_named_as_the_parameter_at_fault(model, volume):
+    with pytest.raises(volarray.InputError) as e:
+        volarray.predict(model, volume)
+    assert e.value.parameter == "volume", e.value
+
+
+def test_non_finite_values_are_named_as_the_volume(model):
+    vol = np.zeros((16, 16, 16), np.float32)
+    vol[3, 4, 5] = np.nan
+    with pytest.raises(volarray.InputError, match=r"NaN at channel 0, voxel \(z, y, x\) = "
+                                                  r"\(3, 4, 5\)") as e:
+        volarray.predict(model, vol).compute()
+    assert e.value.parameter == "volume"
 
 
 def test_not_a_model():

@@ -318,7 +318,8 @@ def check_finite(t: torch.Tensor, origin=(0, 0, 0)) -> None:
     value = "NaN" if v != v else ("Inf" if v > 0 else "-Inf")
     pos = tuple(int(o) + d for o, d in zip(origin, (z, y, x)))
     raise InputError(f"the volume holds {value} at channel {c}, voxel (z, y, x) = {pos}; fill "
-                     "or mask non-finite values (np.nan_to_num) before predicting")
+                     "or mask non-finite values (np.nan_to_num) before predicting",
+                     parameter="volume")
 
 
 # ------------------------------------------------------------------ tasks in flight

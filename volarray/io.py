@@ -28,22 +28,22 @@ def open_volume(source, var: str | None = None, storage_options: dict | None = N
     loc = Location.of(str(source), storage_options)
     if not loc.refresh().exists():
         raise InputError(f"input {str(source)!r} does not exist; pass the path or URL of a zarr "
-                         "array, a zarr group (with var=) or a .npy file")
+                         "array, a zarr group (with var=) or a .npy file", parameter="volume")
     if loc.name.endswith(".npy"):
         if not loc.is_local:
             raise InputError(f"input {str(source)!r}: a .npy file is read from a local path "
-                             "only; copy it here or convert it to zarr")
+                             "only; copy it here or convert it to zarr", parameter="volume")
         try:
             return np.load(loc.path, mmap_mode="r")
         except (ValueError, OSError) as e:
             raise InputError(f"input {str(source)!r} is not a readable .npy file ({e}); it may be "
-                             "truncated: write it again") from None
+                             "truncated: write it again", parameter="volume") from None
     import zarr
     try:
         node = zarr.open(mode="r", **loc.zarr_kwargs())
     except Exception as e:
         raise InputError(f"input {str(source)!r} is neither a zarr store nor a .npy file "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__}: {e})", parameter="volume") from None
     if isinstance(node, zarr.Group):
         names = sorted(node.array_keys())
         if var is None and len(names) == 1:
@@ -71,16 +71,17 @@ def as_dask_volume(volume, integers: bool = False) -> da.Array:
         volume = CheckedReader(volume)
     if not (hasattr(volume, "shape") and hasattr(volume, "dtype")):
         raise InputError(f"volume of type {type(volume).__name__} is not an array; pass a numpy, "
-                         "dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X)")
+                         "dask or zarr array shaped (Z, Y, X) or (C, Z, Y, X)", parameter="volume")
     shape, dtype = tuple(volume.shape), np.dtype(volume.dtype)
     if len(shape) not in (3, 4):
         raise InputError(f"volume has shape {shape} ({len(shape)} dims); volarray needs "
-                         "(Z, Y, X) for one channel or (C, Z, Y, X)")
+                         "(Z, Y, X) for one channel or (C, Z, Y, X)", parameter="volume")
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         raise InputError(f"volume has dtype {dtype}; pass numbers (floating-point or "
-                         "integer data, e.g. volume.astype('float32'))")
+                         "integer data, e.g. volume.astype('float32'))", parameter="volume")
     if any(s == 0 for s in shape):
-        raise InputError(f"volume has an empty axis: shape {(1,) * (4 - len(shape)) + shape}")
+        raise InputError(f"volume has an empty axis: shape {(1,) * (4 - len(shape)) + shape}",
+                         parameter="volume")
     arr = _canonical(volume)
     if np.issubdtype(arr.dtype, np.integer) and not integers:
         arr = map_volume(arr, to_float32)
@@ -150,7 +151,8 @@ def _from_torch(volume):
         return volume
     t = volume.detach()
     if t.is_meta:
-        raise InputError("volume is a tensor on the meta device: it holds no values")
+        raise InputError("volume is a tensor on the meta device: it holds no values",
+                         parameter="volume")
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
     return t.cpu().numpy()
@@ -170,7 +172,8 @@ def check_finite(block: np.ndarray, origin=(0, 0, 0)) -> None:
     value = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}[str(block[c, z, y, x])]
     pos = tuple(int(o) + d for o, d in zip(origin, (z, y, x)))
     raise InputError(f"the volume holds {value} at channel {c}, voxel (z, y, x) = {pos}; fill "
-                     "or mask non-finite values (np.nan_to_num) before predicting")
+                     "or mask non-finite values (np.nan_to_num) before predicting",
+                     parameter="volume")
 
 
 def _natural_chunks(data):
