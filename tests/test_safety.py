@@ -182,7 +182,7 @@ def test_cli_signal_keeps_finished_chunks_and_resumes_bitwise(tmp_path, sig, cod
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     line = one_line(err)
-    assert "--resume" in line and "chunks are finished" in line
+    assert "--resume" in line and "chunks are finished" in line and "same arguments" in line
     assert saw_scratch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "o.zarr", "v.npy", "w.pt"]
     marks = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")[DONE][...]
@@ -230,7 +230,7 @@ def test_bad_input_mid_run_keeps_finished_chunks(tmp_path):
     assert_volume_close(out[...], whole_volume(model, vol))
     # another volume saved at the same path is another input: no silent mix of the two
     np.save(tmp_path / "v.npy", vol * 3 + 1)
-    with pytest.raises(volarray.InputError, match=r"another run \(its input differ"):
+    with pytest.raises(volarray.InputError, match=r"a run with other settings \(its input differs\)"):
         volarray.predict_to_zarr(model, tmp_path / "v.npy", tmp_path / "o.zarr", chunks=8,
                                  resume=True)
     with pytest.raises(volarray.InputError, match=r"pass chunks=\(8, 8, 8\)"):

@@ -151,7 +151,7 @@ def test_existing_output_is_never_overwritten_unless_asked(tmp_path, model, volu
             volarray.predict_to_zarr(model, volume, target, **flags)
         assert (target / "precious.txt").read_text() == "keep me"
     out = volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=16)
-    with pytest.raises(volarray.InputError, match=r"another run \(its arrays and chunks differ\); the first run wrote chunks of \(16, 16, 16\)"):
+    with pytest.raises(volarray.InputError, match=r"a run with other settings \(its arrays and chunks differ\); the first run wrote chunks of \(16, 16, 16\)"):
         volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=8, resume=True)
     out = volarray.predict_to_zarr(model, volume, tmp_path / "new.zarr", chunks=8,
                                    overwrite=True)

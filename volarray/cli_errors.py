@@ -245,7 +245,8 @@ def second_interrupt_line() -> str:
     if out is None or ("://" not in out and not os.path.exists(out)):
         return "volarray: stopped at once by a second Ctrl-C; nothing was written"
     return (f"volarray: stopped at once by a second Ctrl-C; the chunks finished in "
-            f"{RUN.output!r} are kept: run again with --resume to compute the rest")
+            f"{RUN.output!r} are kept: run the same command again with --resume to compute the "
+            "rest")
 
 
 @contextlib.contextmanager

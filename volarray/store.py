@@ -342,8 +342,9 @@ def _open_for_resume(out: Location, run_id: dict, arrays: dict):
     differs = [part for part, token in run_id.items()
                if not isinstance(before, dict) or before.get(part) != token]
     if differs or any(n not in group for n in arrays):
-        raise InputError(f"output {out.url!r} was written by another run (its "
-                         f"{', '.join(differs or ['array names'])} differ)"
+        raise InputError(f"output {out.url!r} was written by a run with other settings (its "
+                         f"{', '.join(differs or ['array names'])} "
+                         f"{'differs' if differs == ['input'] else 'differ'})"
                          f"{_what_differs(group, arrays) if 'arrays and chunks' in differs else ''}"
                          "; its chunks cannot be reused otherwise, and overwrite=True would "
                          "replace them")
@@ -408,7 +409,7 @@ def _after_stop(out: Location, fresh: bool, replacing: Location | None) -> str:
         outputs.remove_output(out, missing_ok=True)  # it holds nothing: as if never started
         return f"nothing was written to {out.url!r}"
     return (f"{finished} of {total} chunks are finished and kept in {out.url!r}; run again "
-            "with resume=True (--resume) to compute the rest")
+            "with the same arguments and resume=True (--resume) to compute the rest")
 
 
 def _write_graph(out: Location, arrays: dict, todo, digests=None) -> Delayed:
