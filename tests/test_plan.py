@@ -156,7 +156,34 @@ def test_keep_budget_is_spent_where_it_saves_most():
     for k, p in plans.items():
         assert p.kept_bytes <= p.keep_budget, k
     assert plans["4x"].keep_budget == 4 * vol.nbytes and plans["1GB"].keep_budget == 10 ** 9
-    assert "keep budget of 1.0 MB" in str(plans["1x"]) and "(0.00x the input)" in str(plans[0])
+    assert "keep budget of 1.0 MB (keep='1x')" in str(plans["1x"])
+    assert "one stage: nothing is kept" in str(plans[0])
+
+
+def test_the_plan_says_where_its_keep_budget_came_from():
+    """The keep budget's source in words: the input's bytes by default, the storage's
+    share where the planner took it (within the input's bytes the plan was slow), the
+    user's keep=; one stage keeps nothing; barrier tasks that only merge statistics are
+    not charged the per-task overhead, and the time line says so."""
+    from volarray.models import InstanceNormUNet
+    vol = np.zeros((64, 64, 64), np.float32)
+    fault = seeded(FaultSeg3D)
+    default = volarray.plan(fault, vol, chunks=32)
+    assert default.keep_from == "the input's bytes" and default.keep_budget == vol.nbytes
+    assert "of a keep budget of 1.0 MB (the input's bytes)" in str(default)
+    mine = volarray.plan(fault, vol, chunks=32, keep="4x")
+    assert mine.keep_from == "keep='4x'" and "(keep='4x')" in str(mine)
+    whole = volarray.plan(fault, vol)
+    assert len(whole.stages) == 1 and "one stage: nothing is kept between stages" in str(whole)
+    norms = volarray.plan(seeded(InstanceNormUNet), vol, chunks=16)
+    assert norms.keep_budget > vol.nbytes
+    assert norms.keep_from.startswith("an eighth of the memory the run has, past the input's")
+    assert volarray.plan(seeded(InstanceNormUNet), vol, chunks=16, keep="1x").compute_ratio \
+        > 3 * norms.compute_ratio  # why the planner took more
+    rest = norms.n_tasks - norms.costed_tasks
+    assert rest > 0 and f"{norms.costed_tasks} tasks at " in norms.time_line()
+    assert f"not the {rest} that merge statistics" in norms.time_line()
+    assert "recomputed from x (1 op)," in str(norms)  # its first norm's conv, not "1 ops"
 
 
 def test_a_larger_keep_budget_never_costs_more_compute():

@@ -24,7 +24,7 @@ from .geometry import AXIS_NAMES, SPATIAL, coerce_chunks
 from .graph import Graph, tensor_bytes
 from .heap import HEAP_ENV, heap_policy_given, host_takes_freed_memory
 from .grids import MAX_TASKS, Grid, Planner, candidate_chunks
-from .keep import (SLOW_REFUSED, KeepSearch, Shortfall, better, choose_kept,
+from .keep import (SLOW_NOTE, SLOW_REFUSED, KeepSearch, Shortfall, better, choose_kept,
                    keep_more_to_fit, shortfall, storage_budget)
 from .rates import Rates, rates_for
 from .taskcount import TASK_WARNING, fewer_chunks, warn_of_many_tasks, warn_of_tiny_chunks
@@ -52,6 +52,7 @@ class Plan:
     # candidate's tasks exceed the memory limit
     smallest_chunks_exceed_limit: bool = False
     keep_budget: int = 0  # bytes the kept tensors may take, whole volume
+    keep_from: str = ""  # where the keep budget came from, in words
     planned_axes: tuple[int, ...] = ()  # axes whose chunk side the planner chose
     device: str = "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'cuda:N,M'
     strategy: str = "slab"  # how a task runs a stage: 'slab' sweep or 'whole' tile
@@ -189,7 +190,14 @@ class Plan:
                 f"({self.planned_macs / 1e9:.1f} GMAC at {r.macs_per_s / 1e9:.3g} GMAC/s)"
                 f"{memory}, I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
                 f"{format_bytes(r.bytes_per_s)}/s), overhead {t.overhead_s:.3g} s "
-                f"({self.costed_tasks} tasks at {r.task_s * 1e3:.3g} ms; rates: {r.source})")
+                f"({_plural(self.costed_tasks, 'task')} at {r.task_s * 1e3:.3g} ms"
+                f"{self.uncosted_text()}; rates: {r.source})")
+
+    def uncosted_text(self) -> str:
+        """The tasks of ``n_tasks`` the overhead does not charge, and why."""
+        rest = self.n_tasks - self.costed_tasks
+        return f", not the {rest} that merge statistics their stages' tasks computed" \
+            if rest else ""
 
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:
@@ -224,12 +232,18 @@ class Plan:
             f"chunks {self.chunks_text()}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
-            f"({self.model_macs / 1e9:.1f} GMAC); kept between stages "
-            f"{format_bytes(self.kept_bytes)} ({self.kept_bytes / max(self.input_bytes, 1):.2f}x "
-            f"the input) in {self.storage}, of a keep budget of "
-            f"{format_bytes(self.keep_budget)}; the rest is recomputed",
+            f"({self.model_macs / 1e9:.1f} GMAC); {self.kept_text()}",
             self.time_line()] + ([f"slow plan: {self.shortfall.text(self.compute_ratio)}"]
                                  if self.shortfall else [])
+
+    def kept_text(self) -> str:
+        """What is kept between stages, where, and the keep budget it came from."""
+        if len(self.stages) == 1:
+            return "one stage: nothing is kept between stages"
+        return (f"kept between stages {format_bytes(self.kept_bytes)} "
+                f"({self.kept_bytes / max(self.input_bytes, 1):.2f}x the input) in "
+                f"{self.storage}, of a keep budget of {format_bytes(self.keep_budget)}"
+                f"{f' ({self.keep_from})' if self.keep_from else ''}; the rest is recomputed")
 
     def _scale(self, name: str) -> str:
         scale = self.graph.nodes[name].scale
@@ -246,7 +260,8 @@ class Plan:
         if b.by_stage is not None:
             return f"{where} over {b.n_tasks} chunks, computed by stage {b.by_stage}'s tasks " \
                    "as they make it"
-        how = (f"recomputed from {', '.join(b.program.sources)} ({len(b.program.order)} ops)"
+        how = (f"recomputed from {', '.join(b.program.sources)} "
+               f"({_plural(len(b.program.order), 'op')})"
                if b.recomputed else "read from the kept tensor")
         return (f"{where} over {b.n_tasks} chunks, {how}, "
                 f"+{b.macs / max(self.model_macs, 1):.2f}x compute, "
@@ -345,6 +360,21 @@ def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
     return kept, grid, notes, short
 
 
+def keep_budget_source(graph: Graph, keep, spill: bool, budget: int) -> str:
+    """Where ``budget``, the plan's keep budget, came from, in words."""
+    if keep is not None:
+        return f"keep={keep!r}"
+    n = tensor_bytes(graph, graph.input)
+    if budget == n:
+        return "the input's bytes"
+    share = "half the free disk where scratch lives" if spill else \
+        "an eighth of the memory the run has"
+    if budget < n:
+        return share
+    return (f"{share}, past the input's bytes: within those it computes over "
+            f"{SLOW_NOTE:g}x the best plan's")
+
+
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
               keep=None, spill: bool = False, strategy=None, compute_dtype=None,
               rates=None, scratch_at=None) -> Plan:
@@ -396,6 +426,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         kept, grid, notes, short = more
     else:
         budget = first
+    keep_from = keep_budget_source(graph, keep, spill, budget)
     if given is not None:
         short = None  # chunks the user gave are theirs (they may take more storage, above)
     if planned:
@@ -409,7 +440,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
                 * stored // graph.value_bytes,
                 notes=tuple(notes), barriers=grid.layout.barriers,
                 smallest_chunks_exceed_limit=grid.too_big and bool(planned),
-                keep_budget=budget, planned_axes=planned, device=device,
+                keep_budget=budget, keep_from=keep_from, planned_axes=planned, device=device,
                 strategy=strategy, compute_dtype=compute, budget_from=budget_from,
                 rates=rates, storage="scratch" if spill else "memory", shortfall=short)
     if estimate <= TASK_WARNING < plan.n_tasks:  # not foreseen: stages and barriers
