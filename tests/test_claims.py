@@ -129,6 +129,7 @@ def test_cli_second_run_is_refused_in_one_line(tmp_path, flag):
     assert len(lines) == 1 and "Traceback" not in errs[loser], errs[loser]
     assert "is being written by another run (process " \
            f"{procs[1 - loser].pid} on host {socket.gethostname()!r}" in lines[0], lines[0]
+    assert "run again with --resume, which keeps its finished chunks" in lines[0]
     out = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["prediction"][...]
     assert_volume_close(out, whole_volume(seeded(FaultSeg3D), vol))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr", "v.npy", "w.pt"]

@@ -139,7 +139,7 @@ def test_cli_disk_full_keeps_finished_chunks_and_resume_finishes_bitwise(work):
                            "left on device"), line
     assert "chunks are finished and kept in 'o.zarr'" in line and "free disk space" in line
     assert "--resume" in line and "resume=" not in line and "--debug" in line
-    assert "run the same command again with --resume" in line  # its --chunks 8 too
+    assert "run again with the same arguments and --resume" in line  # its --chunks 8 too
     assert 3 <= marks(d / "o.zarr").sum() < marks(d / "o.zarr").size
     assert sorted(p.name for p in d.iterdir() if p.name != "__pycache__") == [
         "mymodels.py", "o.zarr", "v.npy", "w.pt"]  # no scratch left

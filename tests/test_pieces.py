@@ -116,6 +116,11 @@ def test_errors_name_their_parameter_and_the_cli_its_flag(capsys, tmp_path, monk
     assert code == 2 and err.startswith("volarray: error: --roi-size: --method window needs "
                                           "--roi-size, the model's patch size")
     assert not (tmp_path / "o.zarr").exists()
+    # a message that begins with the flag is not prefixed by it again
+    code = main(["predict", "v.npy", "o.zarr", "--model", "volarray.models:FaultSeg3D",
+                 "--memory-limit", "lots", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("volarray: error: --memory-limit lots is not a size"), err
 
 
 def test_what_would_be_silently_wrong_is_refused_before_any_work(monkeypatch):

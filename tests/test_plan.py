@@ -160,11 +160,12 @@ def test_keep_budget_is_spent_where_it_saves_most():
     assert "one stage: nothing is kept" in str(plans[0])
 
 
-def test_the_plan_says_where_its_keep_budget_came_from():
+def test_the_plan_says_where_its_keep_budget_came_from(monkeypatch):
     """The keep budget's source in words: the input's bytes by default, the storage's
     share where the planner took it (within the input's bytes the plan was slow), the
     user's keep=; one stage keeps nothing; barrier tasks that only merge statistics are
     not charged the per-task overhead, and the time line says so."""
+    from volarray import keep as keep_module
     from volarray.models import InstanceNormUNet
     vol = np.zeros((64, 64, 64), np.float32)
     fault = seeded(FaultSeg3D)
@@ -173,16 +174,25 @@ def test_the_plan_says_where_its_keep_budget_came_from():
     assert "of a keep budget of 1.0 MB (the input's bytes)" in str(default)
     mine = volarray.plan(fault, vol, chunks=32, keep="4x")
     assert mine.keep_from == "keep='4x'" and "(keep='4x')" in str(mine)
+    # a disk whose share is below the user's cap sets the budget
+    monkeypatch.setattr(keep_module, "free_disk", lambda where=None: 4 * vol.nbytes)
+    disk = volarray.plan(fault, vol, chunks=32, keep="4x", scratch=True)
+    assert disk.keep_budget == 2 * vol.nbytes
+    assert disk.keep_from == "50% of the free disk where scratch lives, below keep='4x'"
+    monkeypatch.setattr(keep_module, "free_disk", lambda where=None: None)  # a store
+    assert volarray.plan(fault, vol, chunks=32, scratch=True).keep_from == "the input's bytes"
     whole = volarray.plan(fault, vol)
     assert len(whole.stages) == 1 and "one stage: nothing is kept between stages" in str(whole)
     norms = volarray.plan(seeded(InstanceNormUNet), vol, chunks=16)
     assert norms.keep_budget > vol.nbytes
-    assert norms.keep_from.startswith("an eighth of the memory the run has, past the input's")
+    assert norms.keep_from == ("an eighth of the memory the run has, past the input's bytes: "
+                               "within them the plan would compute over 3x what more "
+                               "storage or memory gives")
     assert volarray.plan(seeded(InstanceNormUNet), vol, chunks=16, keep="1x").compute_ratio \
         > 3 * norms.compute_ratio  # why the planner took more
     rest = norms.n_tasks - norms.costed_tasks
     assert rest > 0 and f"{norms.costed_tasks} tasks at " in norms.time_line()
-    assert f"not the {rest} that merge statistics" in norms.time_line()
+    assert f"not the {rest} merge tasks, which only gather statistics" in norms.time_line()
     assert "recomputed from x (1 op)," in str(norms)  # its first norm's conv, not "1 ops"
 
 

@@ -158,8 +158,8 @@ def test_a_missing_scheduler_file_is_one_line(work):
     r = cli("predict", "survey.zarr", "x.zarr", "--model", "mymodels:small", "--var",
             "amplitude", "--scheduler-file", "nowhere.json", cwd=d)
     assert r.returncode == 2
-    assert r.stderr.startswith(  # the CLI words the parameter as its flag
-        "volarray: error: --scheduler-file: --scheduler-file nowhere.json does not exist"), r.stderr
+    assert r.stderr.startswith(  # the CLI words the parameter as its flag, once
+        "volarray: error: --scheduler-file nowhere.json does not exist"), r.stderr
     assert "dask scheduler --scheduler-file nowhere.json" in r.stderr
     assert "Traceback" not in r.stderr and not (d / "x.zarr").exists()
 

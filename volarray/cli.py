@@ -347,7 +347,7 @@ def kept_after(error: Exception, store: str, replacing: bool, args) -> str:
     if not finished:
         return f"Nothing was kept in {store!r}: {fix}, then run again"
     return (f"{finished} of {total} chunks are finished and kept in {store!r}: {fix}, then "
-            "run the same command again with --resume to compute the rest")
+            "run again with the same arguments and --resume to compute the rest")
 
 
 def check_exportable(args, fmt: str) -> None:

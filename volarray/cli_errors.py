@@ -63,7 +63,9 @@ def error_line(e: BaseException) -> str:
     """``volarray: error: [--flag: ]message``: the flag of the parameter at fault, from
     the error's ``parameter``; the message is the API's with its parameters as flags."""
     flag = flag_of(getattr(e, "parameter", None))
-    return f"volarray: error: {flag + ': ' if flag else ''}{in_flags(str(e))}"
+    message = in_flags(str(e))
+    named = flag and not message.startswith(flag)  # '--ensemble 3 samples...' names it
+    return f"volarray: error: {flag + ': ' if named else ''}{message}"
 
 
 # a parameter in a message: name=VALUE, optionally followed by "(--flag)"
@@ -245,8 +247,8 @@ def second_interrupt_line() -> str:
     if out is None or ("://" not in out and not os.path.exists(out)):
         return "volarray: stopped at once by a second Ctrl-C; nothing was written"
     return (f"volarray: stopped at once by a second Ctrl-C; the chunks finished in "
-            f"{RUN.output!r} are kept: run the same command again with --resume to compute the "
-            "rest")
+            f"{RUN.output!r} are kept: run again with the same arguments and --resume to "
+            "compute the rest")
 
 
 @contextlib.contextmanager

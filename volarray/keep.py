@@ -393,7 +393,7 @@ def free_disk(where=None) -> int | None:
         return 0
 
 
-def default_keep(graph: Graph, spill: bool, where=None) -> int:
+def default_keep(graph: Graph, spill: bool, where=None) -> tuple[int, str]:
     """The storage kept tensors may take. A run that may spill (``spill=True``:
     `predict_to_zarr`, the CLI) keeps at most half the free disk space where its scratch
     lives (``where``, a local folder; the current folder by default; on an object store,
@@ -401,22 +401,27 @@ def default_keep(graph: Graph, spill: bool, where=None) -> int:
     but memory, and dask may hold every chunk of one until its last reader ran (a
     barrier always does, until the statistics are known), so it keeps at most an eighth
     of the memory it will run in. Either plans within the input's bytes first and takes
-    the rest only where that budget costs much compute (`volarray.planner.make_plan`)."""
+    the rest only where that budget costs much compute (`volarray.planner.make_plan`).
+    With it, the budget's source in words."""
     n = tensor_bytes(graph, graph.input)
     if spill:
         free = free_disk(where)
-        return n if free is None else int(SCRATCH_SHARE * free)  # a store: the input's
-    return int(run_memory() / 8)
+        if free is None:  # an object store
+            return n, "the input's bytes, scratch being on an object store"
+        return int(SCRATCH_SHARE * free), f"{SCRATCH_SHARE:.0%} of the free disk where " \
+            "scratch lives"
+    return int(run_memory() / 8), "an eighth of the memory the run has"
 
 
-def storage_budget(graph: Graph, keep, spill: bool, where=None) -> int:
+def storage_budget(graph: Graph, keep, spill: bool, where=None) -> tuple[int, str]:
     """The keep budget: the storage's (`default_keep`), never more than ``keep=``
-    (`parse_keep`), which stays a hard cap."""
-    default = default_keep(graph, spill, where)
+    (`parse_keep`), which stays a hard cap; and where it came from, in words."""
+    default, share = default_keep(graph, spill, where)
     if keep is None:
-        return default
+        return default, share
     cap = parse_keep(keep, default, tensor_bytes(graph, graph.input))
-    return min(cap, default) if spill else cap
+    return (default, f"{share}, below keep={keep!r}") if spill and default < cap else \
+        (cap, f"keep={keep!r}")
 
 
 def every_worth_keeping(graph: Graph) -> list[str]:

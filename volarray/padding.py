@@ -182,7 +182,7 @@ def padding_error(name: str, model, in_channels: int, shape, trace_shape) -> str
         except VolarrayError:
             pass
     return (f"volume shape {shape}: {what}, which {name} needs{why}; pass pad='reflect' or "
-            f"pad='zeros' (--pad reflect, --pad zeros) to pad to {target} and crop the "
+            f"pad='zeros' to pad to {target} and crop the "
             f"prediction back{crop_hint}")
 
 

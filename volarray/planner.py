@@ -196,8 +196,8 @@ class Plan:
     def uncosted_text(self) -> str:
         """The tasks of ``n_tasks`` the overhead does not charge, and why."""
         rest = self.n_tasks - self.costed_tasks
-        return f", not the {rest} that merge statistics their stages' tasks computed" \
-            if rest else ""
+        return f", not the {_plural(rest, 'merge task')}, which only gather statistics " \
+            "their stages computed" if rest else ""
 
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:
@@ -360,19 +360,17 @@ def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
     return kept, grid, notes, short
 
 
-def keep_budget_source(graph: Graph, keep, spill: bool, budget: int) -> str:
-    """Where ``budget``, the plan's keep budget, came from, in words."""
-    if keep is not None:
-        return f"keep={keep!r}"
+def keep_budget_source(graph: Graph, keep, budget: int, source: str) -> str:
+    """Where ``budget``, the plan's keep budget, came from, in words: ``source``
+    (`storage_budget`'s) where ``keep=`` was given or the storage's share is below the
+    input's bytes, which a run plans within first."""
     n = tensor_bytes(graph, graph.input)
+    if keep is not None or budget < n:
+        return source
     if budget == n:
         return "the input's bytes"
-    share = "half the free disk where scratch lives" if spill else \
-        "an eighth of the memory the run has"
-    if budget < n:
-        return share
-    return (f"{share}, past the input's bytes: within those it computes over "
-            f"{SLOW_NOTE:g}x the best plan's")
+    return (f"{source}, past the input's bytes: within them the plan would compute over "
+            f"{SLOW_NOTE:g}x what more storage or memory gives")
 
 
 def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
@@ -408,7 +406,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
     estimate = warn_of_tiny_chunks(shape, given, step)
     planned = tuple(range(SPATIAL)) if given is None else \
         tuple(a for a, c in enumerate(given) if c is None)
-    budget = storage_budget(graph, keep, spill, scratch_at)
+    budget, source = storage_budget(graph, keep, spill, scratch_at)
     # A run first plans within the input's bytes, and takes more of its storage (half
     # the free disk where it may spill, an eighth of memory where not) only where that
     # budget costs it much compute: the cost model undercounts small tasks, and
@@ -426,7 +424,7 @@ def make_plan(graph: Graph, chunks=None, memory_limit=None, device: str = "cpu",
         kept, grid, notes, short = more
     else:
         budget = first
-    keep_from = keep_budget_source(graph, keep, spill, budget)
+    keep_from = keep_budget_source(graph, keep, budget, source)
     if given is not None:
         short = None  # chunks the user gave are theirs (they may take more storage, above)
     if planned:

@@ -402,7 +402,7 @@ def check_samples(n) -> None:
 
 
 ONE_CHANNEL_ARGMAX = ("output='argmax' over a model with one output channel labels every voxel "
-                      "0; pass threshold=0.5 (--threshold 0.5) for a sigmoid head (or threshold=0.0 "
+                      "0; pass threshold=0.5 for a sigmoid head (or threshold=0.0 "
                       "for logits) "
                       "to get labels y > threshold")
 
