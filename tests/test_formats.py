@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,13 @@ def test_segy_predicted_exactly_and_written_back_with_its_headers(survey, tmp_pa
         assert np.allclose(segyio.tools.cube(f), got)
     with pytest.raises(volarray.InputError, match="exists"):
         volarray.formats.segy.write_segy(faults, out, like=path)
+    volarray.formats.segy.write_segy(faults, out, like=path, overwrite=True)  # its own
+    # a survey of the user's is never replaced, whatever overwrite says
+    mine, survey_bytes = tmp_path / "mine.sgy", Path(path).read_bytes()
+    mine.write_bytes(survey_bytes)
+    with pytest.raises(volarray.InputError, match="a file that volarray did not write"):
+        volarray.formats.segy.write_segy(faults, mine, like=path, overwrite=True)
+    assert mine.read_bytes() == survey_bytes
 
 
 def test_segy_from_the_command_line_to_zarr_and_to_segy(survey, tmp_path):
@@ -195,6 +203,22 @@ def test_nifti_labels_written_back_with_the_affine(tmp_path):
     p = reference(seeded(FaultSeg3D), vol)[0]
     differ = np.asarray(seg.dataobj) != (p > 0.5)  # only where p is 0.5 within rounding
     assert np.all(np.abs(p[differ] - 0.5) < 1e-5)
+    # --overwrite replaces volarray's own output, never a file of the user's
+    (tmp_path / "notes.nii.gz").write_text("my notes")
+    (tmp_path / "copy.nii.gz").write_bytes((tmp_path / "scan.nii.gz").read_bytes())
+    for name in ("notes.nii.gz", "copy.nii.gz"):
+        before = (tmp_path / name).read_bytes()
+        res = cli(tmp_path, "predict", "scan.nii.gz", name, "--model", MODEL, "--threshold",
+                  "0.5", "--overwrite", "--quiet")
+        assert res.returncode == 2 and "a file that volarray did not write" in res.stderr
+        assert "(--overwrite, --overwrite)" not in res.stderr, res.stderr
+        assert (tmp_path / name).read_bytes() == before
+    res = cli(tmp_path, "predict", "scan.nii.gz", "seg.nii.gz", "--model", MODEL,
+              "--threshold", "0.5", "--quiet")
+    assert res.returncode == 2 and "--overwrite" in res.stderr  # its own, not asked
+    res = cli(tmp_path, "predict", "scan.nii.gz", "seg.nii.gz", "--model", MODEL,
+              "--threshold", "0.5", "--overwrite", "--quiet")
+    assert res.returncode == 0, res.stderr
 
 
 def test_tiff_stack_of_uint16_slices(tmp_path):

@@ -119,7 +119,8 @@ def export_prediction(result, target, fmt: str, *, like=None, overwrite: bool = 
         if fmt == "tiff":
             tiff.check_folder(target, overwrite)
         else:
-            unused_target(target, overwrite)
+            unused_target(target, overwrite, (nifti if fmt == "nifti" else segy)
+                          .written_by_volarray)
             if fmt == "nifti" and not os.fspath(target).endswith(nifti.SUFFIXES):
                 raise InputError(f"output {os.fspath(target)!r}: a NIfTI file name ends with "
                                  ".nii or .nii.gz")

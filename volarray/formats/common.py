@@ -59,12 +59,17 @@ def stream_blocks(data, axis: int = 0, block_bytes: int = CHUNK_BYTES):
         yield lo, np.asarray(block.compute() if hasattr(block, "compute") else block)
 
 
-def unused_target(path, overwrite: bool) -> str:
+def unused_target(path, overwrite: bool, ours) -> str:
     """``path`` as a string, refused when a file or folder is there already unless
-    ``overwrite`` (then only a file of the same kind is replaced, never a folder)."""
+    ``overwrite``, and then only a file volarray wrote (``ours(path)``: its mark is in
+    the file) is replaced, never a folder or a file of the user's."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"output {path!r} is a folder; pass a file name")
+    if os.path.exists(path) and not ours(path):  # one answer, whichever flag was given
+        raise InputError(f"output {path!r} is a file that volarray did not write; volarray "
+                         "does not replace it with overwrite=True (--overwrite): pass "
+                         "another path, or remove it yourself", parameter="store")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"output {path!r} exists; pass overwrite=True (--overwrite) to "
                          "replace it")

@@ -29,6 +29,18 @@ from .common import (array_data, lazy_dataarray, require, staging_file, stream_b
 
 SUFFIXES = (".nii", ".nii.gz")
 DIMS = ("i", "j", "k")
+# the header's intent_name (16 bytes) of every file volarray writes: what --overwrite
+# may replace, where a file of the user's (a scan, a copy of one) is never replaced
+MARK = b"volarray"
+
+
+def written_by_volarray(path) -> bool:
+    """Whether the NIfTI file at ``path`` carries volarray's mark (its header only)."""
+    try:
+        nib = require("nibabel", "medical")
+        return bytes(nib.load(os.fspath(path)).header["intent_name"]).rstrip(b"\0") == MARK
+    except Exception:  # not a NIfTI file, unreadable: not volarray's
+        return False
 
 
 class NiftiVolume:
@@ -165,7 +177,7 @@ def write_nifti(array, path, *, like=None, affine=None, overwrite: bool = False)
     slab, never the whole volume in memory."""
     nib = require("nibabel", "medical")
     data = array_data(array)
-    path = unused_target(path, overwrite)
+    path = unused_target(path, overwrite, written_by_volarray)
     if not path.endswith(SUFFIXES):
         raise InputError(f"output {path!r}: a NIfTI file name ends with .nii or .nii.gz")
     if like is not None:
@@ -182,6 +194,7 @@ def write_nifti(array, path, *, like=None, affine=None, overwrite: bool = False)
     header.set_slope_inter(1.0, 0.0)
     header.set_sform(affine, code=int(header["sform_code"]) or 1)
     header.set_qform(affine, code=int(header["qform_code"]) or 1)
+    header["intent_name"] = MARK
     header["vox_offset"] = 352
     stored = header.get_data_dtype()  # the header's byte order
     tmp = staging_file(path)

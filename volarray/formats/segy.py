@@ -17,6 +17,19 @@ from .common import (array_data, lazy_dataarray, require, staging_file, stream_b
                      unused_target)
 
 SUFFIXES = (".sgy", ".segy")
+# volarray's mark in the binary header's unassigned bytes (3301-3500, SEG-Y rev 2; rev 1
+# left 3261-3500 unassigned): what --overwrite may replace, never a survey of the user's
+MARK, MARK_AT = b"volarray", 3300
+
+
+def written_by_volarray(path) -> bool:
+    """Whether the SEG-Y file at ``path`` carries volarray's mark."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            f.seek(MARK_AT)
+            return f.read(len(MARK)) == MARK
+    except OSError:
+        return False
 
 
 class SegyCube:
@@ -153,7 +166,7 @@ def write_segy(array, path, *, like, overwrite: bool = False, iline: int = 189,
         raise InputError(f"the cube to write has shape {tuple(data.shape)}; {cube.path!r} "
                          f"holds {cube.shape} ({', '.join(cube.dims)}): pass one channel of "
                          "a prediction of that survey")
-    path = unused_target(path, overwrite)
+    path = unused_target(path, overwrite, written_by_volarray)
     with segyio.open(cube.path, iline=iline, xline=xline) as src:
         spec = segyio.tools.metadata(src)
         spec.format = 5  # IEEE float
@@ -171,6 +184,9 @@ def write_segy(array, path, *, like, overwrite: bool = False, iline: int = 189,
                             dst.header[first + i * per_line + j] = src.header[
                                 first + i * per_line + j]
                         dst.trace.raw[first + i * per_line:first + (i + 1) * per_line] = line
+            with open(tmp, "r+b") as f:
+                f.seek(MARK_AT)
+                f.write(MARK)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
