@@ -8,11 +8,35 @@ from .errors import InputError
 from .options import PredictOptions, output_attrs
 from .predictors import MeanStd
 
+# attributes that describe the input's quantity or its packing, not a prediction of it:
+# not carried over (an amplitude's units on fault probabilities, an int16 survey's
+# scale_factor on float32 scores would be wrong)
+QUANTITY_ATTRS = ("units", "long_name", "standard_name", "valid_range", "valid_min",
+                  "valid_max", "_FillValue", "missing_value", "scale_factor", "add_offset",
+                  "_Unsigned", "actual_range")
+
+
+def carried_attrs(arr: xr.DataArray, model, options) -> dict:
+    """The input's attributes but those of its quantity, then volarray's own."""
+    kept = {k: v for k, v in arr.attrs.items() if k not in QUANTITY_ATTRS}
+    return dict(kept, **output_attrs(model, options, prefix="volarray_"))
+
+
+def spatial_coords(arr: xr.DataArray, dims, shape) -> dict:
+    """The coordinates of ``arr`` along the spatial ``dims`` only (index coordinates and
+    others, like a two-way time beside depth) whose sizes the output ``shape`` keeps."""
+    size = dict(zip(dims, shape))
+    return {c: v for c, v in arr.coords.items()
+            if v.dims and set(v.dims) <= set(dims)
+            and all(arr.sizes[d] == size[d] for d in v.dims)}
+
 
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
                       channel_dim: str = "class", squeeze: bool = True, **kwargs):
-    """``volarray.predict`` on a DataArray: spatial coordinates and attributes carry
-    over; the result records the model, the method and the volarray version.
+    """``volarray.predict`` on a DataArray: spatial coordinates and the attributes that
+    do not describe the input's quantity (`QUANTITY_ATTRS`) carry over; the result
+    records the model, the method and the volarray version, and is named ``name``
+    (by default ``prediction``).
 
     The model sees the spatial dims in the DataArray's own order, or in the order
     ``dims=`` names them; nothing else reorders them. A fourth dim is the channel
@@ -38,12 +62,11 @@ def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,
         kwargs["mask"] = mask.transpose(*dims) if set(mask.dims) == set(dims) else mask
     options = PredictOptions(**kwargs)  # once: the run's and the attributes'
     y, options = prediction(model, arr, options)  # normalization resolved once
-    attrs = dict(arr.attrs, **output_attrs(model, options, prefix="volarray_"))
+    attrs = carried_attrs(arr, model, options)
 
     def wrap(a, suffix=""):
-        coords = {d: arr.coords[d] for d in dims
-                  if d in arr.coords and arr.sizes[d] == a.shape[a.ndim - 3 + dims.index(d)]}
-        label = None if name is None else f"{name}{suffix}"
+        coords = spatial_coords(arr, dims, a.shape[-3:])
+        label = f"{name or 'prediction'}{suffix}"
         if a.ndim == 3:  # labels
             return xr.DataArray(a, dims=dims, coords=coords, attrs=attrs, name=label)
         if squeeze and a.shape[0] == 1:

@@ -186,9 +186,20 @@ def output_attrs(model, options: PredictOptions, predictor=None, prefix: str = "
     statistics, the predictor's own, and the uint8 scale xarray decodes on reading."""
     from .version import __version__
     return {f"{prefix}model": type(model).__name__, f"{prefix}method": options.method,
-            "volarray_version": __version__,
+            "volarray_version": __version__, **recorded_options(options, prefix),
             **(QUANTIZED_ATTRS if options.output_dtype == "uint8" else {}),
             **getattr(options.normalize, "attrs", {}), **getattr(predictor, "attrs", {})}
+
+
+def recorded_options(options: PredictOptions, prefix: str = "") -> dict:
+    """The options a reader of the output needs to know what its values are (labels
+    by a threshold, a mean of flips, ensemble samples), where they were given."""
+    given = {"output": options.output if options.output != "probabilities" else None,
+             "threshold": options.threshold, "tta": options.tta, "merge": options.merge,
+             "ensemble": options.ensemble,
+             "seed": options.seed if options.ensemble else None,
+             "coords": True if options.coords else None}
+    return {f"{prefix}{k}": v for k, v in given.items() if v is not None}
 
 
 # CF conventions (read by xarray): the stored uint8 q stands for q * scale_factor
