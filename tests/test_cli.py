@@ -66,6 +66,8 @@ def test_predict_group_with_weights_and_preview(work):
     r = run("predict", "survey.zarr", "out.zarr", "--model", "mymodels:small", "--weights",
             "w.pt", "--var", "amplitude", "--chunks", "8", "--preview", "p.png", cwd=d)
     assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "computing" not in r.stderr  # a log: no progress bar
+    assert "wrote out.zarr/prediction" in r.stdout
     out = zarr.open_group(str(d / "out.zarr"), mode="r")["prediction"]
     assert_volume_close(out[...], whole_volume(model, vol))
     png = (d / "p.png").read_bytes()

@@ -274,8 +274,9 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     resume = args.resume or (fmt != "zarr" and os.path.exists(store) and not args.overwrite)
     from volarray.outputs import is_complete
     complete = resume and is_complete(store, args.storage_options)  # nothing left to compute
-    with bar if client is None and not args.quiet else contextlib.nullcontext(), \
-            phase_lines(not args.quiet and sys.stderr.isatty()):
+    terminal = not args.quiet and sys.stderr.isatty()  # a log gets no bar of \r's
+    with bar if client is None and terminal else contextlib.nullcontext(), \
+            phase_lines(terminal):
         result = run_writer(args, write, scheduler, source, store, resume)
     results = result if isinstance(result, tuple) else (result,)
     code = _preview(args, source, results[0], target) if args.preview else 0
