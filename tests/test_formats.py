@@ -221,6 +221,24 @@ def test_nifti_labels_written_back_with_the_affine(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_nifti_class_scores_are_not_labelled_as_time_points(tmp_path):
+    """(C, i, j, k) scores go to a 4-D file whose fourth axis carries no time units or
+    step of the scan's (a 4-D scan with 1.5 s frames), with volarray's mark."""
+    nib = pytest.importorskip("nibabel")
+    scan = nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.float32), nifti_affine())
+    scan.header.set_xyzt_units("mm", "sec")
+    scan.header["pixdim"][4] = 1.5
+    nib.save(scan, str(tmp_path / "scan.nii.gz"))
+    scores = np.random.default_rng(4).random((3, 16, 16, 8)).astype(np.float32)
+    out = volarray.formats.nifti.write_nifti(scores, tmp_path / "p.nii.gz",
+                                             like=tmp_path / "scan.nii.gz")
+    img = nib.load(out)
+    assert img.header.get_xyzt_units() == ("mm", "unknown") and img.header["pixdim"][4] == 1
+    assert volarray.formats.nifti.written_by_volarray(out)
+    assert np.allclose(img.affine, nifti_affine())
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(img.dataobj), 3, 0), scores)
+
+
 def test_tiff_stack_of_uint16_slices(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     vol = np.random.default_rng(4).integers(0, 60000, (24, 16, 16)).astype(np.uint16)

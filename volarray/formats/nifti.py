@@ -195,6 +195,9 @@ def write_nifti(array, path, *, like=None, affine=None, overwrite: bool = False)
     header.set_sform(affine, code=int(header["sform_code"]) or 1)
     header.set_qform(affine, code=int(header["qform_code"]) or 1)
     header["intent_name"] = MARK
+    if channels:  # the fourth axis holds classes, not time points of the scan
+        header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
+        header["pixdim"][4], header["toffset"] = 1.0, 0.0
     header["vox_offset"] = 352
     stored = header.get_data_dtype()  # the header's byte order
     tmp = staging_file(path)
