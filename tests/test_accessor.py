@@ -62,6 +62,12 @@ def test_dataarray_result_is_named_with_its_coords_and_options(survey):
     probs = ds.amplitude.volinfer.predict(model, chunks=8, name="fault")
     assert probs.name == "fault" and "volarray_threshold" not in probs.attrs
     assert_volume_close(probs.values, whole_volume(model, vol)[0])
+    # of an earlier prediction: its own options are not carried over, nor its flags,
+    # and a scalar coordinate is
+    again = labels.assign_attrs(flag_values=[0, 1]).assign_coords(offset=250.0) \
+        .astype(np.float32).volinfer.predict(model, chunks=8)
+    assert not {"volarray_threshold", "volarray_tta", "flag_values"} & set(again.attrs)
+    assert float(again.offset) == 250.0
 
 
 def test_accessor_errors(survey):

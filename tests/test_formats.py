@@ -107,7 +107,7 @@ def test_segy_predicted_exactly_and_written_back_with_its_headers(survey, tmp_pa
     # a survey of the user's is never replaced, whatever overwrite says
     mine, survey_bytes = tmp_path / "mine.sgy", Path(path).read_bytes()
     mine.write_bytes(survey_bytes)
-    with pytest.raises(volarray.InputError, match="a file that volarray did not write"):
+    with pytest.raises(volarray.InputError, match="a file without volarray's mark"):
         volarray.formats.segy.write_segy(faults, mine, like=path, overwrite=True)
     assert mine.read_bytes() == survey_bytes
 
@@ -210,7 +210,7 @@ def test_nifti_labels_written_back_with_the_affine(tmp_path):
         before = (tmp_path / name).read_bytes()
         res = cli(tmp_path, "predict", "scan.nii.gz", name, "--model", MODEL, "--threshold",
                   "0.5", "--overwrite", "--quiet")
-        assert res.returncode == 2 and "a file that volarray did not write" in res.stderr
+        assert res.returncode == 2 and "a file without volarray's mark" in res.stderr
         assert "(--overwrite, --overwrite)" not in res.stderr, res.stderr
         assert (tmp_path / name).read_bytes() == before
     res = cli(tmp_path, "predict", "scan.nii.gz", "seg.nii.gz", "--model", MODEL,
@@ -228,12 +228,18 @@ def test_nifti_class_scores_are_not_labelled_as_time_points(tmp_path):
     scan = nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.float32), nifti_affine())
     scan.header.set_xyzt_units("mm", "sec")
     scan.header["pixdim"][4] = 1.5
+    scan.header.set_intent("t test", (12.0,))  # a statistic map's header, a CT's window
+    scan.header["cal_min"], scan.header["cal_max"] = -1024.0, 3071.0
+    scan.header["descrip"] = b"CT scan"
     nib.save(scan, str(tmp_path / "scan.nii.gz"))
     scores = np.random.default_rng(4).random((3, 16, 16, 8)).astype(np.float32)
     out = volarray.formats.nifti.write_nifti(scores, tmp_path / "p.nii.gz",
                                              like=tmp_path / "scan.nii.gz")
     img = nib.load(out)
     assert img.header.get_xyzt_units() == ("mm", "unknown") and img.header["pixdim"][4] == 1
+    assert img.header.get_intent() == ("none", (), "volarray")
+    assert img.header["cal_min"] == img.header["cal_max"] == 0
+    assert bytes(img.header["descrip"]).rstrip(b"\0") == b"volarray prediction"
     assert volarray.formats.nifti.written_by_volarray(out)
     assert np.allclose(img.affine, nifti_affine())
     np.testing.assert_array_equal(np.moveaxis(np.asarray(img.dataobj), 3, 0), scores)
@@ -291,6 +297,18 @@ def test_batch_of_scans_one_output_each_resumable(tmp_path):
     assert chunks and [c.stat().st_mtime_ns for c in chunks] == stamps  # nothing recomputed
     marker = json.loads((tmp_path / "out" / "p0.zarr" / "zarr.json").read_text())
     assert marker["attributes"]["volarray"]["coordinates"] == ["i", "j", "k"]
+    # to NIfTI: --resume skips and --overwrite replaces volarray's own files only, and a
+    # file of the user's among them stops the batch before any job runs
+    nii = cmd[:2] + ["segs"] + cmd[3:] + ["--format", "nifti", "--threshold", "0.5"]
+    assert cli(tmp_path, *nii).returncode == 0
+    (tmp_path / "segs" / "p1.nii.gz").write_bytes((tmp_path / "scans" / "p1.nii.gz")
+                                                  .read_bytes())  # the user's own copy
+    before = {p.name: p.read_bytes() for p in (tmp_path / "segs").iterdir()}
+    for flag in ("--resume", "--overwrite"):
+        res = cli(tmp_path, *nii, flag)
+        assert res.returncode == 2 and "without volarray's mark (e.g. 'segs/p1.nii.gz')" \
+            in res.stderr, res.stderr
+        assert {p.name: p.read_bytes() for p in (tmp_path / "segs").iterdir()} == before
 
 
 def test_nifti_cache_never_empties_a_folder_it_did_not_make(tmp_path):

@@ -116,6 +116,9 @@ def test_errors_name_their_parameter_and_the_cli_its_flag(capsys, tmp_path, monk
     assert code == 2 and err.startswith("volarray: error: --roi-size: --method window needs "
                                           "--roi-size, the model's patch size")
     assert not (tmp_path / "o.zarr").exists()
+    from volarray.cli_errors import error_line  # another flag that begins alike is
+    assert error_line(volarray.InputError("mask_fill=2 needs mask=", parameter="mask")) \
+        .startswith("volarray: error: --mask: --mask-fill 2 needs")  # prefixed
     # a message that begins with the flag is not prefixed by it again
     code = main(["predict", "v.npy", "o.zarr", "--model", "volarray.models:FaultSeg3D",
                  "--memory-limit", "lots", "--quiet"])

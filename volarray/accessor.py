@@ -13,22 +13,25 @@ from .predictors import MeanStd
 # scale_factor on float32 scores would be wrong)
 QUANTITY_ATTRS = ("units", "long_name", "standard_name", "valid_range", "valid_min",
                   "valid_max", "_FillValue", "missing_value", "scale_factor", "add_offset",
-                  "_Unsigned", "actual_range")
+                  "_Unsigned", "actual_range", "flag_values", "flag_meanings", "flag_masks",
+                  "cell_methods", "ancillary_variables", "segy_sample_format")
 
 
 def carried_attrs(arr: xr.DataArray, model, options) -> dict:
-    """The input's attributes but those of its quantity, then volarray's own."""
-    kept = {k: v for k, v in arr.attrs.items() if k not in QUANTITY_ATTRS}
+    """The input's attributes but those of its quantity and an earlier prediction's own
+    (``volarray_*``: its options are not this run's), then volarray's own."""
+    kept = {k: v for k, v in arr.attrs.items()
+            if k not in QUANTITY_ATTRS and not k.startswith("volarray_")}
     return dict(kept, **output_attrs(model, options, prefix="volarray_"))
 
 
 def spatial_coords(arr: xr.DataArray, dims, shape) -> dict:
     """The coordinates of ``arr`` along the spatial ``dims`` only (index coordinates and
-    others, like a two-way time beside depth) whose sizes the output ``shape`` keeps."""
+    others, like a two-way time beside depth) whose sizes the output ``shape`` keeps,
+    and its scalar ones (an offset selected by ``.sel``)."""
     size = dict(zip(dims, shape))
     return {c: v for c, v in arr.coords.items()
-            if v.dims and set(v.dims) <= set(dims)
-            and all(arr.sizes[d] == size[d] for d in v.dims)}
+            if set(v.dims) <= set(dims) and all(arr.sizes[d] == size[d] for d in v.dims)}
 
 
 def predict_dataarray(arr: xr.DataArray, model, *, dims=None, name=None,

@@ -237,6 +237,12 @@ def batch_jobs(source: str, target: str, fmt: str | None, resume: bool, overwrit
     if done and not (resume or overwrite):
         raise CLIError(f"{len(done)} of the batch's outputs exist already (e.g. {done[0]!r}); "
                        "pass --resume to finish the batch or --overwrite to replace them")
+    from volarray.formats import written_by_volarray
+    foreign = [t for t in done if not written_by_volarray(t, fmt)]
+    if foreign:  # before the first job runs, not when the batch reaches it
+        raise CLIError(f"{len(foreign)} of the batch's outputs exist without volarray's mark "
+                       f"(e.g. {foreign[0]!r}); volarray replaces or skips only its own "
+                       "outputs: pass another output folder, or remove them yourself")
     os.makedirs(target, exist_ok=True)
     return jobs
 
@@ -254,12 +260,13 @@ def _predict_one(args, write, scheduler, client, source, target, fmt) -> int:
     """One input to one output: a zarr store, or (``fmt`` nifti, segy, tiff) a zarr
     work store beside the target, exported when complete and then removed (a stopped
     run resumes from it with --resume)."""
-    from volarray.formats import export_prediction
+    from volarray.formats import export_prediction, written_by_volarray
     store = target
     if fmt != "zarr":
         check_exportable(args, fmt)
         store = target.rstrip("/") + ".volarray.zarr"
-        if os.path.exists(target) and args.resume:  # exports are moved into place whole
+        if os.path.exists(target) and args.resume and written_by_volarray(target, fmt):
+            # exports are moved into place whole: one there is complete
             _remove_work_store(store)
             if not args.quiet:
                 print(f"{target} is complete: skipped")

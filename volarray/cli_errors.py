@@ -64,7 +64,7 @@ def error_line(e: BaseException) -> str:
     the error's ``parameter``; the message is the API's with its parameters as flags."""
     flag = flag_of(getattr(e, "parameter", None))
     message = in_flags(str(e))
-    named = flag and not message.startswith(flag)  # '--ensemble 3 samples...' names it
+    named = flag and not (message == flag or message.startswith(flag + " "))  # it names it
     return f"volarray: error: {flag + ': ' if named else ''}{message}"
 
 

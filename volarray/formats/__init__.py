@@ -119,8 +119,7 @@ def export_prediction(result, target, fmt: str, *, like=None, overwrite: bool = 
         if fmt == "tiff":
             tiff.check_folder(target, overwrite)
         else:
-            unused_target(target, overwrite, (nifti if fmt == "nifti" else segy)
-                          .written_by_volarray)
+            unused_target(target, overwrite, lambda path: written_by_volarray(path, fmt))
             if fmt == "nifti" and not os.fspath(target).endswith(nifti.SUFFIXES):
                 raise InputError(f"output {os.fspath(target)!r}: a NIfTI file name ends with "
                                  ".nii or .nii.gz")
@@ -133,6 +132,13 @@ def export_prediction(result, target, fmt: str, *, like=None, overwrite: bool = 
     if fmt == "segy":
         return segy.write_segy(data, target, like=like, overwrite=overwrite)
     return tiff.write_tiff(data, target, overwrite=overwrite)
+
+
+def written_by_volarray(target, fmt: str) -> bool:
+    """Whether the export ``target`` of format ``fmt`` carries volarray's mark (a TIFF
+    stack is a folder: `tiff.check_folder` replaces only its own slices)."""
+    marked = {"nifti": nifti.written_by_volarray, "segy": segy.written_by_volarray}.get(fmt)
+    return marked is None or marked(target)
 
 
 def _not_the_input(target, source) -> None:

@@ -67,9 +67,10 @@ def unused_target(path, overwrite: bool, ours) -> str:
     if os.path.isdir(path):
         raise InputError(f"output {path!r} is a folder; pass a file name")
     if os.path.exists(path) and not ours(path):  # one answer, whichever flag was given
-        raise InputError(f"output {path!r} is a file that volarray did not write; volarray "
-                         "does not replace it with overwrite=True (--overwrite): pass "
-                         "another path, or remove it yourself", parameter="store")
+        raise InputError(f"output {path!r} is a file without volarray's mark (one it did not "
+                         "write, or wrote before it marked its files); volarray does not "
+                         "replace it with overwrite=True (--overwrite): pass another path, or "
+                         "remove it yourself", parameter="store")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"output {path!r} exists; pass overwrite=True (--overwrite) to "
                          "replace it")

@@ -194,7 +194,10 @@ def write_nifti(array, path, *, like=None, affine=None, overwrite: bool = False)
     header.set_slope_inter(1.0, 0.0)
     header.set_sform(affine, code=int(header["sform_code"]) or 1)
     header.set_qform(affine, code=int(header["qform_code"]) or 1)
+    header.set_intent("none")  # the scan's statistic (a t test's) is not the prediction's
     header["intent_name"] = MARK
+    header["cal_min"], header["cal_max"] = 0.0, 0.0  # the scan's display window
+    header["descrip"] = b"volarray prediction"
     if channels:  # the fourth axis holds classes, not time points of the scan
         header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
         header["pixdim"][4], header["toffset"] = 1.0, 0.0

@@ -173,7 +173,8 @@ def write_segy(array, path, *, like, overwrite: bool = False, iline: int = 189,
         tmp = staging_file(path)
         try:
             with segyio.create(tmp, spec) as dst:
-                dst.text[0] = src.text[0]
+                for i in range(1 + getattr(spec, "ext_headers", 0)):  # and extended ones
+                    dst.text[i] = src.text[i]
                 dst.bin = src.bin
                 dst.bin.update(format=5)
                 per_line = cube.shape[1]
