@@ -191,13 +191,8 @@ class Plan:
                 f"{memory}, I/O {t.io_s:.3g} s ({format_bytes(self.moved_bytes)} at "
                 f"{format_bytes(r.bytes_per_s)}/s), overhead {t.overhead_s:.3g} s "
                 f"({_plural(self.costed_tasks, 'task')} at {r.task_s * 1e3:.3g} ms"
-                f"{self.uncosted_text()}; rates: {r.source})")
+                f"{uncosted_text(self)}; rates: {r.source})")
 
-    def uncosted_text(self) -> str:
-        """The tasks of ``n_tasks`` the overhead does not charge, and why."""
-        rest = self.n_tasks - self.costed_tasks
-        return f", not the {_plural(rest, 'merge task')}, which only gather statistics " \
-            "their stages computed" if rest else ""
 
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:
@@ -232,18 +227,9 @@ class Plan:
             f"chunks {self.chunks_text()}   memory limit {format_bytes(self.memory_limit)} per task   "
             f"projected peak {format_bytes(self.peak_bytes)} per task",
             f"compute {self.compute_ratio:.2f}x one whole-volume forward "
-            f"({self.model_macs / 1e9:.1f} GMAC); {self.kept_text()}",
+            f"({self.model_macs / 1e9:.1f} GMAC); {kept_text(self)}",
             self.time_line()] + ([f"slow plan: {self.shortfall.text(self.compute_ratio)}"]
                                  if self.shortfall else [])
-
-    def kept_text(self) -> str:
-        """What is kept between stages, where, and the keep budget it came from."""
-        if len(self.stages) == 1:
-            return "one stage: nothing is kept between stages"
-        return (f"kept between stages {format_bytes(self.kept_bytes)} "
-                f"({self.kept_bytes / max(self.input_bytes, 1):.2f}x the input) in "
-                f"{self.storage}, of a keep budget of {format_bytes(self.keep_budget)}"
-                f"{f' ({self.keep_from})' if self.keep_from else ''}; the rest is recomputed")
 
     def _scale(self, name: str) -> str:
         scale = self.graph.nodes[name].scale
@@ -358,6 +344,23 @@ def choose_plan(planner: Planner, budget: int, keep, spill: bool, planner_for,
     short = None if grid.too_big else shortfall(
         planner, kept, grid, budget, candidates, spill, keep, planner_for)
     return kept, grid, notes, short
+
+
+def kept_text(plan: Plan) -> str:
+    """What ``plan`` keeps between stages, where, and the keep budget it came from."""
+    if len(plan.stages) == 1:
+        return "one stage: nothing is kept between stages"
+    return (f"kept between stages {format_bytes(plan.kept_bytes)} "
+            f"({plan.kept_bytes / max(plan.input_bytes, 1):.2f}x the input) in "
+            f"{plan.storage}, of a keep budget of {format_bytes(plan.keep_budget)}"
+            f"{f' ({plan.keep_from})' if plan.keep_from else ''}; the rest is recomputed")
+
+
+def uncosted_text(plan: Plan) -> str:
+    """The tasks of ``plan.n_tasks`` its overhead does not charge, and why."""
+    rest = plan.n_tasks - plan.costed_tasks
+    return f", not the {_plural(rest, 'merge task')}, which only gather statistics " \
+        "their stages computed" if rest else ""
 
 
 def keep_budget_source(graph: Graph, keep, budget: int, source: str) -> str:
