@@ -204,8 +204,7 @@ def check_action(out: Location, store: str, *, overwrite: bool = False,
         raise InputError(f"output {store!r} is a {kind} that volarray did not write; "
                          "volarray neither replaces it with overwrite=True (--overwrite) "
                          "nor resumes into it with resume=True (--resume): pass another "
-                         "path, or "
-                         "remove it yourself", parameter="store")
+                         "path, or remove it yourself", parameter="store")
     if resume:
         return "resume"
     if not overwrite:
