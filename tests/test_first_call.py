@@ -182,7 +182,7 @@ def test_first_call_in_a_fresh_process_does_not_import_dynamo(model):
     """Traced, checked and planned without torch._dynamo (1.3-2.6 s to import): FaultSeg3D
     concatenates, SEResUNet adds residuals and scales channels (a broadcast multiply),
     GroupNormNet adds an upsampled branch. The meta kernels of cat, add and mul import it
-    on their first call (`trace.meta_cat`, `trace.meta_elementwise`)."""
+    on their first call (`metashapes.meta_cat`, `metashapes.pointwise`)."""
     assert not fresh_first_call(64, model)["dynamo"]
 
 

@@ -1,5 +1,5 @@
-"""Whole-volume shapes of pointwise ops, reductions and upsampling, without their meta
-kernels.
+"""Whole-volume shapes of concatenation, pointwise ops, reductions and upsampling,
+without their meta kernels.
 
 On meta tensors, most of torch's pointwise ops and its interpolation run Python
 references (``torch._refs``, ``torch._decomp``) wrapped to keep torch.compile out, and
@@ -109,7 +109,28 @@ def reduction(args, kwargs) -> torch.Tensor | None:
     return reduced(**dict(zip(("x", "dim", "keepdim"), args), **kwargs))
 
 
+def meta_cat(tensors, dim=0):
+    """``torch.cat(tensors, dim)`` of meta tensors of one dtype and rank, as an empty
+    meta tensor; None for anything else (torch's own cat decides, and says what is
+    wrong)."""
+    if (not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int)
+            or not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)):
+        return None
+    first = tensors[0]
+    rank, dim = first.dim(), dim % max(first.dim(), 1)
+    same = all(t.dim() == rank and t.dtype == first.dtype and all(
+        a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim)
+        for t in tensors)
+    if not same or rank == 0:
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
 def shaped_call(target, args, kwargs) -> torch.Tensor | None:
+    if target is torch.cat:  # its meta kernel imports torch._dynamo too
+        return meta_cat(*args, **kwargs)
     if target in POINTWISE_FUNCTIONS:
         return pointwise(args, kwargs)
     if target in REDUCTION_FUNCTIONS:

@@ -193,7 +193,6 @@ class Plan:
                 f"({_plural(self.costed_tasks, 'task')} at {r.task_s * 1e3:.3g} ms"
                 f"{uncosted_text(self)}; rates: {r.source})")
 
-
     def _budget_fix(self, need: int) -> str:
         if not self.smallest_chunks_exceed_limit:
             return "pass smaller chunks or a larger memory_limit"

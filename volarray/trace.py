@@ -432,11 +432,7 @@ def meta_shapes(gm: fx.GraphModule, input_shape, dtype) -> dict:
             return copies[target](*args, **kwargs)
 
         def call_function(self, target, args, kwargs):
-            if target is torch.cat:  # its meta kernel imports torch._dynamo (seconds)
-                out = meta_cat(*args, **kwargs)
-                if out is not None:
-                    return out
-            out = shaped_call(target, args, kwargs)  # as do pointwise ops' (`metashapes`)
+            out = shaped_call(target, args, kwargs)  # cat's, pointwise ops' (`metashapes`)
             return super().call_function(target, args, kwargs) if out is None else out
 
         def call_method(self, target, args, kwargs):
@@ -458,25 +454,6 @@ def meta_copy(module: nn.Module) -> nn.Module:
                     for k, t in module._buffers.items()}
     new._modules = {k: None if m is None else meta_copy(m) for k, m in module._modules.items()}
     return new
-
-
-def meta_cat(tensors, dim=0):
-    """``torch.cat(tensors, dim)`` of meta tensors of one dtype and rank, as an empty
-    meta tensor; None for anything else (torch's own cat decides, and says what is
-    wrong)."""
-    if (not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int)
-            or not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)):
-        return None
-    first = tensors[0]
-    rank, dim = first.dim(), dim % max(first.dim(), 1)
-    same = all(t.dim() == rank and t.dtype == first.dtype and all(
-        a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim)
-        for t in tensors)
-    if not same or rank == 0:
-        return None
-    shape = list(first.shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _trace_exported(model, input_shape, select, dtype) -> Graph:
